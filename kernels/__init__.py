@@ -1,0 +1,6 @@
+"""Fused per-row-temperature kernels, importable as ``erpo_fast.kernels``.
+
+Every op keeps three backends side by side: a plain-torch ``reference`` (float64-capable), a chunked,
+memory-bounded ``torch`` backend (the CPU default) and a ``triton`` kernel (the CUDA default, also run
+under ``TRITON_INTERPRET=1`` in the CPU tests).
+"""
