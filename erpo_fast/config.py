@@ -1,0 +1,434 @@
+"""Run configuration: plain dataclasses in one tree, loaded from a preset, a YAML file and dotted CLI overrides.
+
+Precedence, lowest first: dataclass defaults < preset (``--preset``, default ``tiny-cpu``) < YAML (``--config``)
+< command-line overrides (``--algorithm.temperature_step 0.1`` or ``--algorithm.temperature_step=0.1``).
+Every knob has exactly one name; a few top-level flags (``--model``, ``--data``, ``--output-dir``...) are aliases
+of dotted names. Every field carries its help text and allowed range in ``metadata`` so that validation errors
+and ``--help`` come from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, malformed value, out-of-range or contradictory settings."""
+
+
+def knob(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A config field with its documentation and allowed range attached."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = knob(None, "Local Hugging Face causal-LM directory (with tokenizer). None: the built-in "
+                                  "tiny Qwen2 model with a character tokenizer, warm-started on the built-in task.")
+    dtype: str = knob("auto", "Parameter/compute dtype. auto: bfloat16 on CUDA, float32 on CPU.",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str = knob("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa.",
+                                    choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
+    liger_kernels: bool = knob(False, "Patch the model with Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA only).")
+    tiny_hidden_size: int = knob(128, "Built-in model: hidden size.", ge=8)
+    tiny_layers: int = knob(4, "Built-in model: number of decoder layers.", ge=1)
+    tiny_heads: int = knob(4, "Built-in model: attention heads.", ge=1)
+    tiny_kv_heads: int = knob(2, "Built-in model: key/value heads (GQA).", ge=1)
+    tiny_intermediate_size: int = knob(384, "Built-in model: MLP width.", ge=8)
+    warm_start_steps: int = knob(400, "Built-in model: supervised warm-start steps on worked solutions "
+                                      "(cached; 0 disables).", ge=0)
+    warm_start_lr: float = knob(3e-3, "Built-in model: warm-start learning rate.", gt=0)
+    warm_start_batch_size: int = knob(64, "Built-in model: warm-start batch size.", ge=1)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = knob(None, ".jsonl or .parquet with `prompt` and `answer` fields (optional `id`). "
+                                  "None: the built-in arithmetic task.")
+    heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
+                                          "its disjoint held-out split; None with --data: no held-out eval.")
+    reward: str = knob("auto", "Verifier. auto: arithmetic for the built-in task, math (math-verify) otherwise.",
+                       choices=("auto", "arithmetic", "math"))
+    num_train: int = knob(2000, "Built-in task: number of training prompts.", ge=1)
+    num_heldout: int = knob(200, "Built-in task: number of held-out prompts.", ge=1)
+    max_prompt_length: int = knob(512, "Prompts longer than this (in tokens) are rejected with an error.", ge=1)
+    chat_template: bool = knob(True, "Wrap prompts with the tokenizer's chat template when it has one.")
+    reward_workers: int = knob(2, "Verifier worker processes (0: in-process, no timeout enforcement).", ge=0)
+    reward_timeout_s: float = knob(5.0, "Per-response verification timeout; a timeout scores 0 and is logged.",
+                                   gt=0)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = knob("native", "Rollout engine: the embedded torch engine or colocated vLLM (GPU).",
+                       choices=("native", "vllm"))
+    n: int = knob(8, "Responses sampled per prompt (the group size).", ge=1)
+    max_new_tokens: int = knob(512, "Maximum response length in tokens.", ge=1)
+    top_k: int = knob(0, "Top-k filtering after temperature (0: off).", ge=0)
+    top_p: float = knob(1.0, "Top-p (nucleus) filtering after top-k (1.0: off).", gt=0, le=1)
+    gpu_memory_utilization: float = knob(0.35, "vLLM: fraction of GPU memory for weights + KV cache.", gt=0, le=1)
+    tensor_parallel_size: int = knob(1, "vLLM: tensor-parallel degree.", ge=1)
+    enforce_eager: bool = knob(False, "vLLM: skip CUDA-graph capture.")
+    sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
+                                     "(0: never).", ge=0)
+    sync_check_atol: float = knob(2e-2, "Tolerance of that check on probe log-probs.", gt=0)
+
+
+@dataclass
+class AlgorithmConfig:
+    erpo: bool = knob(True, "ERPO: raise the sampling temperature of prompts that came back all-correct.")
+    base_temperature: float = knob(1.0, "Sampling temperature of a new prompt (and the floor of ERPO's rule).",
+                                   gt=0)
+    temperature_step: float = knob(0.1, "ERPO: +step after an all-correct group, -step after an all-wrong one.",
+                                   ge=0)
+    max_temperature: float = knob(1.5, "ERPO: temperature ceiling.", gt=0)
+    success_threshold: float = knob(1.0, "A reward >= this counts as correct for the residual-prompt rule.")
+    history: int = knob(8, "Tracker: ring-buffer length of group mean rewards kept per prompt.", ge=1)
+    ra: bool = knob(False, "RA: add a virtual negative response to all-correct groups when normalising.")
+    ra_negative_reward: float = knob(0.0, "RA: reward of the virtual response.")
+    advantage: str = knob("grpo", "Advantage estimator.", choices=("grpo", "dr_grpo", "rloo", "reinforce_pp"))
+    adv_eps: float = knob(1e-6, "Added to the standard deviation when normalising advantages.", gt=0)
+    dynamic_sampling: bool = knob(False, "DAPO: drop zero-variance groups and refill the batch with new prompts.")
+    max_refill_rounds: int = knob(3, "DAPO: extra rollout rounds at most to refill the batch.", ge=0)
+    eps_low: float = knob(0.2, "Clip range below 1 of the importance ratio.", ge=0, lt=1)
+    eps_high: float = knob(0.28, "Clip range above 1 (clip-higher: > eps_low).", ge=0)
+    dual_clip: float | None = knob(None, "Dual-clip bound c (> 1) for negative advantages; None: off.", gt=1)
+    kl_beta: float = knob(0.0, "Weight of the KL penalty to the reference (initial) model; 0: no reference.",
+                          ge=0)
+    kl_estimator: str = knob("k3", "KL estimator.", choices=("k1", "k2", "k3"))
+    loss_agg: str = knob("token_mean", "Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
+                                       "seq_mean_token_sum_norm (Dr.GRPO, divides by max_new_tokens).",
+                         choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    ratio_level: str = knob("token", "Importance ratio per token (PPO/GRPO) or per sequence (GSPO).",
+                            choices=("token", "sequence"))
+    logprob_temperature: str = knob("row", "Learner log-probs at each row's sampling temperature (row) or at "
+                                           "T=1 with truncated importance sampling (one).", choices=("row", "one"))
+    is_level: str = knob("none", "Truncated importance-sampling correction of rollout/learner mismatch.",
+                         choices=("none", "token", "sequence"))
+    is_clip: float = knob(2.0, "Upper bound of the truncated importance-sampling weight.", gt=0)
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = knob("runs/erpo", "Run directory: metrics.jsonl, checkpoints, plots.")
+    max_steps: int = knob(100, "Training steps (one rollout + update each).", ge=1)
+    prompts_per_step: int = knob(32, "Prompts per step (global, across ranks).", ge=1)
+    micro_batch_size: int = knob(64, "Sequences per learner forward/backward (gradient accumulation over them).",
+                                 ge=1)
+    updates_per_step: int = knob(1, "Optimizer steps per rollout batch (mini-batches; >1 makes the ratio leave 1).",
+                                 ge=1)
+    lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
+    lr_schedule: str = knob("constant", "Schedule after warm-up.", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)
+    min_lr_ratio: float = knob(0.1, "Final learning rate as a fraction of lr for cosine/linear.", ge=0, le=1)
+    weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = knob(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = knob(0.999, "AdamW beta2.", ge=0, lt=1)
+    grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: off).", ge=0)
+    seed: int = knob(0, "Seed of every random stream (data order, sampling, init).", ge=0)
+    device: str = knob("auto", "auto: cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
+    save_every: int = knob(50, "Checkpoint every K steps (and at the end; 0: only at the end).", ge=0)
+    keep_last: int = knob(2, "Checkpoints kept.", ge=1)
+    eval_every: int = knob(50, "Held-out evaluation every K steps (and before/after training; 0: off).", ge=0)
+    eval_k: int = knob(4, "Samples per held-out prompt for mean@k / pass@k.", ge=1)
+    eval_temperature: float = knob(1.0, "Sampling temperature of held-out evaluation (0: greedy).", ge=0)
+    resume: bool = knob(False, "Continue from the latest checkpoint in output_dir.")
+    nan_patience: int = knob(3, "Stop after this many consecutive steps with a non-finite loss.", ge=1)
+    threads: int = knob(0, "CPU threads for torch (0: torch's default).", ge=0)
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = knob(True, "Progress bar with phase times.")
+    tensorboard: bool = knob(False, "Write TensorBoard scalars to output_dir/tb (needs tensorboard).")
+    wandb: bool = knob(False, "Log to Weights & Biases (needs wandb).")
+    wandb_project: str = knob("erpo-fast", "W&B project name.")
+    plots: bool = knob(True, "Write PNG curves to output_dir/plots at the end.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+# Named starting points. `tiny-cpu` (the default) is the embedded job: built-in model and task, on a CPU laptop.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny-cpu": {
+        "rollout": {"n": 8, "max_new_tokens": 12},
+        "trainer": {"max_steps": 60, "prompts_per_step": 16, "micro_batch_size": 128, "lr": 5e-4,
+                    "eval_every": 20, "save_every": 20, "output_dir": "runs/tiny-cpu", "threads": 2},
+        "algorithm": {"dynamic_sampling": False},
+    },
+    "none": {},
+}
+DEFAULT_PRESET = "tiny-cpu"
+
+# Top-level flags kept short for everyday use; each is an alias of exactly one dotted knob.
+ALIASES = {
+    "model": "model.path",
+    "data": "data.path",
+    "output-dir": "trainer.output_dir",
+    "max-steps": "trainer.max_steps",
+    "seed": "trainer.seed",
+    "resume": "trainer.resume",
+    "rollout": "rollout.engine",
+}
+
+
+# --- value parsing and validation -------------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return True, inner[0]
+    return False, tp
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    optional, base = _is_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name} may not be None")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if math.isnan(out):
+                raise ValueError
+            return out
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {getattr(base, '__name__', base)}, got {value!r}") from None
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    if len(valid) <= 12:
+        return f"; valid: {', '.join(sorted(valid))}"
+    return "; run with --help for the full list"
+
+
+def _check_range(name: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for key, _, ok in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            allowed = " and ".join(f"{s} {meta[k]}" for k, s, _ in bounds if meta.get(k) is not None)
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: {allowed}")
+
+
+def _section_cls(section: str):
+    return typing.get_type_hints(Config)[section]
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str = "override") -> None:
+    """Set dotted keys (``{"algorithm.temperature_step": 0.2}``) or nested dicts on ``cfg``, type-checked."""
+    for dotted, value in _flatten(overrides).items():
+        parts = dotted.split(".")
+        if len(parts) != 2:
+            valid = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+            raise ConfigError(f"unknown config key '{dotted}' ({source}){_suggest(dotted, valid)}")
+        section, key = parts
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' ({source}){_suggest(section, list(SECTIONS))}")
+        sub = getattr(cfg, section)
+        types_ = _field_types(type(sub))
+        if key not in types_:
+            valid = [f"{section}.{k}" for k in types_]
+            raise ConfigError(f"unknown config key '{dotted}' ({source}){_suggest(dotted, valid)}")
+        setattr(sub, key, _coerce(dotted, value, types_[key]))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Range-check every knob, then the cross-knob rules. Raises ConfigError with a one-line message."""
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        types_ = _field_types(type(sub))
+        for f in dataclasses.fields(sub):
+            value = _coerce(f"{section}.{f.name}", getattr(sub, f.name), types_[f.name])
+            setattr(sub, f.name, value)
+            _check_range(f"{section}.{f.name}", value, f.metadata)
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
+    if a.max_temperature < a.base_temperature:
+        raise ConfigError(f"algorithm.max_temperature ({a.max_temperature}) must be >= algorithm.base_temperature "
+                          f"({a.base_temperature})")
+    if r.n < 2 and (a.advantage != "reinforce_pp" or a.dynamic_sampling):
+        raise ConfigError(f"rollout.n={r.n}: group advantages ({a.advantage}) and dynamic sampling need at least "
+                          f"2 responses per prompt")
+    if a.eps_high < a.eps_low:
+        raise ConfigError(f"algorithm.eps_high ({a.eps_high}) must be >= algorithm.eps_low ({a.eps_low}) "
+                          "(clip-higher)")
+    if a.logprob_temperature == "one" and a.is_level == "none":
+        raise ConfigError("algorithm.logprob_temperature=one needs a truncated IS correction: set "
+                          "algorithm.is_level to token or sequence")
+    if t.updates_per_step > t.prompts_per_step:
+        raise ConfigError(f"trainer.updates_per_step ({t.updates_per_step}) cannot exceed trainer.prompts_per_step "
+                          f"({t.prompts_per_step})")
+    if r.engine == "vllm" and t.device == "cpu":
+        raise ConfigError("rollout.engine=vllm needs a CUDA device; use --rollout native on CPU")
+    return cfg
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+def parse_cli(argv: list[str]) -> tuple[str | None, str | None, dict[str, Any]]:
+    """Split argv into (preset, yaml_path, overrides). Accepts ``--key value`` and ``--key=value``."""
+    preset: str | None = None
+    yaml_path: str | None = None
+    overrides: dict[str, Any] = {}
+    valid_flags = sorted(["config", "preset", *ALIASES] + [
+        f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_section_cls(s))])
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; options look like --section.key value")
+        name, eq, value = arg[2:].partition("=")
+        dotted = ALIASES.get(name, name)
+        is_bool = _flag_is_bool(dotted)
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if is_bool and (nxt is None or nxt.startswith("--")):
+                value = "true"  # a bare boolean flag such as --resume
+            elif nxt is None:
+                raise ConfigError(f"option --{name} needs a value")
+            else:
+                value = nxt
+                i += 1
+        i += 1
+        if name == "config":
+            yaml_path = value
+        elif name == "preset":
+            preset = value
+        elif "." in dotted and dotted.split(".")[0] in SECTIONS:
+            overrides[dotted] = value
+        else:
+            raise ConfigError(f"unknown option --{name}{_suggest(name, valid_flags, prefix='--')}")
+    return preset, yaml_path, overrides
+
+
+def _flag_is_bool(dotted: str) -> bool:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS:
+        return False
+    tp = _field_types(_section_cls(section)).get(key)
+    return tp is not None and _is_optional(tp)[1] is bool
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults < preset < YAML < overrides, then validation."""
+    cfg = Config()
+    name = DEFAULT_PRESET if preset is None else preset
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'{_suggest(name, list(PRESETS))}")
+    apply_overrides(cfg, PRESETS[name], source=f"preset {name}")
+    if yaml_path is not None:
+        apply_overrides(cfg, load_yaml(yaml_path), source=str(yaml_path))
+    if overrides:
+        apply_overrides(cfg, overrides, source="command line")
+    return validate(cfg)
+
+
+def config_from_cli(argv: list[str]) -> Config:
+    preset, yaml_path, overrides = parse_cli(argv)
+    return build_config(preset, yaml_path, overrides)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a saved config exactly (no preset applied), e.g. from a checkpoint."""
+    cfg = Config()
+    apply_overrides(cfg, d, source="saved config")
+    return validate(cfg)
+
+
+def help_text() -> str:
+    """Every knob with its default and documentation, for ``--help`` and the README."""
+    lines = []
+    for section in SECTIONS:
+        cls = _section_cls(section)
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{section}.{f.name} (default {f.default!r}): {f.metadata['help']}")
+    return "\n".join(lines)
