@@ -1,0 +1,502 @@
+"""Reference (plain torch) algorithms: group advantages, ERPO's RA, DAPO filtering, and the policy loss.
+
+This module is the ground truth the fused kernels in `erpo_fast.kernels.fused_linear` must equal. It favours
+obvious correctness over speed: every function works in float64 as well as float32, and nothing here is fused.
+
+Layouts:
+- rewards are `[B, G]`: B groups (prompts) of G responses each;
+- the loss works on a PACKED layout of N tokens (no padding): every per-token tensor is `[N]`, `mask` marks the
+  tokens that are trained (response tokens), and `seq_ids` labels the sequence each token belongs to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+KL_KINDS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+RATIO_LEVELS = ("token", "sequence")
+IS_LEVELS = ("token", "sequence")
+
+__all__ = [
+    "ADVANTAGE_METHODS",
+    "IS_LEVELS",
+    "KL_KINDS",
+    "LOSS_AGGREGATIONS",
+    "RATIO_LEVELS",
+    "aggregation_weights",
+    "compute_advantages",
+    "dynamic_sampling_filter",
+    "group_kinds",
+    "gspo_effective_old_logprobs",
+    "per_token_kl",
+    "per_token_policy_loss",
+    "policy_loss",
+    "truncated_is_weights",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Group statistics: advantages, RA, filtering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_rewards(rewards: Tensor) -> None:
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor of shape [B, G], got {type(rewards).__name__}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape [B, G] (groups x responses), got shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got dtype {rewards.dtype}")
+    if rewards.shape[1] < 1:
+        raise ValueError("rewards must hold at least one response per group (G >= 1)")
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or inf")
+
+
+def group_kinds(rewards: Tensor, success_threshold: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Classify each group of `rewards` [B, G].
+
+    Returns `(all_correct, all_wrong)`, two bool tensors [B]: `all_correct` is true when every reward of the
+    group is `>= success_threshold`, `all_wrong` when every reward is `< success_threshold`. A group is never
+    both; a mixed group is neither. (ERPO's tracker and RA only care about all-correct groups; all-wrong ones
+    are reported for logging.)
+    """
+    _check_rewards(rewards)
+    correct = rewards >= success_threshold
+    return correct.all(dim=1), (~correct).all(dim=1)
+
+
+def dynamic_sampling_filter(rewards: Tensor) -> tuple[Tensor, int]:
+    """DAPO dynamic sampling: keep only groups whose rewards are not all equal.
+
+    A group whose rewards are all identical has zero variance, hence zero GRPO advantage everywhere: it costs
+    a forward/backward and teaches nothing. The test is exact (`max == min`), not a variance threshold, so
+    rewards that differ by any amount are kept. Returns `(keep [B] bool, num_dropped)`.
+
+    Note: with RA on, all-correct groups do carry signal; callers that use RA filter before or instead of it
+    as they see fit: this function looks only at the rewards.
+    """
+    _check_rewards(rewards)
+    keep = rewards.amax(dim=1) != rewards.amin(dim=1)
+    return keep, int((~keep).sum().item())
+
+
+def _sample_std(values: Tensor, count: Tensor, mean: Tensor) -> Tensor:
+    """Unbiased (n - 1) std along dim 1 over `values` plus optional extra terms folded into `mean`/`count`.
+
+    `values` [B, K] may hold padding columns set exactly to `mean` (they add zero to the sum of squares);
+    `count` [B] is the true number of values per row. Rows with fewer than two values get std 0, so a lone
+    response (G == 1) yields advantage 0 instead of NaN.
+    """
+    sq = (values - mean[:, None]).square().sum(dim=1)
+    denom = (count - 1).clamp(min=1)
+    return torch.where(count >= 2, (sq / denom).sqrt(), torch.zeros_like(sq))
+
+
+def compute_advantages(
+    rewards: Tensor,
+    method: str = "grpo",
+    *,
+    eps: float = 1e-6,
+    ra: bool = False,
+    ra_negative_reward: float = 0.0,
+    success_threshold: float = 1.0,
+) -> Tensor:
+    """Per-response advantages from group rewards `[B, G]`; returns `[B, G]` in the rewards' dtype.
+
+    Methods (the baseline is always taken inside the group):
+    - ``"grpo"``: ``(r - mean) / (std + eps)``. The std is the *unbiased* sample std (``torch.std``,
+      divisor G - 1), as verl's GRPO advantage does.
+    - ``"dr_grpo"`` (Dr. GRPO): ``r - mean`` (no std division, which removes the difficulty bias).
+    - ``"rloo"``: ``r_i - mean(r_j for j != i)``, the leave-one-out baseline. Needs G >= 2.
+    - ``"reinforce_pp"`` (REINFORCE++ with group baseline): ``c = r - group mean``, then ``c / (std(c) + eps)``
+      where std is the unbiased std over ALL B*G centered values of the batch. If every centered value is
+      identical (e.g. RA on and every group all-correct) the batch carries no scale information and dividing
+      by ``0 + eps`` would blow the values up ~1/eps-fold, so they are returned unscaled instead.
+
+    RA (ERPO's "reactivate training signal", ``ra=True``): for each all-correct group (every reward
+    ``>= success_threshold``) the group statistics are computed as if the group held one more, virtual,
+    response with reward ``ra_negative_reward``: mean and std (grpo, dr_grpo, reinforce_pp's group mean) are
+    over G + 1 values, and rloo's leave-one-out pool gains the virtual response (baseline over G values).
+    The virtual response gets no advantage of its own, so the real, correct responses get a small positive
+    advantage instead of zero. Groups that are not all-correct are untouched.
+
+    A group whose statistics pool is uniform (all rewards equal and no RA response, or G == 1) gets advantage
+    exactly 0 for every method: never NaN, and no float rounding residue.
+    """
+    _check_rewards(rewards)
+    if method not in ADVANTAGE_METHODS:
+        raise ValueError(f"unknown advantage method {method!r}; valid: {', '.join(ADVANTAGE_METHODS)}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if ra and not ra_negative_reward < success_threshold:
+        raise ValueError(
+            f"ra_negative_reward ({ra_negative_reward}) must be below success_threshold ({success_threshold}): "
+            "RA's virtual response is a failed one"
+        )
+    num_groups, group_size = rewards.shape
+    if method == "rloo" and group_size < 2:
+        raise ValueError(f"rloo needs at least 2 responses per group (leave-one-out baseline), got G={group_size}")
+
+    # Per-group extra virtual response (RA): 1 for all-correct groups when RA is on, else 0.
+    if ra:
+        all_correct, _ = group_kinds(rewards, success_threshold)
+        extra = all_correct.to(rewards.dtype)
+    else:
+        extra = rewards.new_zeros(num_groups)
+    virtual = rewards.new_full((num_groups,), float(ra_negative_reward))
+    count = group_size + extra  # number of values in each group's statistics pool
+    pool_sum = rewards.sum(dim=1) + extra * virtual
+    mean = pool_sum / count
+
+    # A group whose statistics pool is uniform has, exactly, zero advantage; computing it through sums would
+    # leave rounding residue (rloo) or 0/0 (grpo with eps=0), so such groups are zeroed explicitly.
+    pool_max = torch.maximum(rewards.amax(dim=1), torch.where(extra > 0, virtual, rewards.amax(dim=1)))
+    pool_min = torch.minimum(rewards.amin(dim=1), torch.where(extra > 0, virtual, rewards.amin(dim=1)))
+    varies = (pool_max != pool_min)[:, None]
+
+    def zero_if_uniform(adv: Tensor) -> Tensor:
+        return torch.where(varies, adv, torch.zeros_like(adv))
+
+    if method == "grpo":
+        # Pool of G real values plus (when extra == 1) the virtual one; padding with `mean` adds nothing.
+        pool = torch.cat([rewards, torch.where(extra > 0, virtual, mean)[:, None]], dim=1)
+        std = _sample_std(pool, count, mean)
+        return zero_if_uniform((rewards - mean[:, None]) / (std[:, None] + eps))
+    if method == "dr_grpo":
+        return zero_if_uniform(rewards - mean[:, None])
+    if method == "rloo":
+        # Baseline for response i: the mean of the pool without it, i.e. (pool_sum - r_i) / (count - 1).
+        return zero_if_uniform(rewards - (pool_sum[:, None] - rewards) / (count[:, None] - 1))
+    # reinforce_pp
+    centered = zero_if_uniform(rewards - mean[:, None])
+    flat = centered.reshape(-1)
+    if flat.numel() < 2 or bool(flat.max() == flat.min()):
+        return centered
+    return centered / (flat.std() + eps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Policy loss over a packed token layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_1d(name: str, t: Tensor, n: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N] (packed tokens), got shape {tuple(t.shape)}")
+    if n is not None and t.shape[0] != n:
+        raise ValueError(f"{name} has {t.shape[0]} tokens, expected {n} (shape mismatch)")
+
+
+def _mask_bool(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must be boolean or hold only 0/1 values")
+    return mask != 0
+
+
+def _segments(seq_ids: Tensor) -> tuple[Tensor, int]:
+    """Map arbitrary int labels (unsorted, non-contiguous) to dense segment indices 0..S-1."""
+    if seq_ids.is_floating_point() or seq_ids.is_complex() or seq_ids.dtype == torch.bool:
+        raise ValueError(f"seq_ids must be an integer tensor, got dtype {seq_ids.dtype}")
+    uniq, inverse = torch.unique(seq_ids, return_inverse=True)
+    return inverse, int(uniq.numel())
+
+
+def aggregation_weights(
+    mask: Tensor,
+    seq_ids: Tensor | None,
+    loss_agg: str,
+    max_len: int | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Per-token weights w [N] such that the aggregated loss is ``sum_i w_i * per_token_loss_i``.
+
+    ``w_i = 0`` wherever ``mask_i == 0``. With S = number of distinct ``seq_ids`` having at least one masked
+    token and ``len_s`` = masked tokens of sequence s:
+    - ``"token_mean"`` (DAPO): ``w_i = mask_i / sum(mask)``; every trained token counts equally.
+    - ``"seq_mean_token_mean"`` (GRPO): ``w_i = mask_i / (S * len_s)``; mean over sequences of the per-sequence
+      token mean.
+    - ``"seq_mean_token_sum_norm"`` (Dr. GRPO): ``w_i = mask_i / (S * max_len)``; a constant normaliser, so
+      long and short responses are not re-weighted. ``max_len`` (the response-length budget) is required.
+    ``seq_ids`` are arbitrary integer labels (need not be sorted or contiguous) and are required for the
+    ``seq_*`` modes. An all-zero mask gives all-zero weights (loss 0, not NaN). ``dtype`` defaults to the
+    mask's dtype when floating, else float32.
+    """
+    _check_1d("mask", mask)
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+    if dtype is None:
+        dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    m = _mask_bool(mask).to(dtype)
+    if loss_agg == "token_mean":
+        return m / m.sum().clamp(min=1)
+    if seq_ids is None:
+        raise ValueError(f"loss_agg={loss_agg!r} needs seq_ids (the sequence label of every token)")
+    _check_1d("seq_ids", seq_ids, mask.shape[0])
+    seg, num_segments = _segments(seq_ids)
+    seq_len = torch.zeros(num_segments, dtype=dtype, device=mask.device).index_add_(0, seg, m)
+    num_seqs = (seq_len > 0).sum().to(dtype).clamp(min=1)
+    if loss_agg == "seq_mean_token_mean":
+        return m / (num_seqs * seq_len[seg].clamp(min=1))
+    if max_len is None:
+        raise ValueError("loss_agg='seq_mean_token_sum_norm' needs max_len (the response-length budget)")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    return m / (num_seqs * max_len)
+
+
+def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token estimator of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman's k1/k2/k3).
+
+    With ``d = logprobs - ref_logprobs``: ``k1 = d``; ``k2 = d**2 / 2``; ``k3 = exp(-d) + d - 1``
+    (= ``exp(ref - logp) - (ref - logp) - 1``, non-negative and unbiased). Elementwise, any shape.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown kl kind {kind!r}; valid: {', '.join(KL_KINDS)}")
+    if logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
+        )
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d.square()
+    return torch.expm1(-d) + d  # expm1 keeps k3 accurate when d is tiny
+
+
+@torch.no_grad()
+def truncated_is_weights(
+    learner_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    level: str = "token",
+    clip_max: float = 2.0,
+    seq_ids: Tensor | None = None,
+) -> Tensor:
+    """Truncated importance-sampling weights [N] correcting a rollout/learner mismatch (no grad).
+
+    - ``level="token"``: ``w_i = min(exp(learner_i - rollout_i), clip_max)``.
+    - ``level="sequence"``: ``w_s = min(exp(sum over the masked tokens of s of (learner - rollout)), clip_max)``,
+      broadcast to every token of the sequence (needs ``seq_ids``).
+    "Truncated" means only the upper side is clipped (``min(w, C)``), as in truncated IS. Tokens with
+    ``mask == 0`` get weight 0 (they are not trained; their log-probs may be garbage).
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown IS level {level!r}; valid: {', '.join(IS_LEVELS)}")
+    if not (clip_max > 0):
+        raise ValueError(f"clip_max must be > 0, got {clip_max}")
+    _check_1d("learner_logprobs", learner_logprobs)
+    n = learner_logprobs.shape[0]
+    _check_1d("rollout_logprobs", rollout_logprobs, n)
+    _check_1d("mask", mask, n)
+    mb = _mask_bool(mask)
+    log_ratio = torch.where(mb, learner_logprobs - rollout_logprobs, torch.zeros_like(learner_logprobs))
+    log_clip = math.log(clip_max)
+    if level == "sequence":
+        if seq_ids is None:
+            raise ValueError("level='sequence' needs seq_ids (the sequence label of every token)")
+        _check_1d("seq_ids", seq_ids, n)
+        seg, num_segments = _segments(seq_ids)
+        seq_log = torch.zeros(num_segments, dtype=log_ratio.dtype, device=log_ratio.device)
+        log_ratio = seq_log.index_add_(0, seg, log_ratio)[seg]
+    # Clamp in log space so a huge sequence sum cannot overflow exp() before truncation.
+    w = torch.exp(log_ratio.clamp(max=log_clip))
+    return torch.where(mb, w, torch.zeros_like(w))
+
+
+def per_token_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    is_weights: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    max_log_ratio: float = 20.0,
+) -> Tensor:
+    """Per-token policy loss (token-level ratio), BEFORE masking and aggregation.
+
+    This is a PURE ELEMENTWISE function of its tensor inputs (any matching/broadcastable shapes; no reduction,
+    no cross-token coupling). The fused kernel relies on that: it evaluates this function chunk by chunk and
+    differentiates it w.r.t. ``logprobs`` token by token. Keep it that way.
+
+    With ``r = exp(clamp(logprobs - old_logprobs, -max_log_ratio, max_log_ratio))`` and ``A = advantages``
+    (the clamp, as in verl, only matters for a diverged token: it keeps exp() finite so the gradient of a
+    clipped or dual-clipped branch cannot become 0 * inf = NaN):
+    - clipped surrogate with clip-higher (DAPO): ``obj = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``;
+    - dual clip (``dual_clip = c > 1``): for ``A < 0``, ``obj = max(obj, c A)``, bounding the loss of tokens
+      whose ratio exploded (dual-clip PPO);
+    - loss = ``-obj * is_weights`` (truncated-IS weights scale the surrogate only; they are detached);
+    - plus ``beta * per_token_kl(logprobs, ref_logprobs, kl)`` when ``ref_logprobs`` is given and beta > 0.
+    GSPO's sequence-level ratio is obtained by passing ``old_logprobs = gspo_effective_old_logprobs(...)``.
+    Inputs must be finite: callers replace masked-out tokens by safe values first (as :func:`policy_loss` does),
+    since a zero aggregation weight cannot cancel a NaN.
+    """
+    _check_clip_args(eps_low, eps_high, dual_clip, beta)
+    if not (max_log_ratio > 0):
+        raise ValueError(f"max_log_ratio must be > 0, got {max_log_ratio}")
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio))
+    surr = ratio * advantages
+    surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+    obj = torch.minimum(surr, surr_clipped)
+    if dual_clip is not None:
+        obj = torch.where(advantages < 0, torch.maximum(obj, dual_clip * advantages), obj)
+    loss = -obj
+    if is_weights is not None:
+        loss = loss * is_weights.detach()
+    if ref_logprobs is not None and beta > 0:
+        loss = loss + beta * per_token_kl(logprobs, ref_logprobs, kl)
+    return loss
+
+
+def _check_clip_args(eps_low: float, eps_high: float, dual_clip: float | None, beta: float) -> None:
+    if not (0.0 <= eps_low <= 1.0):
+        raise ValueError(f"eps_low must be in [0, 1] (lower clip bound 1 - eps_low >= 0), got {eps_low}")
+    if not (eps_high >= 0.0 and math.isfinite(eps_high)):
+        raise ValueError(f"eps_high must be a finite number >= 0, got {eps_high}")
+    if dual_clip is not None and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
+        raise ValueError(f"dual_clip must be a finite number > 1 (or None to disable), got {dual_clip}")
+    if not (beta >= 0.0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+
+
+def gspo_effective_old_logprobs(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, seq_ids: Tensor) -> Tensor:
+    """Old log-probs that turn the token-level loss into GSPO's sequence-level one (detached, [N]).
+
+    GSPO's sequence ratio is ``s = exp(mean over the sequence's masked tokens of (logp - old))``. Its
+    token-level gradient trick uses, per token, ``ratio_t = sg[s] * exp(logp_t - sg[logp_t])``: the value is
+    ``s`` and the gradient flows through each token's own log-prob. Feeding
+    ``old_eff = sg[logp] - sg[log s]`` as ``old_logprobs`` to :func:`per_token_policy_loss` gives exactly that
+    ratio, so the kernel needs no special GSPO path. Masked-out tokens get ``sg[logp]`` (ratio 1).
+    """
+    n = logprobs.shape[0]
+    _check_1d("seq_ids", seq_ids, n)
+    mb = _mask_bool(mask)
+    seg, num_segments = _segments(seq_ids)
+    with torch.no_grad():
+        lp = logprobs.detach()
+        diff = torch.where(mb, lp - old_logprobs.detach(), torch.zeros_like(lp))
+        sums = torch.zeros(num_segments, dtype=lp.dtype, device=lp.device).index_add_(0, seg, diff)
+        counts = torch.zeros(num_segments, dtype=lp.dtype, device=lp.device).index_add_(0, seg, mb.to(lp.dtype))
+        log_s = (sums / counts.clamp(min=1))[seg]
+        return torch.where(mb, lp - log_s, lp)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    loss_agg: str = "token_mean",
+    seq_ids: Tensor | None = None,
+    max_len: int | None = None,
+    ratio_level: str = "token",
+    is_weights: Tensor | None = None,
+    max_log_ratio: float = 20.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Aggregated policy loss over N packed tokens: ``sum_i w_i * per_token_policy_loss_i`` and metrics.
+
+    - ``w = aggregation_weights(mask, seq_ids, loss_agg, max_len)`` (see there; zero where mask == 0).
+    - ``ratio_level="token"``: ratio ``exp(logprobs - old_logprobs)`` per token (PPO/GRPO/DAPO); the log-ratio
+      is clamped to ``[-max_log_ratio, max_log_ratio]`` (see :func:`per_token_policy_loss`).
+    - ``ratio_level="sequence"`` (GSPO): the ratio of every token of sequence s is
+      ``s = exp(mean over its masked tokens of (logp - old))``, with the per-token gradient trick
+      (see :func:`gspo_effective_old_logprobs`). Needs ``seq_ids``. The gradient equals the derivative of
+      the loss value when the advantages (and IS weights) are constant within each sequence, as GSPO assumes;
+      with per-token advantages it is, by definition, GSPO-token's gradient.
+    - Tokens with mask == 0 contribute nothing and get zero gradient, even if their inputs are inf/NaN.
+    - An all-zero mask gives loss 0 (with a zero gradient), not NaN.
+
+    Metrics (python floats, computed without grad, plain means over masked tokens; 0 when no token is masked):
+    ``clip_frac_low`` (ratio < 1 - eps_low and A < 0), ``clip_frac_high`` (ratio > 1 + eps_high and A > 0),
+    ``clip_frac`` (their sum), ``kl_mean`` (the ``kl`` estimator vs ``ref_logprobs``; 0 without a reference),
+    ``ratio_mean``, ``ratio_max``, and ``dual_clip_frac`` (A < 0 and the ``c A`` bound active) when dual clip
+    is on.
+    """
+    _check_1d("logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
+    n = logprobs.shape[0]
+    _check_1d("old_logprobs", old_logprobs, n)
+    _check_1d("advantages", advantages, n)
+    _check_1d("mask", mask, n)
+    if ref_logprobs is not None:
+        _check_1d("ref_logprobs", ref_logprobs, n)
+    if is_weights is not None:
+        _check_1d("is_weights", is_weights, n)
+    if kl not in KL_KINDS:
+        raise ValueError(f"unknown kl kind {kl!r}; valid: {', '.join(KL_KINDS)}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+    _check_clip_args(eps_low, eps_high, dual_clip, beta)
+    if ratio_level == "sequence" and seq_ids is None:
+        raise ValueError("ratio_level='sequence' (GSPO) needs seq_ids (the sequence label of every token)")
+
+    mb = _mask_bool(mask)
+    # Accumulate in at least fp32 (bf16 inputs are upcast; float64 stays float64 for the references).
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    weights = aggregation_weights(mb, seq_ids, loss_agg, max_len, dtype=dtype)
+
+    # Masked-out tokens may hold garbage (padding-free packing still has prompt tokens): replace their inputs
+    # by safe values BEFORE any exp, so neither the loss nor its gradient can pick up inf * 0 = NaN.
+    def safe(x: Tensor) -> Tensor:
+        x = x.to(dtype)
+        return torch.where(mb, x, torch.zeros_like(x))
+
+    lp, old, adv = safe(logprobs), safe(old_logprobs.detach()), safe(advantages.detach())
+    ref = safe(ref_logprobs.detach()) if ref_logprobs is not None else None
+    isw = safe(is_weights.detach()) if is_weights is not None else None
+    if ratio_level == "sequence":
+        old = gspo_effective_old_logprobs(lp, old, mb, seq_ids)
+
+    per_token = per_token_policy_loss(
+        lp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, is_weights=isw,
+        ref_logprobs=ref, beta=beta, kl=kl, max_log_ratio=max_log_ratio,
+    )
+    loss = (weights * per_token).sum()
+
+    with torch.no_grad():
+        ratio = torch.exp((lp.detach() - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
+        m = mb.to(dtype)
+        count = m.sum().clamp(min=1)
+        zero = torch.zeros((), dtype=dtype, device=lp.device)
+        stats = {
+            "clip_frac_low": ((ratio < 1.0 - eps_low) & (adv < 0)).to(dtype),
+            "clip_frac_high": ((ratio > 1.0 + eps_high) & (adv > 0)).to(dtype),
+            "kl_mean": per_token_kl(lp.detach(), ref, kl) if ref is not None else None,
+            "ratio_mean": ratio,
+        }
+        if dual_clip is not None:
+            clipped_obj = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+            stats["dual_clip_frac"] = ((adv < 0) & (dual_clip * adv > clipped_obj)).to(dtype)
+        values = {k: (v * m).sum() / count if v is not None else zero for k, v in stats.items()}
+        # Ratios are positive, so zeroing unmasked ones leaves the masked max (or 0 when nothing is masked).
+        values["ratio_max"] = torch.where(mb, ratio, zero).amax() if n else zero
+        # One device->host copy for all metrics.
+        floats = torch.stack(list(values.values())).tolist()
+        metrics = dict(zip(values.keys(), floats))
+        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    return loss, metrics
