@@ -1,0 +1,286 @@
+"""Run logging: one JSON line per step, events, a progress bar with phase times, optional TensorBoard and W&B.
+
+Files in ``output_dir``:
+
+- ``metrics.jsonl``: one JSON object per ``log_step`` call, flushed at once. Non-finite floats (NaN, +-inf)
+  are written as ``null`` with the key kept, so every line is strict JSON (``json.loads`` and ``jq`` read it);
+  tensors and numpy values become plain numbers or lists.
+- ``events.jsonl``: ``log_event`` records (NaN skips, verifier timeouts, ...), also sent to python logging.
+- ``tb/``: TensorBoard scalars when asked for and installed; ``wandb_run_id.txt``: the W&B run id, so that a
+  resumed run continues the same W&B run.
+
+Resume: ``start_step > 0`` drops the records with ``step > start_step`` from both files (atomic rewrite), so
+after a resume the files hold what an uninterrupted run would have written (wall-clock fields aside).
+``start_step == 0`` is a fresh run: both files start empty.
+
+Phase times: ``set_phase(name)`` starts timing ``name``; ``log_step`` adds the seconds each phase took since
+the previous ``log_step`` as ``time_<name>_s`` (unless the metrics already hold that key).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("erpo_fast")
+
+METRICS_FILENAME = "metrics.jsonl"
+EVENTS_FILENAME = "events.jsonl"
+WANDB_ID_FILENAME = "wandb_run_id.txt"
+TENSORBOARD_DIRNAME = "tb"
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Plain JSON data; non-finite floats become None."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return _jsonable(value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist(), where)
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ValueError(f"metric {where} has type {type(value).__name__}; log numbers, strings, lists or dicts")
+
+
+def _parse_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file. A truncated last line (a crash mid-write) is dropped with a warning."""
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no trailing newline: the write never finished
+                warnings.warn(f"{path}: dropping truncated last line {i + 1}", stacklevel=3)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file, or of ``<path>/metrics.jsonl`` when ``path`` is a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return _parse_jsonl(path)
+
+
+def _keep_up_to_step(path: Path, start_step: int) -> None:
+    """Atomically rewrite ``path`` without the records after ``start_step`` (those of the interrupted run)."""
+    if not path.is_file():
+        return
+    kept = [r for r in _parse_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= start_step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in kept:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl``/``events.jsonl``; drives the progress bar and the optional TensorBoard/W&B.
+
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
+                 progress: bool = True, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "erpo-fast", config: dict | None = None):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+            raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / METRICS_FILENAME
+        self.events_path = self.output_dir / EVENTS_FILENAME
+        self.step = start_step  # the last step logged
+        for path in (self.metrics_path, self.events_path):
+            if start_step > 0:
+                _keep_up_to_step(path, start_step)
+            else:
+                path.unlink(missing_ok=True)
+        # Held open for the whole run (closed by close()); each line is flushed as it is written.
+        self._metrics_file = open(self.metrics_path, "a")  # noqa: SIM115
+        self._events_file = open(self.events_path, "a")  # noqa: SIM115
+        self._phase: str | None = None
+        self._phase_start = 0.0
+        self._phase_times: dict[str, float] = {}
+        self._closed = False
+
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, file=sys.stderr,
+                         dynamic_ncols=True, unit="step")
+        self._tb = self._open_tensorboard(start_step) if tensorboard else None
+        self._wandb = self._open_wandb(wandb_project, config, start_step) if wandb else None
+
+    # -- optional sinks ------------------------------------------------------------------------------------
+
+    def _open_tensorboard(self, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("TensorBoard logging was asked for but tensorboard is not installed "
+                        "(pip install tensorboard); skipping it")
+            return None
+        # purge_step drops the interrupted run's events past the checkpoint, as for metrics.jsonl.
+        return SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIRNAME),
+                             purge_step=start_step + 1 if start_step > 0 else None)
+
+    def _open_wandb(self, project: str, config: dict | None, start_step: int):
+        try:
+            import wandb
+        except ImportError:
+            log.warning("W&B logging was asked for but wandb is not installed (pip install wandb); "
+                        "skipping it")
+            return None
+        id_path = self.output_dir / WANDB_ID_FILENAME
+        try:
+            resuming = start_step > 0 and id_path.is_file()
+            run_id = id_path.read_text().strip() if resuming else wandb.util.generate_id()
+            run = wandb.init(project=project, config=config, dir=str(self.output_dir), id=run_id,
+                             resume="allow")
+            id_path.write_text(run_id)
+            return run
+        except Exception as e:  # network, auth, anything: the run must go on without W&B
+            log.warning("W&B init failed (%s); continuing without W&B", _first_line(e))
+            return None
+
+    def _send(self, step: int, record: dict) -> None:
+        scalars = {k: v for k, v in _flatten(record) if k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            try:
+                self._wandb.log(scalars, step=step)
+            except Exception as e:
+                log.warning("W&B log failed (%s); continuing without W&B", _first_line(e))
+                self._wandb = None
+
+    # -- public API ----------------------------------------------------------------------------------------
+
+    def set_phase(self, name: str) -> None:
+        """Start timing phase ``name`` ("rollout", "score", "learn", "sync"...); shown on the progress bar."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"phase name must be a non-empty string, got {name!r}")
+        self._end_phase()
+        self._phase, self._phase_start = name, time.perf_counter()
+        self._bar.set_description_str(name)
+
+    def _end_phase(self) -> None:
+        if self._phase is not None:
+            elapsed = time.perf_counter() - self._phase_start
+            self._phase_times[self._phase] = self._phase_times.get(self._phase, 0.0) + elapsed
+            self._phase = None
+
+    def log_step(self, metrics: dict) -> dict:
+        """Write one record (``metrics`` must hold an integer ``step``); returns the record as written."""
+        if not isinstance(metrics, dict):
+            raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
+        step = metrics.get("step")
+        if isinstance(step, (np.integer, torch.Tensor)):
+            step = int(step)
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"metrics need an integer 'step', got {step!r}")
+        self._end_phase()
+        times, self._phase_times = self._phase_times, {}
+        record = {"step": step}
+        record.update(_jsonable({k: v for k, v in metrics.items() if k != "step"}, "metrics"))
+        for name, seconds in times.items():
+            record.setdefault(f"time_{name}_s", round(seconds, 6))
+        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metrics_file.flush()
+        self._send(step, record)
+        self.step = step
+        self._bar.update(max(0, step - self._bar.n))
+        self._bar.set_postfix_str(_postfix(record, times), refresh=True)
+        return record
+
+    def log_event(self, kind: str, message: str, *, step: int | None = None, level: int = logging.WARNING,
+                  **fields) -> dict:
+        """Append an event to ``events.jsonl`` and python logging. ``step`` defaults to the step in progress
+        (the last logged step + 1); ``fields`` are extra JSON-able details."""
+        step = self.step + 1 if step is None else int(step)
+        record = {"step": step, "time": round(time.time(), 3), "kind": str(kind), "message": str(message)}
+        record.update(_jsonable(fields, "event"))
+        self._events_file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._events_file.flush()
+        details = "".join(f" {k}={v}" for k, v in record.items()
+                          if k not in ("step", "time", "kind", "message"))
+        log.log(level, "[%s] step %d: %s%s", kind, step, message, details)
+        return record
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bar.close()
+        self._metrics_file.close()
+        self._events_file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception as e:
+                log.warning("W&B finish failed (%s)", _first_line(e))
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _flatten(record: dict, prefix: str = ""):
+    """(name, value) for every finite numeric leaf; nested dicts give "a/b" names, lists are skipped."""
+    for k, v in record.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, name + "/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            yield name, v
+
+
+def _postfix(record: dict, times: dict[str, float]) -> str:
+    parts = []
+    reward = record.get("reward_mean")
+    if isinstance(reward, (int, float)):
+        parts.append(f"reward={reward:.3f}")
+    parts += [f"{name} {seconds:.2f}s" for name, seconds in times.items()]
+    return " ".join(parts)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
