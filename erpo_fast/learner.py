@@ -1,0 +1,673 @@
+"""The learner: packed sequences -> last hidden state -> fused GRPO loss -> AdamW step (FSDP2 optional).
+
+One :meth:`Learner.train_on` call is one training step on this rank's rollout sequences:
+
+1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1``, and the
+   learner side of the truncated importance-sampling (IS) weights;
+2. for each of the ``updates_per_step`` mini-batches: micro-batches of ``micro_batch_size`` sequences are
+   packed into ONE row without padding (``position_ids`` restart at 0 per sequence, so attention never
+   crosses sequences), run to the last hidden state, and scored by ``linear_grpo_loss`` with the LM-head
+   weight; each micro-batch loss is scaled by its share of the GLOBAL normaliser (all micro-batches, all
+   ranks), so gradient accumulation gives exactly the full-batch gradient; then grad clipping and an AdamW
+   step (skipped when the loss or the gradient norm is not finite);
+3. one LR-scheduler step.
+
+Precision: parameters and AdamW state stay float32 ("master weights"): at RL learning rates (~1e-6) a bf16
+parameter would round most updates away. The forward computes in ``model.dtype`` (bf16 on CUDA by default)
+through autocast, or through FSDP2's ``MixedPrecisionPolicy`` (bf16 params, fp32 gradient reduction) when
+sharded. The fused kernels accumulate in fp32 and return fp32 log-probs.
+
+Distributed (``torch.distributed`` initialised, world size > 1): the model is sharded with FSDP2
+``fully_shard`` per decoder layer, then at the root. Each rank passes its OWN slice of the sequences to
+``train_on``; token/sequence counts are all-reduced so every rank uses the global normaliser, and the loss is
+multiplied by the world size to undo FSDP2's gradient averaging. Every method that runs the model
+(``train_on``, ``compute_logprobs``, ``named_weights``, ``full_model_state_dict``, ``state_dict``) is a
+collective: all ranks must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import algorithms
+from .config import AlgorithmConfig, ModelConfig, TrainerConfig
+from .models import last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
+
+__all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "lr_factor", "pack_sequences"]
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rollout sequences and packing
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RolloutSequence:
+    """One sampled response with everything the loss needs.
+
+    ``rollout_logprobs[j]`` is the engine's log-prob of ``response_ids[j]`` under its processed distribution
+    (it may be empty when no IS correction is used). ``seq_key`` identifies the sequence inside its batch.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    temperature: float
+    advantage: float
+    seq_key: int
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_ids) == 0:
+            raise ValueError(f"sequence {self.seq_key}: prompt_ids is empty (the first response token needs "
+                             "a prompt position to be predicted from)")
+        if self.rollout_logprobs and len(self.rollout_logprobs) != len(self.response_ids):
+            raise ValueError(f"sequence {self.seq_key}: {len(self.rollout_logprobs)} rollout_logprobs for "
+                             f"{len(self.response_ids)} response tokens")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"sequence {self.seq_key}: temperature must be > 0 and finite, "
+                             f"got {self.temperature}")
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into one row (no padding) plus the per-token loss inputs at the TRAINED positions.
+
+    Full-row tensors (length L = sum of prompt + response lengths): ``input_ids``/``position_ids`` [1, L],
+    ``labels`` [L] (the next token at positions that predict a response token, ``-100`` elsewhere) and
+    ``row_seq`` [L] (index of each position's sequence). Trained positions only (N = total response tokens, in
+    sequence order, response order): ``positions`` [N] (their indices in the row), ``target_ids``,
+    ``temperature``, ``advantages``, ``seq_ids``, ``rollout_logprobs`` (NaN where the engine gave none).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    labels: Tensor
+    row_seq: Tensor
+    positions: Tensor
+    target_ids: Tensor
+    temperature: Tensor
+    advantages: Tensor
+    seq_ids: Tensor
+    rollout_logprobs: Tensor
+    response_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences with at least one trained token (the seq_* aggregations' S)."""
+        return sum(1 for n in self.response_lengths if n > 0)
+
+
+def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | float = "row",
+                   vocab_size: int | None = None, device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack ``sequences`` (prompt + response each) into one padding-free row; see :class:`PackedBatch`.
+
+    Response token j of a sequence with prompt length P sits at row offset P + j and is predicted from offset
+    P + j - 1, which therefore carries label ``response_ids[j]``. ``temperature="row"`` uses each sequence's
+    own sampling temperature, a float uses that value for every token.
+    """
+    is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if temperature != "row" and not (is_number and temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be 'row' or a positive float, got {temperature!r}")
+    ids: list[int] = []
+    pos: list[int] = []
+    row_seq: list[int] = []
+    positions: list[int] = []
+    temps: list[float] = []
+    advs: list[float] = []
+    seq_ids: list[int] = []
+    rollout: list[float] = []
+    lengths: list[int] = []
+    for s, seq in enumerate(sequences):
+        tokens = list(seq.prompt_ids) + list(seq.response_ids)
+        if vocab_size is not None and tokens and not all(0 <= t < vocab_size for t in tokens):
+            bad = next(t for t in tokens if not 0 <= t < vocab_size)
+            raise ValueError(f"sequence {seq.seq_key}: token id {bad} is outside the model vocabulary "
+                             f"[0, {vocab_size})")
+        start, p, r = len(ids), len(seq.prompt_ids), len(seq.response_ids)
+        ids.extend(tokens)
+        pos.extend(range(p + r))
+        row_seq.extend([s] * (p + r))
+        positions.extend(range(start + p - 1, start + p + r - 1))
+        temps.extend([float(seq.temperature if temperature == "row" else temperature)] * r)
+        advs.extend([float(seq.advantage)] * r)
+        seq_ids.extend([s] * r)
+        rollout.extend(seq.rollout_logprobs if seq.rollout_logprobs else [float("nan")] * r)
+        lengths.append(r)
+    dev = torch.device(device)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    positions_t = torch.tensor(positions, dtype=torch.long)
+    labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
+    labels[positions_t] = input_ids[positions_t + 1]
+    return PackedBatch(
+        input_ids=input_ids[None].to(dev),
+        position_ids=torch.tensor(pos, dtype=torch.long)[None].to(dev),
+        labels=labels.to(dev),
+        row_seq=torch.tensor(row_seq, dtype=torch.long, device=dev),
+        positions=positions_t.to(dev),
+        target_ids=labels[positions_t].to(dev),
+        temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
+        advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
+        seq_ids=torch.tensor(seq_ids, dtype=torch.long, device=dev),
+        rollout_logprobs=torch.tensor(rollout, dtype=torch.float32, device=dev),
+        response_lengths=lengths,
+    )
+
+
+def _placeholder_batch(device: torch.device) -> PackedBatch:
+    """A one-token, zero-trained-token batch: under FSDP a rank with fewer micro-batches than its peers runs
+    these so that every rank issues the same all-gathers and reduce-scatters."""
+    seq = RolloutSequence(prompt_ids=[0], response_ids=[], rollout_logprobs=[], temperature=1.0,
+                          advantage=0.0, seq_key=-1)
+    return pack_sequences([seq], device=device)
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _split_even(items: Sequence, parts: int) -> list[Sequence]:
+    """``parts`` contiguous slices whose sizes differ by at most one (some may be empty)."""
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ----------------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, trainer: TrainerConfig) -> float:
+    """Multiplier of ``trainer.lr`` at training step ``step`` (0-based; one step = one ``train_on`` call).
+
+    Warm-up: ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (never 0: no step is wasted).
+    After it, with ``p`` going linearly from 0 (first step after warm-up) to 1 (step ``max_steps - 1``):
+    constant ``1``; linear ``1 - (1 - m) p``; cosine ``m + (1 - m)(1 + cos(pi p)) / 2``, ``m = min_lr_ratio``.
+    Steps past ``max_steps - 1`` keep the final value.
+    """
+    w = trainer.warmup_steps
+    if step < w:
+        return (step + 1) / w
+    if trainer.lr_schedule == "constant":
+        return 1.0
+    m = trainer.min_lr_ratio
+    p = min(1.0, (step - w) / max(1, trainer.max_steps - w - 1))
+    if trainer.lr_schedule == "linear":
+        return 1.0 - (1.0 - m) * p
+    if trainer.lr_schedule == "cosine":
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
+    raise ValueError(f"unknown lr_schedule {trainer.lr_schedule!r}; choose one of: constant, cosine, linear")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model plumbing
+# ----------------------------------------------------------------------------------------------------
+
+class _HiddenAndHead(nn.Module):
+    """Root module of the learner: decoder to last hidden state, plus the LM-head weight.
+
+    Returning the weight from ``forward`` matters under FSDP2: the root's parameters (embeddings, final norm,
+    LM head) are only gathered while the root module runs, and the fused loss needs the full weight.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return last_hidden_state(self.lm, input_ids, position_ids), lm_head_weight(self.lm)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """On-policy ratios need a deterministic forward: the no-grad and the training pass must agree."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def _apply_liger(model: nn.Module) -> None:
+    """Liger's RMSNorm / RoPE / SwiGLU kernels; its (fused-linear) cross-entropy stays OFF: no logits here."""
+    import inspect
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(model.config, "model_type", None)
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if fn is None:
+        warnings.warn(f"model.liger_kernels: Liger has no kernels for model type {model_type!r}; not applied",
+                      stacklevel=3)
+        return
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                  fused_linear_cross_entropy=False, model=model)
+    accepted = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in wanted.items() if k in accepted})
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+# ----------------------------------------------------------------------------------------------------
+# The learner
+# ----------------------------------------------------------------------------------------------------
+
+class Learner:
+    """Owns the policy model, AdamW, the LR schedule and (optionally) a frozen reference model.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` (e.g. from `erpo_fast.models`); converted to float32 master
+            weights on ``device`` (and sharded with FSDP2 when distributed).
+        algo, trainer, model_cfg: the config sections (loss knobs; optimiser/schedule/micro-batch knobs;
+            compute dtype, gradient checkpointing, Liger).
+        device: where the model runs (``"auto"``: cuda when available).
+        max_len: the response-length budget (``rollout.max_new_tokens``), Dr. GRPO's constant normaliser.
+        ref_model: frozen reference for the KL penalty; required when ``algo.kl_beta > 0``, unused otherwise.
+
+    The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping),
+    so a rollout engine must hold its own copy and receive weights through :meth:`named_weights`.
+    """
+
+    def __init__(self, model: nn.Module, algo: AlgorithmConfig, trainer: TrainerConfig,
+                 model_cfg: ModelConfig, *, device: str | torch.device = "auto", max_len: int,
+                 ref_model: nn.Module | None = None):
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int (rollout.max_new_tokens), got {max_len!r}")
+        if algo.kl_beta > 0 and ref_model is None:
+            raise ValueError(f"algorithm.kl_beta={algo.kl_beta} needs a reference model (ref_model=...)")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("ref_model must be a separate (frozen) copy of the policy, not the same object")
+        self.algo, self.trainer, self.model_cfg, self.max_len = algo, trainer, model_cfg, max_len
+        self.device = resolve_device(device)
+        self.compute_dtype = resolve_dtype(model_cfg.dtype, self.device)
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.step = 0
+
+        self.model = self._prepare(model, trainable=True)
+        self._policy = self._wrap(self.model)
+        use_ref = ref_model is not None and algo.kl_beta > 0  # without a KL term the reference is not needed
+        self.ref_model = self._prepare(ref_model, trainable=False) if use_ref else None
+        self._ref = None if self.ref_model is None else self._wrap(self.ref_model)
+
+        # Parameters are collected after sharding: fully_shard replaces them with DTensor parameters.
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on norms and biases
+        groups = [{"params": decay, "weight_decay": trainer.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        betas = (trainer.adam_beta1, trainer.adam_beta2)
+        self.optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, trainer))
+
+    # ---- setup -------------------------------------------------------------------------------------------
+
+    def _prepare(self, model: nn.Module, *, trainable: bool) -> nn.Module:
+        model = model.to(device=self.device, dtype=torch.float32)
+        model.config.use_cache = False
+        _disable_dropout(model)
+        if self.model_cfg.liger_kernels:
+            if self.device.type == "cuda":
+                _apply_liger(model)
+            elif trainable:
+                warnings.warn("model.liger_kernels is CUDA-only; ignored on CPU", stacklevel=3)
+        if trainable:
+            if self.model_cfg.gradient_checkpointing:
+                kwargs = {"use_reentrant": False}
+                if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.train()  # dropout is off; train mode keeps gradient checkpointing active
+        else:
+            model.requires_grad_(False)
+            model.eval()
+        return model
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        root = _HiddenAndHead(model)
+        if not self.distributed:
+            return root
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"FSDP2 sharding expects model.model.layers (decoder layers); "
+                             f"{type(model).__name__} has none")
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(root, mesh=mesh, mp_policy=mp)
+        return root
+
+    def _autocast(self):
+        # Under FSDP2 the mixed-precision policy casts the gathered parameters; autocast is for 1 process.
+        if self.compute_dtype == torch.float32 or self.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    # ---- distributed helpers ----------------------------------------------------------------------------
+
+    def _all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _reshard(self, module: nn.Module | None) -> None:
+        # A root FSDP2 module keeps its gathered parameters after a forward with no backward; free them.
+        if self.distributed and module is not None and hasattr(module, "reshard"):
+            module.reshard()
+
+    # ---- forward passes -----------------------------------------------------------------------------------
+
+    def _hidden(self, root: nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+        """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the compute dtype."""
+        with self._autocast():
+            hidden, weight = root(batch.input_ids, batch.position_ids)
+        return hidden[0, batch.positions].to(self.compute_dtype), weight.to(self.compute_dtype)
+
+    @torch.no_grad()
+    def _batch_logprobs(self, root: nn.Module, batch: PackedBatch) -> Tensor:
+        from erpo_fast.kernels import linear_logprobs
+
+        hidden, weight = self._hidden(root, batch)
+        return linear_logprobs(hidden, weight, batch.target_ids, batch.temperature).float()
+
+    def _loss_temperature(self) -> str | float:
+        return "row" if self.algo.logprob_temperature == "row" else 1.0
+
+    @torch.no_grad()
+    def compute_logprobs(self, sequences: Sequence[RolloutSequence], *, temperature: str | float = "row"
+                         ) -> list[Tensor]:
+        """Per-sequence fp32 log-probs of the response tokens under the current policy (no grad, fused).
+
+        ``temperature="row"``: each sequence at its own sampling temperature; a float: that temperature.
+        Micro-batched like training. Collective under FSDP (all ranks call it, with their own sequences).
+        """
+        batches = [pack_sequences(chunk, temperature=temperature, vocab_size=self.vocab_size,
+                                  device=self.device)
+                   for chunk in _chunks(list(sequences), self.trainer.micro_batch_size)]
+        (num,) = self._all_reduce([len(batches)], op="max")
+        out: list[Tensor] = []
+        for i in range(int(num)):
+            batch = batches[i] if i < len(batches) else _placeholder_batch(self.device)
+            lp = self._batch_logprobs(self._policy, batch)
+            if i < len(batches):
+                out.extend(lp.split(batch.response_lengths))
+        self._reshard(self._policy)
+        return [t.clone() for t in out]
+
+    # ---- training -----------------------------------------------------------------------------------------
+
+    def train_on(self, sequences: Sequence[RolloutSequence]) -> dict[str, float | int | bool]:
+        """One training step on this rank's ``sequences``; returns global metrics (identical on every rank).
+
+        With ``updates_per_step = K > 1`` the local sequences are split into K contiguous mini-batches (global
+        mini-batch k = the union of every rank's k-th slice), old log-probs are computed once before the first
+        update, and each mini-batch gets its own optimizer step.
+
+        Metrics: ``loss`` (the aggregated policy loss, mean over updates), ``grad_norm`` (pre-clip, mean over
+        updates), ``clip_frac``, ``kl`` (0 without a reference), ``entropy`` (token means over the batch),
+        ``num_tokens`` and ``num_sequences`` (trained, global), ``lr``, ``skipped_nonfinite`` (an update was
+        skipped because its loss or gradient norm was not finite) and ``is_weight_mean`` (when IS is on).
+        """
+        sequences = self._check_batch(sequences)
+        updates = self.trainer.updates_per_step
+        lr = self.optimizer.param_groups[0]["lr"]
+        # No-grad pre-pass: the learner side of the IS weights and, for off-policy updates, the old log-probs.
+        pre = self._pre_pass(sequences, need_old=updates > 1)
+        minis = _split_even(list(range(len(sequences))), updates)
+        totals = {"loss": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+        extra = {"num_tokens": 0, "num_sequences": 0, "is_weight_sum": 0.0}
+        skipped = False
+        for mini in minis:
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = self._backward(sequences, mini, old_by_seq=pre["old"], is_by_seq=pre["is"])
+            grad_norm = self._clip_grad_norm()
+            if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                skipped = True
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"] = grad_norm
+            for key in totals:
+                totals[key] += stats[key] / updates
+            for key in extra:
+                extra[key] += stats[key]
+        with warnings.catch_warnings():
+            # A skipped (non-finite) first update is deliberate; torch would warn that no optimizer step ran.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
+        self.step += 1
+        metrics: dict[str, float | int | bool] = dict(totals)
+        metrics.update(num_tokens=int(extra["num_tokens"]), num_sequences=int(extra["num_sequences"]), lr=lr,
+                       skipped_nonfinite=skipped)
+        if self.algo.is_level != "none":
+            metrics["is_weight_mean"] = extra["is_weight_sum"] / max(extra["num_tokens"], 1)
+        return metrics
+
+    def loss_and_grads(self, sequences: Sequence[RolloutSequence], *,
+                       old_logprobs: Sequence[Tensor] | None = None) -> dict[str, float]:
+        """The loss of ``sequences`` as ONE mini-batch and its gradients in the parameters' ``.grad`` (zeroed
+        first); no clipping, no optimizer step. For diagnostics and tests of what :meth:`train_on` optimises.
+
+        ``old_logprobs`` (per sequence, per response token): the off-policy ratio's denominator; ``None`` =
+        on-policy. IS weights and the KL reference are handled exactly as in :meth:`train_on`.
+        """
+        sequences = self._check_batch(sequences)
+        if old_logprobs is not None:
+            old_logprobs = [torch.as_tensor(o, dtype=torch.float32, device=self.device) for o in old_logprobs]
+            if len(old_logprobs) != len(sequences) or any(
+                    o.shape != (len(s.response_ids),) for o, s in zip(old_logprobs, sequences)):
+                raise ValueError("old_logprobs must hold one [len(response_ids)] tensor per sequence")
+        pre = self._pre_pass(sequences, need_old=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self._backward(sequences, list(range(len(sequences))), old_by_seq=old_logprobs,
+                               is_by_seq=pre["is"])
+        if self.algo.is_level != "none":
+            stats["is_weight_mean"] = stats["is_weight_sum"] / max(stats["num_tokens"], 1)
+        del stats["is_weight_sum"]
+        return stats
+
+    def _check_batch(self, sequences: Sequence[RolloutSequence]) -> list[RolloutSequence]:
+        sequences = list(sequences)
+        if not sequences and not self.distributed:
+            raise ValueError("the learner needs at least one sequence")
+        keys = [s.seq_key for s in sequences]
+        if len(set(keys)) != len(keys):
+            raise ValueError("seq_key must be unique per sequence in the batch")
+        if self.algo.is_level != "none" and any(len(s.rollout_logprobs) != len(s.response_ids)
+                                                for s in sequences):
+            raise ValueError(f"algorithm.is_level={self.algo.is_level} needs rollout_logprobs for every "
+                             "response token")
+        return sequences
+
+    def _pre_pass(self, sequences: list[RolloutSequence], *, need_old: bool) -> dict:
+        """Per-sequence old log-probs (when ``need_old``) and truncated-IS weights (IS on), no grad."""
+        a = self.algo
+        use_is = a.is_level != "none"
+        out: dict = {"old": None, "is": None}
+        if not (need_old or use_is):
+            return out
+        learner_lp = self.compute_logprobs(sequences, temperature=self._loss_temperature())
+        if need_old:
+            out["old"] = learner_lp
+        if use_is:
+            weights = []
+            for seq, lp in zip(sequences, learner_lp):
+                rollout = torch.tensor(seq.rollout_logprobs, dtype=torch.float32, device=self.device)
+                weights.append(algorithms.truncated_is_weights(
+                    lp, rollout, torch.ones_like(rollout, dtype=torch.bool), level=a.is_level,
+                    clip_max=a.is_clip, seq_ids=torch.zeros_like(rollout, dtype=torch.long)))
+            out["is"] = weights
+        return out
+
+    def _backward(self, sequences: list[RolloutSequence], mini: list[int], *,
+                  old_by_seq: list[Tensor] | None, is_by_seq: list[Tensor] | None) -> dict[str, float]:
+        """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences[i], i in mini``).
+
+        Each micro-batch's loss is scaled by its share of the GLOBAL normaliser (tokens for token_mean,
+        sequences for the seq_* modes), times the world size to undo FSDP2's gradient averaging, so that the
+        sum over micro-batches and ranks is exactly the full-batch gradient. Returns global metrics.
+        """
+        from erpo_fast.kernels import linear_grpo_loss
+
+        a = self.algo
+        temperature = self._loss_temperature()
+        micro = _chunks(mini, self.trainer.micro_batch_size)
+        is_local = sum(float(is_by_seq[i].sum()) for i in mini) if is_by_seq is not None else 0.0
+        tokens, seqs, is_sum = self._all_reduce([
+            sum(len(sequences[i].response_ids) for i in mini),
+            sum(1 for i in mini if sequences[i].response_ids), is_local])
+        (num_micro,) = self._all_reduce([len(micro)], op="max")
+        stats = [0.0, 0.0, 0.0, 0.0]  # loss, then clip_frac, kl and entropy times tokens (local sums)
+        for k in range(int(num_micro)):
+            idx = micro[k] if k < len(micro) else []
+            batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
+                                    vocab_size=self.vocab_size, device=self.device)
+                     if idx else _placeholder_batch(self.device))
+
+            def cat(per_seq, idx=idx):
+                return None if per_seq is None else torch.cat([per_seq[i] for i in idx]).to(self.device)
+
+            ref = self._batch_logprobs(self._ref, batch) if self._ref is not None else None
+            hidden, weight = self._hidden(self._policy, batch)
+            n = batch.num_tokens
+            if n == 0:
+                # Nothing to train, but FSDP needs the backward (and its reduce-scatters) on every rank.
+                (hidden.sum() * 0.0 + weight.sum() * 0.0).backward()
+                continue
+            loss, m = linear_grpo_loss(
+                hidden, weight, batch.target_ids, batch.temperature, batch.advantages,
+                torch.ones(n, dtype=torch.bool, device=self.device),
+                old_logprobs=cat(old_by_seq), ref_logprobs=ref, beta=a.kl_beta, kl=a.kl_estimator,
+                eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip, loss_agg=a.loss_agg,
+                seq_ids=batch.seq_ids, max_len=self.max_len, is_weights=cat(is_by_seq),
+                ratio_level=a.ratio_level)
+            # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
+            share = n / tokens if a.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
+            (loss * (share * self.world_size)).backward()
+            stats[0] += float(loss.detach()) * share
+            stats[1] += float(m.get("clip_frac", 0.0)) * n
+            stats[2] += float(m.get("kl_mean", 0.0)) * n
+            stats[3] += float(m.get("entropy_mean", 0.0)) * n
+        loss_sum, clip, kl, ent = self._all_reduce(stats)
+        denom = max(tokens, 1.0)
+        return {"loss": loss_sum, "clip_frac": clip / denom, "kl": kl / denom, "entropy": ent / denom,
+                "num_tokens": int(tokens), "num_sequences": int(seqs), "is_weight_sum": is_sum}
+
+    def _clip_grad_norm(self) -> float:
+        """Global pre-clip gradient norm (all ranks, all shards); clips in place when ``grad_clip > 0``."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.trainer.grad_clip if self.trainer.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        return float(_full(norm))
+
+    # ---- weights and state ------------------------------------------------------------------------------
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, full tensor)`` for every parameter (Hugging Face names; tied weights once), gathered from
+        the FSDP2 shards when sharded. Collective under FSDP: every rank must exhaust the iterator."""
+        self._reshard(self._policy)
+        for name, p in self.model.named_parameters():
+            yield name, _full(p.detach())
+
+    def full_model_state_dict(self) -> dict[str, Tensor]:
+        """The model's full state dict (Hugging Face names) as CPU tensors, on every rank. Collective."""
+        self._reshard(self._policy)
+        return {name: _full(t.detach()).to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+
+    def load_full_model_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a full (unsharded) state dict, e.g. from :meth:`full_model_state_dict`, on every rank."""
+        self._reshard(self._policy)
+        if not self.distributed:
+            self.model.load_state_dict(state)
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"state dict is missing {len(missing)} keys, e.g. {missing[0]!r}")
+        with torch.no_grad():
+            for name, target in own.items():
+                src = state[name].to(device=target.device, dtype=target.dtype)
+                if _is_dtensor(target):
+                    # Every rank holds the full tensor, so each takes its own shard locally (no broadcast).
+                    src = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
+                    target.to_local().copy_(src.to_local())
+                else:
+                    target.copy_(src)
+
+    def state_dict(self) -> dict:
+        """Optimizer (full, FQN-keyed), scheduler and step counter; model weights are saved separately."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        self._reshard(self._policy)
+        optim = get_optimizer_state_dict(self._policy, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True))
+        # Copies, never the live state tensors: a learner loading this dict must not share them with us.
+        return {"optimizer": _to_cpu(optim), "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (every rank passes the same full dict)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        missing = {"optimizer", "scheduler", "step"} - set(state)
+        if missing:
+            raise ValueError(f"learner state is missing {', '.join(sorted(missing))}")
+        self._reshard(self._policy)
+        # A private copy: the optimizer adopts the given tensors as its state and updates them in place.
+        set_optimizer_state_dict(self._policy, self.optimizer, _to_cpu(state["optimizer"]),
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

@@ -1,0 +1,177 @@
+"""Model loading and building: a local Hugging Face causal LM, or the built-in tiny Qwen2.
+
+The trainer never computes [tokens, vocab] logits. It runs the decoder to its last hidden state
+(:func:`last_hidden_state`, final norm included) and hands that, with the output-embedding weight
+(:func:`lm_head_weight`), to the fused log-prob / loss kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "ModelLoadError",
+    "build_tiny_qwen2",
+    "decoder",
+    "last_hidden_state",
+    "lm_head_weight",
+    "load_model",
+    "resolve_attn_implementation",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+# Any one of these marks a directory that AutoTokenizer can load offline.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded: missing, not a directory, no config or no tokenizer."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "auto") -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU; otherwise the named dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_attn_implementation(attn_implementation: str, device: str | torch.device = "auto") -> str:
+    """``auto`` -> flash_attention_2 on CUDA when the flash_attn package is importable, else sdpa."""
+    if attn_implementation not in _ATTN_CHOICES:
+        raise ValueError(f"unknown attn_implementation {attn_implementation!r}; choose one of: "
+                         f"{', '.join(_ATTN_CHOICES)}")
+    if attn_implementation != "auto":
+        return attn_implementation
+    if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
+               device: str | torch.device = "auto"):
+    """Load ``(model, tokenizer)`` from a LOCAL Hugging Face directory (never the hub).
+
+    Raises :class:`ModelLoadError` with a one-line message for a missing path, a file instead of a directory,
+    a directory without ``config.json`` or without tokenizer files, or a checkpoint transformers rejects.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path does not exist: {p}")
+    if not p.is_dir():
+        raise ModelLoadError(f"model path is not a directory: {p}")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"model directory has no config.json: {p}")
+    if not any((p / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"model directory has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): {p}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    attn = resolve_attn_implementation(attn_implementation, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # transformers raises many types; the caller needs one clear line
+        raise ModelLoadError(f"cannot load the tokenizer from {p}: {_first_line(e)}") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype,
+                                                     attn_implementation=attn)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the model from {p}: {_first_line(e)}") from e
+    return model.to(dev), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_embeddings: int = 512,
+                     attn_implementation: str = "sdpa"):
+    """A tiny random-weight Qwen2 sized by ``cfg.tiny_*``, vocabulary = ``len(tokenizer)``, tied embeddings.
+
+    Initialisation is deterministic in ``seed`` (a private generator state; the global RNG is restored).
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if cfg.tiny_hidden_size % cfg.tiny_heads:
+        raise ValueError(f"model.tiny_hidden_size ({cfg.tiny_hidden_size}) must be divisible by "
+                         f"model.tiny_heads ({cfg.tiny_heads})")
+    if cfg.tiny_heads % cfg.tiny_kv_heads:
+        raise ValueError(f"model.tiny_heads ({cfg.tiny_heads}) must be divisible by model.tiny_kv_heads "
+                         f"({cfg.tiny_kv_heads})")
+    if (cfg.tiny_hidden_size // cfg.tiny_heads) % 2:
+        head = cfg.tiny_hidden_size // cfg.tiny_heads
+        raise ValueError(f"head size {head} (tiny_hidden_size / tiny_heads) must be even (rotary)")
+    vocab = len(tokenizer)
+    if vocab < 2:
+        raise ValueError(f"tokenizer vocabulary is too small ({vocab} tokens)")
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_intermediate_size,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
+        use_cache=False,
+    )
+    config._attn_implementation = attn_implementation
+    # fork_rng: seeding must not disturb the caller's global random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model.to(torch.float32)
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The base decoder of a ``*ForCausalLM`` (``model.model`` for Qwen2/Llama/Mistral...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if base is None:
+        raise ValueError(f"{type(model).__name__} has no base decoder (expected a *ForCausalLM model)")
+    return base
+
+
+def lm_head_weight(model: nn.Module) -> Tensor:
+    """The ``[V, H]`` output-embedding weight (the input embedding itself when tied)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm head)")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("lm heads with a bias are not supported by the fused log-prob kernels")
+    return head.weight
+
+
+def last_hidden_state(model: nn.Module, input_ids: Tensor, position_ids: Tensor,
+                      attention_mask: Tensor | None = None) -> Tensor:
+    """Run the decoder (final norm included) to its last hidden state ``[B, L, H]``; never computes logits.
+
+    Packed rows: pass ``attention_mask=None`` and ``position_ids`` that restart at 0 for every sequence;
+    transformers then derives a block-diagonal causal mask (sdpa/eager) or varlen boundaries (flash-attn).
+    """
+    out = decoder(model)(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                         use_cache=False)
+    return out.last_hidden_state

@@ -1,0 +1,505 @@
+"""The learner and model plumbing against independent references.
+
+References: Hugging Face forwards of each sequence ALONE (no packing) to full logits, run in float64, then
+log_softmax / gather and `erpo_fast.algorithms.policy_loss`; autograd through that gives the reference
+gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from erpo_fast import algorithms
+from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from erpo_fast.learner import IGNORE_INDEX, Learner, RolloutSequence, lr_factor, pack_sequences
+from erpo_fast.models import (
+    ModelLoadError,
+    build_tiny_qwen2,
+    last_hidden_state,
+    lm_head_weight,
+    load_model,
+    resolve_attn_implementation,
+    resolve_dtype,
+)
+from erpo_fast.tokenizer import build_char_tokenizer
+
+TINY = ModelConfig(tiny_hidden_size=32, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2,
+                   tiny_intermediate_size=64)
+MAX_LEN = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def tiny_model(tokenizer, seed=0, attn="sdpa"):
+    return build_tiny_qwen2(tokenizer, TINY, seed, attn_implementation=attn)
+
+
+def make_sequences(n, seed=0, vocab=58, max_prompt=6, max_response=6):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
+        r = int(torch.randint(1, max_response + 1, (1,), generator=g))
+        out.append(RolloutSequence(
+            prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
+            response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
+            rollout_logprobs=(-4.0 + 0.5 * torch.randn(r, generator=g)).tolist(),
+            temperature=float(0.6 + 0.8 * torch.rand(1, generator=g)),
+            advantage=float(torch.randn(1, generator=g)),
+            seq_key=100 + i,
+        ))
+    return out
+
+
+def reference_logprobs(model, sequences, temperature="row"):
+    """Per-sequence log-probs of the response tokens: each sequence alone, full logits / T, log_softmax."""
+    out = []
+    for seq in sequences:
+        ids = torch.tensor([seq.prompt_ids + seq.response_ids])
+        logits = model(input_ids=ids).logits[0]
+        p, r = len(seq.prompt_ids), len(seq.response_ids)
+        t = seq.temperature if temperature == "row" else temperature
+        logp = torch.log_softmax(logits[p - 1:p + r - 1] / t, dim=-1)
+        out.append(logp.gather(1, torch.tensor(seq.response_ids)[:, None])[:, 0])
+    return out
+
+
+def reference_loss(model64, sequences, algo, *, old=None, ref_model64=None, rollout_is=True):
+    """float64 full-logits loss (and its gradient in model64's .grad) with the learner's conventions."""
+    temperature = "row" if algo.logprob_temperature == "row" else 1.0
+    lp_list = reference_logprobs(model64, sequences, temperature)
+    lp = torch.cat(lp_list)
+    seq_ids = torch.cat([torch.full((len(s.response_ids),), i) for i, s in enumerate(sequences)])
+    adv = torch.cat([torch.full((len(s.response_ids),), s.advantage, dtype=torch.float64) for s in sequences])
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    ref = None
+    if ref_model64 is not None:
+        with torch.no_grad():
+            ref = torch.cat(reference_logprobs(ref_model64, sequences, temperature))
+    is_w = None
+    if algo.is_level != "none" and rollout_is:
+        # Written out by hand (not algorithms.truncated_is_weights): min(exp(learner - rollout), C).
+        rollout = torch.cat([torch.tensor(s.rollout_logprobs, dtype=torch.float64) for s in sequences])
+        diff = lp.detach() - rollout
+        if algo.is_level == "sequence":
+            sums = torch.zeros(len(sequences), dtype=torch.float64).index_add_(0, seq_ids, diff)
+            diff = sums[seq_ids]
+        is_w = torch.exp(diff).clamp(max=algo.is_clip)
+    old_t = lp.detach() if old is None else torch.cat(old).double()
+    loss, metrics = algorithms.policy_loss(
+        lp, old_t, adv, mask, ref_logprobs=ref, beta=algo.kl_beta, kl=algo.kl_estimator, eps_low=algo.eps_low,
+        eps_high=algo.eps_high, dual_clip=algo.dual_clip, loss_agg=algo.loss_agg, seq_ids=seq_ids,
+        max_len=MAX_LEN, ratio_level=algo.ratio_level, is_weights=is_w)
+    model64.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss, metrics, is_w, ref, lp.detach()
+
+
+def assert_grads_close(learner_model, model64, rtol=1e-4, atol=2e-6):
+    ref = dict(model64.named_parameters())
+    checked = 0
+    for name, p in learner_model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad.double(), ref[name].grad, rtol=rtol, atol=atol, msg=name)
+        checked += 1
+    assert checked == len(ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# models.py
+# ----------------------------------------------------------------------------------------------------
+
+def test_build_tiny_qwen2_is_deterministic_and_tied(tokenizer):
+    a, b, c = tiny_model(tokenizer, 3), tiny_model(tokenizer, 3), tiny_model(tokenizer, 4)
+    assert a.config.vocab_size == len(tokenizer)
+    assert a.config.hidden_size == 32 and a.config.num_hidden_layers == 2
+    assert a.config.pad_token_id == tokenizer.pad_token_id and a.config.eos_token_id == tokenizer.eos_token_id
+    assert lm_head_weight(a) is a.get_input_embeddings().weight  # tied
+    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+        assert torch.equal(pa, pb), name
+        if pa.dim() == 2:
+            assert not torch.equal(pa, pc), name
+
+
+def test_build_tiny_qwen2_rejects_bad_sizes(tokenizer):
+    with pytest.raises(ValueError, match="divisible"):
+        build_tiny_qwen2(tokenizer, ModelConfig(tiny_hidden_size=30, tiny_heads=4), 0)
+
+
+def test_last_hidden_state_matches_hf_logits(tokenizer):
+    model = tiny_model(tokenizer)
+    ids = torch.tensor([[5, 9, 12, 7, 30]])
+    hidden = last_hidden_state(model, ids, torch.arange(5)[None])
+    logits = model(input_ids=ids).logits
+    torch.testing.assert_close(hidden @ lm_head_weight(model).T, logits, rtol=0, atol=1e-5)
+
+
+def test_load_model_round_trip_and_errors(tokenizer, tmp_path):
+    model = tiny_model(tokenizer, 1)
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    tokenizer.save_pretrained(good)
+    loaded, tok = load_model(good, device="cpu")
+    assert loaded.dtype == torch.float32 and loaded.config._attn_implementation == "sdpa"
+    assert tok.encode("12+3") == tokenizer.encode("12+3")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        load_model(tmp_path / "file.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    no_tok = tmp_path / "no_tok"
+    model.save_pretrained(no_tok)
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        load_model(no_tok)
+    assert issubclass(ModelLoadError, ValueError)
+
+
+def test_resolve_defaults_on_cpu():
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert resolve_attn_implementation("eager", "cpu") == "eager"
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="attn_implementation"):
+        resolve_attn_implementation("flash", "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# packing
+# ----------------------------------------------------------------------------------------------------
+
+def test_pack_layout_labels_and_mask():
+    seqs = [
+        RolloutSequence([10, 11], [20, 21, 22], [-1.0, -2.0, -3.0], 0.5, 1.5, 7),
+        RolloutSequence([12, 13, 14], [], [], 1.5, -1.0, 8),
+        RolloutSequence([15], [23, 24], [-4.0, -5.0], 1.25, -0.5, 9),
+    ]
+    b = pack_sequences(seqs)
+    x = IGNORE_INDEX
+    assert b.input_ids.tolist() == [[10, 11, 20, 21, 22, 12, 13, 14, 15, 23, 24]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]]
+    # Position t predicts token t+1: response tokens only; prompt targets and sequence ends are ignored.
+    assert b.labels.tolist() == [x, 20, 21, 22, x, x, x, x, 23, 24, x]
+    assert b.positions.tolist() == [1, 2, 3, 8, 9]
+    assert b.target_ids.tolist() == [20, 21, 22, 23, 24]
+    assert b.row_seq.tolist() == [0] * 5 + [1] * 3 + [2] * 3
+    assert b.seq_ids.tolist() == [0, 0, 0, 2, 2]
+    assert b.temperature.tolist() == [0.5, 0.5, 0.5, 1.25, 1.25]
+    assert b.advantages.tolist() == [1.5, 1.5, 1.5, -0.5, -0.5]
+    assert b.rollout_logprobs.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert b.num_tokens == 5 and b.num_sequences == 2 and b.response_lengths == [3, 0, 2]
+    assert pack_sequences(seqs, temperature=1.0).temperature.tolist() == [1.0] * 5
+
+
+def test_pack_and_sequence_validation():
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        RolloutSequence([], [1], [0.0], 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        RolloutSequence([1], [1, 2], [0.0], 1.0, 0.0, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        RolloutSequence([1], [1], [0.0], 0.0, 0.0, 0)
+    with pytest.raises(ValueError, match="outside the model vocabulary"):
+        pack_sequences([RolloutSequence([1], [99], [], 1.0, 0.0, 0)], vocab_size=58)
+    with pytest.raises(ValueError, match="temperature"):
+        pack_sequences([RolloutSequence([1], [2], [], 1.0, 0.0, 0)], temperature="one")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_forward_equals_each_sequence_alone(tokenizer, attn):
+    model = tiny_model(tokenizer, attn=attn)
+    seqs = make_sequences(4, seed=1)
+    b = pack_sequences(seqs)
+    with torch.no_grad():
+        packed = last_hidden_state(model, b.input_ids, b.position_ids)[0]
+        alone = torch.cat([last_hidden_state(model, torch.tensor([s.prompt_ids + s.response_ids]),
+                                             torch.arange(len(s.prompt_ids) + len(s.response_ids))[None])[0]
+                           for s in seqs])
+        # Control: without restarting positions the sequences attend to each other, and the states differ.
+        crossed = last_hidden_state(model, b.input_ids, torch.arange(b.input_ids.shape[1])[None])[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert (crossed - alone).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss, gradients and log-probs against the full-logits reference
+# ----------------------------------------------------------------------------------------------------
+
+def make_learner(model, algo=None, trainer=None, model_cfg=TINY, ref_model=None):
+    return Learner(model, algo or AlgorithmConfig(), trainer or TrainerConfig(), model_cfg, device="cpu",
+                   max_len=MAX_LEN, ref_model=ref_model)
+
+
+@pytest.mark.parametrize("loss_agg, ratio_level, logprob_temperature", [
+    ("token_mean", "token", "row"),
+    ("seq_mean_token_mean", "sequence", "row"),
+    ("seq_mean_token_sum_norm", "token", "one"),
+])
+def test_loss_and_grads_match_full_logits_reference(tokenizer, loss_agg, ratio_level, logprob_temperature):
+    model = tiny_model(tokenizer)
+    model64 = copy.deepcopy(model).double()
+    algo = AlgorithmConfig(loss_agg=loss_agg, ratio_level=ratio_level,
+                           logprob_temperature=logprob_temperature)
+    learner = make_learner(model, algo, TrainerConfig(micro_batch_size=3))
+    seqs = make_sequences(7, seed=2)
+    metrics = learner.loss_and_grads(seqs)
+    ref_loss, ref_metrics, *_ = reference_loss(model64, seqs, algo)
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-7)
+    assert metrics["num_tokens"] == sum(len(s.response_ids) for s in seqs)
+    assert metrics["clip_frac"] == 0.0  # on-policy: ratio 1 everywhere
+    assert_grads_close(learner.model, model64)
+
+
+def test_off_policy_old_logprobs_match_reference(tokenizer):
+    model = tiny_model(tokenizer)
+    model64 = copy.deepcopy(model).double()
+    algo = AlgorithmConfig(eps_low=0.1, eps_high=0.1, dual_clip=3.0)
+    learner = make_learner(model, algo, TrainerConfig(micro_batch_size=2))
+    seqs = make_sequences(6, seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        current = reference_logprobs(model64, seqs)
+    old = [(c + 0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64)).float() for c in current]
+    metrics = learner.loss_and_grads(seqs, old_logprobs=old)
+    ref_loss, ref_metrics, *_ = reference_loss(model64, seqs, algo, old=old)
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert metrics["clip_frac"] == pytest.approx(ref_metrics["clip_frac"], abs=1e-6)
+    assert metrics["clip_frac"] > 0
+    assert_grads_close(learner.model, model64)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batch_accumulation_equals_full_batch(tokenizer, loss_agg):
+    seqs = make_sequences(8, seed=4)
+    grads, losses = [], []
+    for micro in (2, 8):
+        learner = make_learner(tiny_model(tokenizer), AlgorithmConfig(loss_agg=loss_agg),
+                               TrainerConfig(micro_batch_size=micro))
+        losses.append(learner.loss_and_grads(seqs)["loss"])
+        grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-8)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    seqs = make_sequences(4, seed=5)
+    grads = []
+    for ckpt in (False, True):
+        cfg = copy.deepcopy(TINY)
+        cfg.gradient_checkpointing = ckpt
+        learner = make_learner(tiny_model(tokenizer), model_cfg=cfg)
+        learner.loss_and_grads(seqs)
+        grads.append([p.grad.clone() for p in learner.model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", ["row", 1.0])
+def test_compute_logprobs_matches_hf_full_logits(tokenizer, temperature):
+    model = tiny_model(tokenizer)
+    learner = make_learner(model, trainer=TrainerConfig(micro_batch_size=3))
+    seqs = make_sequences(7, seed=6)
+    got = learner.compute_logprobs(seqs, temperature=temperature)
+    with torch.no_grad():
+        want = reference_logprobs(model, seqs, temperature)
+    assert len(got) == len(seqs)
+    for g, w, s in zip(got, want, seqs):
+        assert g.dtype == torch.float32 and g.shape == (len(s.response_ids),)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("is_level", ["token", "sequence"])
+def test_truncated_is_weights_path(tokenizer, is_level):
+    model = tiny_model(tokenizer)
+    model64 = copy.deepcopy(model).double()
+    algo = AlgorithmConfig(is_level=is_level, is_clip=1.5, logprob_temperature="one")
+    learner = make_learner(model, algo)
+    seqs = make_sequences(5, seed=7)
+    # Rollout log-probs near the learner's (at each row's temperature, as an engine would report them).
+    with torch.no_grad():
+        rollout = reference_logprobs(model64, seqs, "row")
+    g = torch.Generator().manual_seed(1)
+    for s, r in zip(seqs, rollout):
+        s.rollout_logprobs = (r + 0.5 * torch.randn(r.shape, generator=g, dtype=torch.float64)).tolist()
+    metrics = learner.loss_and_grads(seqs)
+    ref_loss, _, is_w, *_ = reference_loss(model64, seqs, algo)
+    assert metrics["is_weight_mean"] == pytest.approx(float(is_w.mean()), rel=1e-5)
+    assert bool((is_w == 1.5).any()) and bool((is_w < 1.0).any())  # truncation is exercised
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert_grads_close(learner.model, model64)
+
+
+def test_is_needs_rollout_logprobs(tokenizer):
+    learner = make_learner(tiny_model(tokenizer), AlgorithmConfig(is_level="token"))
+    seqs = make_sequences(2)
+    seqs[0].rollout_logprobs = []
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        learner.train_on(seqs)
+
+
+@pytest.mark.parametrize("kl", ["k3", "k2"])
+def test_kl_path_with_reference_model(tokenizer, kl):
+    model = tiny_model(tokenizer)
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model64, ref64 = copy.deepcopy(model).double(), copy.deepcopy(ref_model).double()
+    algo = AlgorithmConfig(kl_beta=0.3, kl_estimator=kl)
+    learner = make_learner(model, algo, TrainerConfig(micro_batch_size=2), ref_model=ref_model)
+    seqs = make_sequences(5, seed=8)
+    metrics = learner.loss_and_grads(seqs)
+    ref_loss, _, _, ref_lp, lp = reference_loss(model64, seqs, algo, ref_model64=ref64)
+    d = lp - ref_lp
+    expected_kl = (torch.expm1(-d) + d) if kl == "k3" else 0.5 * d.square()
+    assert metrics["kl"] == pytest.approx(float(expected_kl.mean()), rel=1e-4)
+    assert metrics["kl"] > 1e-4
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert_grads_close(learner.model, model64)
+    assert all(p.grad is None for p in ref_model.parameters())
+
+
+def test_kl_needs_a_reference_model(tokenizer):
+    with pytest.raises(ValueError, match="reference model"):
+        make_learner(tiny_model(tokenizer), AlgorithmConfig(kl_beta=0.1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimisation step, schedule, state
+# ----------------------------------------------------------------------------------------------------
+
+def test_train_on_applies_clipped_adamw_step(tokenizer):
+    model = tiny_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model64 = copy.deepcopy(model).double()
+    trainer = TrainerConfig(lr=1e-3, grad_clip=0.5, adam_beta1=0.8, adam_beta2=0.9, weight_decay=0.1)
+    learner = make_learner(model, trainer=trainer)
+    seqs = make_sequences(5, seed=9)
+    metrics = learner.train_on(seqs)
+    reference_loss(model64, seqs, learner.algo)
+    ref_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model64.parameters()))
+    assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert metrics["skipped_nonfinite"] is False and metrics["lr"] == 1e-3
+    # First AdamW step: m/sqrt(v) = g/|g| per element (the clip scale cancels), so the update is
+    # -lr * sign(g) (up to eps) plus decoupled weight decay on matrices only.
+    for name, p in model.named_parameters():
+        g = dict(model64.named_parameters())[name].grad.float()
+        decay = 0.1 if p.dim() >= 2 else 0.0
+        scaled = g * min(1.0, 0.5 / (ref_norm + 1e-6))
+        expected = before[name] * (1 - 1e-3 * decay) - 1e-3 * scaled / (scaled.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-5, msg=name)
+
+
+def test_nonfinite_loss_skips_the_step(tokenizer):
+    model = tiny_model(tokenizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    learner = make_learner(model, trainer=TrainerConfig(lr=1e-2))
+    seqs = make_sequences(4, seed=10)
+    seqs[1].advantage = float("nan")
+    metrics = learner.train_on(seqs)
+    assert metrics["skipped_nonfinite"] is True
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not learner.optimizer.state
+    seqs[1].advantage = 1.0
+    assert learner.train_on(seqs)["skipped_nonfinite"] is False
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_updates_per_step_makes_later_updates_off_policy(tokenizer):
+    seqs = make_sequences(8, seed=11)
+    # One update: the ratio is exactly 1, nothing is clipped. Two updates with a big step: the second
+    # mini-batch is scored against the log-probs from BEFORE the first update: its ratio leaves the clip band.
+    one = make_learner(tiny_model(tokenizer), trainer=TrainerConfig(lr=0.05)).train_on(seqs)
+    two_updates = TrainerConfig(lr=0.05, updates_per_step=2)
+    two = make_learner(tiny_model(tokenizer), trainer=two_updates).train_on(seqs)
+    assert one["clip_frac"] == 0.0
+    assert two["clip_frac"] > 0.0
+    assert two["num_tokens"] == one["num_tokens"] == sum(len(s.response_ids) for s in seqs)
+
+
+def test_lr_factor_values():
+    t = TrainerConfig(max_steps=5, warmup_steps=2, min_lr_ratio=0.1, lr_schedule="cosine")
+    assert [lr_factor(s, t) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
+    t.lr_schedule = "linear"
+    t.max_steps = 6
+    assert [lr_factor(s, t) for s in range(6)] == pytest.approx([0.5, 1.0, 1.0, 0.7, 0.4, 0.1])
+    t.lr_schedule = "constant"
+    assert [lr_factor(s, t) for s in range(4)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    t.warmup_steps, t.lr_schedule, t.max_steps = 0, "cosine", 3
+    assert [lr_factor(s, t) for s in range(3)] == pytest.approx([1.0, 0.55, 0.1])
+
+
+def test_learner_follows_the_schedule_and_state_round_trips(tokenizer):
+    trainer = TrainerConfig(lr=2e-3, max_steps=5, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+    learner = make_learner(tiny_model(tokenizer), trainer=trainer)
+    seqs = make_sequences(3, seed=12)
+    lrs = [learner.train_on(seqs)["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([1e-3, 2e-3, 2e-3])
+
+    # Resume: a learner built from another init, given the saved weights + state, continues identically.
+    resumed = make_learner(tiny_model(tokenizer, seed=5), trainer=trainer)
+    resumed.load_full_model_state_dict(learner.full_model_state_dict())
+    resumed.load_state_dict(learner.state_dict())
+    assert resumed.step == learner.step == 3
+    a, b = learner.train_on(seqs), resumed.train_on(seqs)
+    assert a["lr"] == b["lr"] == pytest.approx(2e-3 * 0.55)
+    for (name, p), (_, q) in zip(learner.named_weights(), resumed.named_weights()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    names = [n for n, _ in learner.named_weights()]
+    assert names == [n for n, _ in learner.model.named_parameters()]
+    with pytest.raises(ValueError, match="missing"):
+        resumed.load_state_dict({"step": 1})
+
+
+def test_bf16_compute_on_cpu_tracks_fp32(tokenizer):
+    seqs = make_sequences(4, seed=13)
+    losses = []
+    for dtype in ("float32", "bfloat16"):
+        cfg = copy.deepcopy(TINY)
+        cfg.dtype = dtype
+        model = tiny_model(tokenizer)
+        learner = make_learner(model, model_cfg=cfg)
+        assert learner.compute_dtype == getattr(torch, dtype)
+        m = learner.train_on(seqs)
+        assert not m["skipped_nonfinite"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+        losses.append((m["loss"], m["entropy"]))
+    assert losses[1][0] == pytest.approx(losses[0][0], abs=2e-2)
+    assert losses[1][1] == pytest.approx(losses[0][1], rel=2e-2)
+
+
+def test_learner_input_validation(tokenizer):
+    learner = make_learner(tiny_model(tokenizer))
+    with pytest.raises(ValueError, match="at least one sequence"):
+        learner.train_on([])
+    seqs = make_sequences(2)
+    seqs[1].seq_key = seqs[0].seq_key
+    with pytest.raises(ValueError, match="unique"):
+        learner.train_on(seqs)
+    same = tiny_model(tokenizer)
+    with pytest.raises(ValueError, match="separate"):
+        make_learner(same, AlgorithmConfig(kl_beta=0.1), ref_model=same)
+    with pytest.raises(ValueError, match="max_len"):
+        Learner(tiny_model(tokenizer), AlgorithmConfig(), TrainerConfig(), TINY, device="cpu", max_len=0)
