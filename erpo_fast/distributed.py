@@ -1,0 +1,74 @@
+"""torchrun SPMD plumbing: process-group set-up from the environment, and the few collectives the loop needs.
+
+One process per device. `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK (and the c10d rendezvous for
+multi-node); a plain `python -m erpo_fast.train` is a world of one and never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join the process group torchrun described (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def all_gather_objects(obj, runtime: Runtime) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not runtime.distributed:
+        return [obj]
+    out = [None] * runtime.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, runtime: Runtime, src: int = 0):
+    if not runtime.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
