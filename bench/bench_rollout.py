@@ -1,0 +1,174 @@
+"""Rollout throughput on CPU: NativeEngine against Hugging Face `generate(do_sample=True)`.
+
+Same random-weight Qwen2 (about 10M parameters, config below), same prompts, same thread count, T=1,
+no top-k/top-p, in one run. Workloads:
+
+- ``32x1``: 32 distinct ragged prompts (16..48 tokens), 1 sample each, 64 new tokens, no early stop.
+- ``4x8``: 4 prompts x 8 samples (a GRPO group shape); HF uses ``num_return_sequences=8``.
+- ``32x1-stop``: like 32x1 but a stop set of 1/32 of the vocabulary ends rows at staggered steps
+  (HF gets the same ids as ``eos_token_id``); NativeEngine compacting its batch when half the rows are
+  done (the default), never, or whenever a row finishes.
+
+NativeEngine runs with one seed for the call (one batched sampler call per step) and, as the trainer
+calls it, with one seed per prompt (batch-independent samples; one sampler call per prompt per step).
+
+Tokens/s counts generated tokens (up to and including a stop token). Besides wall time (bench.common's
+``time_fn``) each run records its process CPU time: with one thread that is the compute the engine
+needed, which other jobs on a shared machine do not inflate; both speedups are reported. Two model shapes, both ~10M
+parameters: a 16k vocabulary (LM head + sampling are ~40% of the FLOPs) and the project's 58-token
+character vocabulary (all FLOPs in the decoder body).
+
+Run: ``python -m bench.bench_rollout [--threads 1] [--iters 3]`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make `bench` and `erpo_fast` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from bench.common import peak_memory, print_table, time_fn, write_results  # noqa: E402
+from erpo_fast.rollout import NativeEngine  # noqa: E402
+
+MODELS = {
+    "qwen2-v16k": dict(vocab_size=16384, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2),
+    "qwen2-char": dict(vocab_size=58, hidden_size=384, intermediate_size=1152, num_hidden_layers=6,
+                       num_attention_heads=6, num_key_value_heads=2),
+}
+NEW_TOKENS = 64
+
+
+def build_model(shape: dict) -> Qwen2ForCausalLM:
+    config = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config).eval()
+
+
+def make_prompts(num: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(16, 49, (num,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_runner(model, prompts, n: int, stops: list[int] | None):
+    """HF generate on left-padded prompts (HF's own batching); returns a function giving #new tokens."""
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+
+    def run() -> int:
+        torch.manual_seed(0)  # every timed run draws the same tokens, so the work per run is fixed
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=NEW_TOKENS, num_return_sequences=n,
+                                 eos_token_id=stops or None, pad_token_id=0)
+        new = out[:, longest:]
+        if not stops:
+            return new.numel()
+        hit = torch.isin(new, torch.tensor(stops))
+        first = torch.where(hit.any(1), hit.int().argmax(1) + 1, torch.full((len(new),), new.shape[1]))
+        return int(first.sum())
+
+    return run
+
+
+def native_runner(engine: NativeEngine, prompts, n: int, stops: list[int] | None, compact_below: float,
+                  per_prompt_seeds: bool = False):
+    seed = list(range(len(prompts))) if per_prompt_seeds else 0
+
+    def run() -> int:
+        engine.compact_below = compact_below
+        out = engine.generate(prompts, [1.0] * len(prompts), n=n, max_new_tokens=NEW_TOKENS,
+                              stop_token_ids=stops or [], seed=seed)
+        return sum(len(s.token_ids) for group in out for s in group)
+
+    return run
+
+
+def measure(name: str, run, iters: int, with_memory: bool) -> dict:
+    tokens = run()  # warm-up, and the token count of this workload (seeded: the same in every run)
+    cpu_times = []
+
+    def timed_run():
+        # Process CPU time besides wall time: on a shared machine other jobs inflate wall time, while
+        # the CPU seconds this process burns (one thread) barely move.
+        start = time.process_time()
+        run()
+        cpu_times.append(time.process_time() - start)
+
+    timing = time_fn(timed_run, warmup=0, iters=iters)
+    cpu_s = statistics.median(cpu_times)
+    row = {"engine": name, "median_s": timing["median_s"], "min_s": timing["min_s"], "cpu_s": cpu_s,
+           "new_tokens": tokens, "tok_per_s": tokens / timing["median_s"], "tok_per_cpu_s": tokens / cpu_s}
+    if with_memory:
+        row["extra_peak_mib"] = peak_memory(run) / 2**20
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for every engine)")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    for model_name in args.models:
+        model = build_model(MODELS[model_name])
+        params = sum(p.numel() for p in model.parameters())
+        vocab = MODELS[model_name]["vocab_size"]
+        stops = list(range(3, vocab, 32))
+        # One engine per backend (two fused engines on one model would keep re-fusing its weights).
+        fused, hf_modules = NativeEngine(model), NativeEngine(model, backend="hf")
+        engines = {"native": (fused, 0.5), "native-no-compaction": (fused, 0.0),
+                   "native-compact-always": (fused, 1.0), "native-hf-modules": (hf_modules, 0.5)}
+        workloads = [("32x1", make_prompts(32, vocab), 1, None), ("4x8", make_prompts(4, vocab), 8, None),
+                     ("32x1-stop", make_prompts(32, vocab), 1, stops)]
+        for workload, prompts, n, stop in workloads:
+            contenders = [("hf-generate", hf_runner(model, prompts, n, stop))]
+            for engine_name, (engine, compact_below) in engines.items():
+                if "compact" in engine_name and stop is None:
+                    continue  # identical to "native" without stops
+                contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below)))
+            # What the trainer uses: one seed per prompt (one sampler call per prompt per step).
+            contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True)))
+            results = [measure(name, run, args.iters, with_memory=workload == "32x1") for name, run in contenders]
+            hf = results[0]
+            for r in results:
+                r.update(model=model_name, params=params, workload=workload, rows=len(prompts) * n,
+                         speedup_vs_hf=r["tok_per_s"] / hf["tok_per_s"],
+                         cpu_speedup_vs_hf=r["tok_per_cpu_s"] / hf["tok_per_cpu_s"])
+                rows.append(r)
+            print_table(results, ["engine", "median_s", "cpu_s", "new_tokens", "tok_per_s", "speedup_vs_hf",
+                                  "cpu_speedup_vs_hf", "extra_peak_mib"],
+                        title=f"{model_name} ({params:,} params), workload {workload}, threads={args.threads}")
+
+    write_results("rollout", {
+        "threads": args.threads,
+        "iters": args.iters,
+        "new_tokens_per_row": NEW_TOKENS,
+        "load_average_at_end": os.getloadavg(),
+        "models": {name: {**MODELS[name], "tie_word_embeddings": True} for name in args.models},
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
