@@ -432,3 +432,28 @@ def help_text() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  --{section}.{f.name} (default {f.default!r}): {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """The README's configuration reference, generated from the dataclasses (tests keep the two in sync)."""
+    lines = []
+    for section in SECTIONS:
+        cls = _section_cls(section)
+        lines += [f"**`{section}`**", "", "| knob | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            allowed = _allowed_text(f.metadata)
+            lines.append(f"| `{section}.{f.name}` | `{f.default!r}` | {f.metadata['help']}{allowed} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _allowed_text(meta: dict) -> str:
+    if meta.get("choices"):
+        return " One of: " + ", ".join(f"`{c}`" for c in meta["choices"]) + "."
+    parts = [f"{sym} {meta[k]}" for k, sym in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"))
+             if meta.get(k) is not None]
+    return f" Range: {', '.join(parts)}." if parts else ""
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

@@ -1,0 +1,160 @@
+"""Everything one training run holds, built from a Config: model, data, tracker, engine, learner, verifiers.
+
+Kept apart from train.py so that the loop there reads top to bottom. `Session.state_dict()` is what a
+checkpoint holds besides the model weights; `Session.resume()` restores it for an exact continuation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erpo_fast.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state
+from erpo_fast.config import Config
+from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, builtin_arithmetic, load_prompts
+from erpo_fast.distributed import Runtime, barrier
+from erpo_fast.learner import Learner
+from erpo_fast.models import load_model, resolve_dtype
+from erpo_fast.prompting import encode_prompts
+from erpo_fast.rewards import get_reward_fn
+from erpo_fast.rewards.pool import RewardPool
+from erpo_fast.rollout import make_engine
+from erpo_fast.tracker import HistoryTracker
+
+log = logging.getLogger("erpo_fast")
+
+
+@dataclass
+class Session:
+    cfg: Config
+    rt: Runtime
+    model_dir: Path
+    tokenizer: object
+    learner: Learner
+    engine: object
+    train: list[PromptRecord]
+    heldout: list[PromptRecord]
+    train_prompt_ids: list[list[int]]  # token ids of every training prompt, encoded once
+    prompt_index: PromptIndex
+    tracker_ids: object  # numpy int64: tracker id of each training record
+    tracker: HistoryTracker
+    sampler: PromptSampler
+    rewards: RewardPool
+    start_step: int = 0
+    extra: dict = field(default_factory=dict)  # loop counters that must survive a resume
+
+    def state_dict(self) -> dict:
+        return {"learner": self.learner.state_dict(), "tracker": self.tracker.state_dict(),
+                "sampler": self.sampler.state_dict(), "prompt_index": self.prompt_index.state_dict(),
+                "rng": capture_rng_state(), "extra": dict(self.extra)}
+
+    def close(self) -> None:
+        self.rewards.close()
+
+
+def build_session(cfg: Config, rt: Runtime) -> Session:
+    """Load or build every component; with trainer.resume, continue from the newest checkpoint."""
+    train, heldout = _load_data(cfg)
+    resume_from = latest_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
+    if cfg.trainer.resume and resume_from is None:
+        log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.trainer.output_dir)
+    base_dir = _base_model_dir(cfg, rt)
+    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+    model_dir = ckpt["model_dir"] if ckpt else base_dir
+
+    device = rt.device
+    model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
+                                  device=device)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"the tokenizer in {model_dir} has no EOS token; responses could never stop")
+    ref_model = None
+    if cfg.algorithm.kl_beta > 0:  # the reference is the run's starting policy, also after a resume
+        ref_model, _ = load_model(base_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
+                                  device=device)
+    # The engine samples from its own copy: the learner's weights may be sharded (FSDP2) or mid-update, and
+    # the copy makes every step exercise (and verify) the weight sync.
+    engine = _make_engine(cfg, model, model_dir, device)
+    learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
+                      max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
+
+    prompt_index = PromptIndex()
+    tracker_ids = prompt_index.add([r.key for r in train])
+    tracker = HistoryTracker(len(prompt_index), base_temperature=cfg.algorithm.base_temperature,
+                             temperature_step=cfg.algorithm.temperature_step,
+                             max_temperature=cfg.algorithm.max_temperature,
+                             success_threshold=cfg.algorithm.success_threshold, history=cfg.algorithm.history)
+    sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank, rt.world_size)
+    train_prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train], chat_template=cfg.data.chat_template,
+                                      max_length=cfg.data.max_prompt_length)
+    reward_name = cfg.data.reward if cfg.data.reward != "auto" else ("math" if cfg.data.path else "arithmetic")
+    rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
+                         timeout_s=cfg.data.reward_timeout_s)
+    session = Session(cfg, rt, base_dir, tokenizer, learner, engine, train, heldout, train_prompt_ids,
+                      prompt_index, tracker_ids, tracker, sampler, rewards)
+    if ckpt is not None:
+        _restore(session, ckpt)
+        log.info("resumed from %s (step %d)", resume_from, session.start_step)
+    return session
+
+
+def _restore(s: Session, ckpt: dict) -> None:
+    state = ckpt["state"]
+    s.learner.load_state_dict(state["learner"])
+    # Prompt ids are stable by key: the saved index first, then any prompt new to this dataset appended.
+    s.prompt_index.load_state_dict(state["prompt_index"])
+    s.tracker_ids = s.prompt_index.add([r.key for r in s.train])
+    a = s.cfg.algorithm
+    tracker = HistoryTracker(int(state["tracker"]["num_prompts"]), base_temperature=a.base_temperature,
+                             temperature_step=a.temperature_step, max_temperature=a.max_temperature,
+                             success_threshold=a.success_threshold, history=a.history)
+    tracker.load_state_dict(state["tracker"])
+    tracker.grow(max(tracker.num_prompts, len(s.prompt_index)))
+    s.tracker = tracker
+    s.sampler.load_state_dict(state["sampler"])
+    restore_rng_state(state["rng"])
+    s.extra.update(state.get("extra", {}))
+    s.start_step = int(ckpt["step"])
+
+
+def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    if cfg.data.path is None:
+        train, heldout = builtin_arithmetic(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
+                                            num_heldout=cfg.data.num_heldout)
+    else:
+        train = load_prompts(cfg.data.path)
+        heldout = load_prompts(cfg.data.heldout_path) if cfg.data.heldout_path else []
+    if len(train) < cfg.trainer.prompts_per_step:
+        raise DataError(f"the training set has {len(train)} prompts, fewer than trainer.prompts_per_step="
+                        f"{cfg.trainer.prompts_per_step}")
+    return train, heldout
+
+
+def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
+    """The user's model folder, or the warm-started built-in model (rank 0 builds it; the others wait)."""
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    from erpo_fast.tasks.arithmetic import make_splits
+    from erpo_fast.warm_start import builtin_model_dir
+
+    problems, _ = make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
+                              num_heldout=cfg.data.num_heldout)
+    if rt.is_main:
+        path = builtin_model_dir(cfg.model, cfg.data, cfg.trainer.seed, problems)
+    barrier(rt)
+    if not rt.is_main:
+        path = builtin_model_dir(cfg.model, cfg.data, cfg.trainer.seed, problems)  # cached by rank 0
+    return path
+
+
+def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
+    if cfg.rollout.engine == "vllm":
+        return make_engine("vllm", str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                           tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                           enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed, auto_sleep=False,
+                           dtype=resolve_dtype(cfg.model.dtype, device))
+    engine_model = copy.deepcopy(model)
+    return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device))

@@ -1,0 +1,249 @@
+"""python -m erpo_fast.train: GRPO-family / ERPO training, colocated rollout engine and learner.
+
+With no arguments it runs the embedded default (preset tiny-cpu): a tiny Qwen2 with a character tokenizer,
+warm-started on the built-in arithmetic task, then trained with ERPO on a CPU. See the README for the knobs;
+`--help` lists them all. Under `torchrun --nproc_per_node K` the learner is sharded with FSDP2.
+
+One step: pick prompts -> the tracker gives each its temperature -> roll out n samples per prompt -> score
+-> update the tracker, advantages (+RA), DAPO filtering -> learn (fused loss) -> sync weights into the engine
+-> log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from erpo_fast.checkpoint import CheckpointError, save_checkpoint
+from erpo_fast.config import Config, ConfigError, config_from_cli, help_text
+from erpo_fast.data import DataError
+from erpo_fast.distributed import broadcast_object, init_runtime, shutdown
+from erpo_fast.evaluate import evaluate
+from erpo_fast.learner import RolloutSequence
+from erpo_fast.logger import RunLogger
+from erpo_fast.models import ModelLoadError
+from erpo_fast.plots import ascii_histogram, write_plots
+from erpo_fast.prompting import encode_prompt
+from erpo_fast.rollout_step import collect
+from erpo_fast.session import Session, build_session
+
+log = logging.getLogger("erpo_fast")
+
+USAGE = "usage: python -m erpo_fast.train [--preset NAME] [--config FILE.yaml] [--section.knob VALUE ...]"
+
+
+class TrainingAborted(RuntimeError):
+    """The run stopped on purpose (non-finite losses, a failed weight-sync check); checkpoints are kept."""
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the end-of-run summary."""
+    rt = init_runtime(cfg.trainer.device)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    out = Path(cfg.trainer.output_dir)
+    s = build_session(cfg, rt)
+    logger = RunLogger(out, total_steps=cfg.trainer.max_steps, start_step=s.start_step,
+                       progress=cfg.logging.progress and rt.is_main, tensorboard=cfg.logging.tensorboard and rt.is_main,
+                       wandb=cfg.logging.wandb and rt.is_main, wandb_project=cfg.logging.wandb_project,
+                       config=cfg.to_dict()) if rt.is_main else None
+    try:
+        if s.start_step == 0:
+            s.extra["heldout_before"] = run_eval(s, step=0)
+        for step in range(s.start_step + 1, cfg.trainer.max_steps + 1):
+            metrics = train_step(s, step, logger)
+            if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                metrics.update(_prefixed(run_eval(s, step), "heldout_"))
+            if logger:
+                logger.log_step(metrics)
+            if step == cfg.trainer.max_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                checkpoint(s, step)
+        # The final evaluation goes to summary.json, not to the last step's record, so that a run cut short
+        # and resumed logs exactly the steps an uninterrupted run logs.
+        s.extra["heldout_after"] = run_eval(s, cfg.trainer.max_steps)
+        return finish(s, logger)
+    finally:
+        if logger:
+            logger.close()
+        s.close()
+        shutdown(rt)
+
+
+def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
+    """Roll out, score, learn, sync; returns the step's metrics."""
+    cfg = s.cfg
+    t0 = time.perf_counter()
+    _phase(logger, "rollout")
+    data = collect(s, step)
+
+    _phase(logger, "learn")
+    t_learn = time.perf_counter()
+    learned = s.learner.train_on(data.sequences) if data.sequences else {"skipped_empty": True}
+    time_learn = time.perf_counter() - t_learn
+    if learned.get("skipped_nonfinite"):
+        s.extra["nan_streak"] = s.extra.get("nan_streak", 0) + 1
+        if logger:
+            logger.log_event("nonfinite_loss", f"step {step}: non-finite loss or gradient; update skipped",
+                             step=step, streak=s.extra["nan_streak"])
+        if s.extra["nan_streak"] >= cfg.trainer.nan_patience:
+            raise TrainingAborted(f"{s.extra['nan_streak']} consecutive steps with a non-finite loss; stopping. "
+                                  f"The last good checkpoint is kept in {cfg.trainer.output_dir}/checkpoints")
+    else:
+        s.extra["nan_streak"] = 0
+
+    _phase(logger, "sync")
+    t_sync = time.perf_counter()
+    s.engine.update_weights(s.learner.named_weights())
+    if cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0:
+        check_weight_sync(s, step)
+    time_sync = time.perf_counter() - t_sync
+
+    step_time = time.perf_counter() - t0
+    m = data.metrics
+    tokens = m.pop("response_tokens")
+    return {
+        "step": step, **m,
+        "entropy": learned.get("entropy"), "kl": learned.get("kl"), "clip_frac": learned.get("clip_frac"),
+        "grad_norm": learned.get("grad_norm"), "loss": learned.get("loss"), "lr": learned.get("lr"),
+        "skipped_nonfinite": bool(learned.get("skipped_nonfinite", False)),
+        "sequences_trained": len(data.sequences),
+        "tokens_per_s": tokens * s.rt.world_size / step_time,
+        "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
+    }
+
+
+def check_weight_sync(s: Session, step: int) -> float:
+    """The engine must sample from the learner's weights: compare log-probs of a fixed probe at T=1.
+
+    A stale engine (one public trainer kept sampling from the base weights after "syncing") fails loudly.
+    """
+    probe = encode_prompt(s.tokenizer, s.train[0].prompt, chat_template=s.cfg.data.chat_template)
+    s.engine.wake_up()
+    sample = s.engine.generate([probe], [1.0], 1, min(16, s.cfg.rollout.max_new_tokens), stop_token_ids=[],
+                               seed=[1234 + step])[0][0]
+    s.engine.sleep(level=1)  # level 1 keeps the just-synced weights for the next rollout
+    ours = s.learner.compute_logprobs([RolloutSequence(probe, list(sample.token_ids), [], 1.0, 0.0, 0)],
+                                      temperature=1.0)[0]
+    err = float((ours - torch.tensor(sample.logprobs, dtype=ours.dtype)).abs().max())
+    if not err <= s.cfg.rollout.sync_check_atol:
+        raise TrainingAborted(f"weight sync check failed at step {step}: the engine's log-probs differ from the "
+                              f"learner's by {err:.3g} (> rollout.sync_check_atol={s.cfg.rollout.sync_check_atol})")
+    return err
+
+
+def run_eval(s: Session, step: int) -> dict:
+    """Held-out mean@k / pass@k (rank 0 samples; the result is shared with every rank)."""
+    cfg = s.cfg
+    if not s.heldout or not cfg.trainer.eval_every:
+        return {}
+    result = None
+    if s.rt.is_main:
+        s.engine.wake_up()
+        result = evaluate(s.engine, s.tokenizer, s.heldout, reward_pool=s.rewards, ks=(cfg.trainer.eval_k,),
+                          temperature=cfg.trainer.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                          seed=cfg.trainer.seed + 7919 * step, chat_template=cfg.data.chat_template)
+        s.engine.sleep(level=1)  # keep the synced weights for the next rollout
+    return broadcast_object(result, s.rt)
+
+
+def checkpoint(s: Session, step: int) -> None:
+    full_state = s.learner.full_model_state_dict()  # collective under FSDP2: every rank takes part
+    state = s.state_dict()
+    if s.rt.is_main:
+        model = s.learner.model
+
+        def save_model(directory: Path) -> None:
+            model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+            s.tokenizer.save_pretrained(directory)
+
+        save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, state=state,
+                        config=s.cfg.to_dict(), keep_last=s.cfg.trainer.keep_last)
+
+
+def finish(s: Session, logger: RunLogger | None) -> dict:
+    """End-of-run summary (held-out before/after, residual fractions, temperatures) and plots."""
+    out = Path(s.cfg.trainer.output_dir)
+    temps = s.tracker.temperatures(s.tracker_ids)
+    seen = s.tracker.times_seen[s.tracker_ids] > 0
+    summary = {"heldout_before": s.extra.get("heldout_before", {}), "heldout_after": s.extra.get("heldout_after", {}),
+               "output_dir": str(out), "temperature_counts": s.tracker.temperature_counts()}
+    if not s.rt.is_main:
+        return summary
+    from erpo_fast.logger import read_metrics
+
+    metrics = read_metrics(out)
+    plots = write_plots(metrics, out / "plots", temperatures=temps[seen]) if s.cfg.logging.plots else []
+    summary["plots"] = [str(p) for p in plots]
+    summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
+                           for m in metrics]
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "residual"},
+                                                 indent=2, default=str) + "\n")
+    print(format_summary(summary, temps[seen]), file=sys.stderr)
+    return summary
+
+
+def format_summary(summary: dict, seen_temps) -> str:
+    lines = ["", "=== erpo-fast run summary ==="]
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    for key in sorted(set(before) | set(after)):
+        if key.startswith(("mean_at", "pass_at")):
+            lines.append(f"held-out {key:<10s} before {before.get(key, float('nan')):.3f}   "
+                         f"after {after.get(key, float('nan')):.3f}")
+    res = [r for r in summary["residual"] if r.get("frac_all_correct") is not None]
+    if res:
+        marks = sorted({0, len(res) // 2, len(res) - 1})
+        lines.append("residual prompts (all-correct / all-wrong / mixed):")
+        for i in marks:
+            r = res[i]
+            lines.append(f"  step {r['step']:>5}: {r['frac_all_correct']:.2f} / {r['frac_all_wrong']:.2f} / "
+                         f"{r['frac_mixed']:.2f}")
+    if len(seen_temps):
+        lines.append("per-prompt temperatures (prompts seen so far):")
+        lines.append(ascii_histogram(seen_temps, bins=min(10, max(1, len(set(seen_temps.tolist()))))))
+    lines.append(f"run directory: {summary['output_dir']}  (metrics.jsonl, checkpoints/, plots/)")
+    for p in summary.get("plots", []):
+        lines.append(f"  plot: {p}")
+    return "\n".join(lines)
+
+
+def _phase(logger: RunLogger | None, name: str) -> None:
+    if logger:
+        logger.set_phase(name)
+
+
+def _prefixed(d: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in d.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n\n" + help_text())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_cli(argv)
+        train(cfg)
+    except USER_ERRORS as e:
+        print(f"erpo_fast.train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"erpo_fast.train: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("erpo_fast.train: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

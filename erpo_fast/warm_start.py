@@ -1,0 +1,113 @@
+"""Warm start of the built-in tiny model: a short supervised stage on the task's worked solutions, cached.
+
+RL from a random policy would see only all-wrong groups (zero signal). A few hundred SFT steps on worked
+solutions give a policy that solves the easy levels and some harder prompts, which is where GRPO and ERPO
+have something to learn. The result is an ordinary HF model folder (+ tokenizer) under the cache directory,
+keyed by everything that determines it, written atomically and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from erpo_fast.config import DataConfig, ModelConfig
+from erpo_fast.kernels import linear_logprobs
+from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
+from erpo_fast.prompting import encode_completion
+from erpo_fast.tokenizer import build_char_tokenizer
+
+log = logging.getLogger("erpo_fast")
+
+CACHE_VERSION = 1  # bump when the warm-start recipe changes, so stale caches are not reused
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ERPO_FAST_CACHE", Path.home() / ".cache" / "erpo_fast"))
+
+
+def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
+    """Hash of everything that determines the warm-started weights."""
+    fields = {k: v for k, v in vars(model_cfg).items() if k.startswith(("tiny_", "warm_start_"))}
+    fields.update(num_train=data_cfg.num_train, num_heldout=data_cfg.num_heldout, seed=seed,
+                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__)
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, train_problems) -> Path:
+    """The warm-started built-in model's folder, training it first if the cache does not have it."""
+    target = cache_root() / "warm_start" / warm_start_key(model_cfg, data_cfg, seed)
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_qwen2(tokenizer, model_cfg, seed)
+    t0 = time.perf_counter()
+    if model_cfg.warm_start_steps > 0:
+        examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
+                    for p in train_problems]
+        final_loss = supervised_finetune(model, examples, steps=model_cfg.warm_start_steps,
+                                         lr=model_cfg.warm_start_lr, batch_size=model_cfg.warm_start_batch_size,
+                                         seed=seed)
+        log.info("warm start: %d SFT steps in %.1fs, final loss %.3f", model_cfg.warm_start_steps,
+                 time.perf_counter() - t0, final_loss)
+    _save_atomically(model, tokenizer, target)
+    return target
+
+
+def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
+                        batch_size: int, seed: int) -> float:
+    """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    loss_value = float("nan")
+    for _ in range(steps):
+        pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+        ids, labels, positions = _pack([examples[i] for i in pick])
+        hidden = last_hidden_state(model, ids[None], positions[None])[0]
+        logprobs = linear_logprobs(hidden, lm_head_weight(model), labels, 1.0)
+        loss = -logprobs.sum() / (labels != -100).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        loss_value = float(loss.detach())
+    model.eval()
+    return loss_value
+
+
+def _pack(batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One padding-free row: position ids restart per example; labels are the next response token."""
+    ids, labels, positions = [], [], []
+    for prompt, response in batch:
+        seq = prompt + response
+        ids += seq
+        # position t predicts token t+1; only response tokens are trained.
+        labels += [-100] * (len(prompt) - 1) + response + [-100]
+        positions += list(range(len(seq)))
+    return torch.tensor(ids), torch.tensor(labels), torch.tensor(positions)
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished the same warm start first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise

@@ -1,0 +1,124 @@
+"""End-to-end: `python -m erpo_fast.train` on a very small built-in setup — metrics contract, checkpoints,
+exact resume, real data/model paths, and one-line errors for bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from erpo_fast.logger import read_metrics
+from erpo_fast.train import main
+
+TINY = [
+    "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
+    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
+    "--model.warm_start_batch_size", "16", "--data.num_train", "64", "--data.num_heldout", "8",
+    "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
+    "--trainer.eval_every", "2", "--trainer.eval_k", "2", "--data.reward_workers", "0",
+    "--logging.progress", "false", "--trainer.threads", "1", "--trainer.lr", "1e-3",
+    "--rollout.sync_check_every", "1", "--trainer.save_every", "3",
+]
+REQUIRED = ["step", "reward_mean", "frac_all_correct", "frac_all_wrong", "frac_mixed", "revived",
+            "temperature_mean", "temperature_max", "entropy", "kl", "clip_frac", "grad_norm", "tokens_per_s",
+            "time_rollout_s", "time_learn_s", "time_sync_s"]
+TIMING = ("time_", "tokens_per_s")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ERPO_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _run(tmp_path, *extra):
+    return main([*TINY, "--output-dir", str(tmp_path), *extra])
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
+def test_metrics_contract_checkpoint_and_plots(tmp_path):
+    assert _run(tmp_path, "--max-steps", "3", "--algorithm.ra", "true", "--algorithm.temperature_step",
+                "0.5") == 0
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert math.isclose(r["frac_all_correct"] + r["frac_all_wrong"] + r["frac_mixed"], 1.0)
+        assert 1.0 <= r["temperature_mean"] <= r["temperature_max"] <= 1.5
+    assert "heldout_mean_at_2" in records[1] and "heldout_pass_at_2" in records[1]  # eval_every=2
+    assert "heldout_mean_at_2" not in records[2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["heldout_before"]) >= {"mean_at_2", "pass_at_2"}
+    assert set(summary["heldout_after"]) >= {"mean_at_2", "pass_at_2"}
+    ckpt = tmp_path / "checkpoints" / "step_00000003"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "model" / "config.json").is_file()
+    assert any((ckpt / "model").glob("*.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run(full, "--max-steps", "6") == 0
+    assert _run(part, "--max-steps", "3") == 0
+    assert _run(part, "--max-steps", "6", "--resume") == 0
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert _comparable(a) == _comparable(b)
+
+
+def _tiny_model_dir(tmp_path):
+    from erpo_fast.config import config_from_cli
+    from erpo_fast.models import build_tiny_qwen2
+    from erpo_fast.tokenizer import build_char_tokenizer
+
+    cfg = config_from_cli(TINY)
+    tok = build_char_tokenizer()
+    path = tmp_path / "model"
+    build_tiny_qwen2(tok, cfg.model, seed=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_local_model_and_jsonl_data(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "answer": a + b} for a in range(6) for b in range(2)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    code = main([*TINY, "--output-dir", str(out), "--max-steps", "2", "--model", str(_tiny_model_dir(tmp_path)),
+                 "--data", str(data), "--data.heldout_path", str(data), "--data.reward", "arithmetic"])
+    assert code == 0
+    assert len(read_metrics(out)) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--trainer.max_stepz", "3"], "did you mean 'trainer.max_steps'"),
+    (["--algorithm.max_temperature", "0.5"], "must be >= algorithm.base_temperature"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
+    assert main([*TINY, "--output-dir", str(tmp_path / "o"), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and message in err[0]
+
+
+def test_malformed_jsonl_names_the_line(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
+    assert main([*TINY, "--output-dir", str(tmp_path / "o"), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "Traceback" not in err
+
+
+def test_help_lists_knobs(capsys):
+    assert main(["--help"]) == 0
+    assert "--algorithm.temperature_step" in capsys.readouterr().out
+
+
+def test_summary_is_printed(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "2") == 0
+    err = capsys.readouterr().err
+    assert "held-out mean_at_2" in err and "residual prompts" in err and str(Path(tmp_path)) in err
