@@ -112,7 +112,7 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
         "entropy": learned.get("entropy"), "kl": learned.get("kl"), "clip_frac": learned.get("clip_frac"),
         "grad_norm": learned.get("grad_norm"), "loss": learned.get("loss"), "lr": learned.get("lr"),
         "skipped_nonfinite": bool(learned.get("skipped_nonfinite", False)),
-        "sequences_trained": len(data.sequences),
+        "sequences_trained": learned.get("num_sequences", len(data.sequences)),
         "tokens_per_s": tokens * s.rt.world_size / step_time,
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
     }

@@ -1,0 +1,25 @@
+"""Reward verifiers: exact checkers for the built-in task, math-verify for math, and a timeout-enforcing pool.
+
+Verifier modules are imported on demand, so that importing the pool does not pull in sympy.
+"""
+
+from __future__ import annotations
+
+from erpo_fast.rewards.pool import RewardFn, RewardPool, RewardStats
+
+REWARD_NAMES = ("arithmetic", "math")
+
+__all__ = ["REWARD_NAMES", "RewardFn", "RewardPool", "RewardStats", "get_reward_fn"]
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """The module-level verifier `fn(response, answer) -> float` called `name` ("arithmetic" or "math")."""
+    if name == "arithmetic":
+        from erpo_fast.rewards.arithmetic import arithmetic_reward
+
+        return arithmetic_reward
+    if name == "math":
+        from erpo_fast.rewards.math import math_reward
+
+        return math_reward
+    raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARD_NAMES)}")

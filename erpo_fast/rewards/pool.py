@@ -1,0 +1,292 @@
+"""Score (response, answer) pairs with a verifier in worker processes, with a timeout per response.
+
+Verifiers are third-party code (sympy inside math-verify) that can hang on adversarial model output, so
+each response gets `timeout_s` seconds. A response that runs over scores 0, is counted and logged, and
+the worker busy with it is killed and replaced, so one bad response never stalls the training step.
+A verifier that raises (or returns a non-finite value, or kills its process) likewise scores 0, is
+counted as an error and logged.
+
+Workers are started with `forkserver` where the platform has it, else `spawn`: forking the trainer
+itself after torch has started its threads is unsafe. The start-up cost (a fresh interpreter importing
+the verifier's module and the main module) is paid once, in the background, when the pool is built; a
+replacement after a timeout pays it again while the other workers keep scoring. `fn` must therefore be
+a module-level function (picklable by reference), as `get_reward_fn` returns.
+
+`num_workers=0` scores in the calling process: no start-up cost, but no timeout can be enforced.
+
+Each worker takes a chunk of items at a time (fewer pipe round trips); the parent times the item at
+the head of each worker's chunk from the moment the previous one came back, which never overstates the
+time the verifier has really spent on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing
+import pickle
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, str], float]
+
+_MAX_CHUNK = 32
+_MAX_LOGGED_CHARS = 80
+
+
+@dataclass
+class RewardStats:
+    """Counts for one `RewardPool.score` call (or, in `RewardPool.total_stats`, summed over all calls)."""
+
+    num_scored: int = 0
+    num_timeouts: int = 0
+    num_errors: int = 0
+    num_restarts: int = 0  # workers replaced after a timeout or a crash
+    elapsed_s: float = 0.0
+
+    def add(self, other: RewardStats) -> None:
+        self.num_scored += other.num_scored
+        self.num_timeouts += other.num_timeouts
+        self.num_errors += other.num_errors
+        self.num_restarts += other.num_restarts
+        self.elapsed_s += other.elapsed_s
+
+
+def _call_verifier(fn: RewardFn, response: str, answer: str) -> float:
+    value = float(fn(response, answer))
+    if not math.isfinite(value):
+        raise ValueError(f"verifier returned a non-finite reward ({value})")
+    return value
+
+
+def _short(text: object) -> str:
+    text = repr(text)
+    return text if len(text) <= _MAX_LOGGED_CHARS else text[:_MAX_LOGGED_CHARS] + "..."
+
+
+def _worker_main(fn: RewardFn, conn) -> None:
+    # Ctrl-C reaches the whole process group; the parent owns shutdown, so workers ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send(("ready",))
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for index, response, answer in chunk:
+            try:
+                conn.send((index, True, _call_verifier(fn, response, answer)))
+            except Exception as exc:  # any verifier failure is that response's error, never the worker's
+                conn.send((index, False, f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+
+class _Worker:
+    """One worker process, its pipe, and the items sent to it that have not come back yet (in order)."""
+
+    def __init__(self, context, fn: RewardFn):
+        self.conn, child_conn = context.Pipe(duplex=True)
+        self.process = context.Process(target=_worker_main, args=(fn, child_conn), daemon=True,
+                                       name="erpo-reward-worker")
+        self.process.start()
+        child_conn.close()  # so that the parent sees EOF when the worker dies
+        self.started_at = time.monotonic()
+        self.ready = False
+        self.pending: deque[int] = deque()
+        self.head_since = 0.0  # when the item at pending[0] started (at the latest)
+
+    def stop(self, *, graceful: bool) -> None:
+        if graceful and self.process.is_alive():
+            with contextlib.suppress(OSError, ValueError):  # already gone: nothing to tell it
+                self.conn.send(None)
+            self.process.join(timeout=2.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=5.0)
+        self.conn.close()
+
+
+def _default_start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class RewardPool:
+    """Scores `(response, answer)` pairs with `fn` in `num_workers` processes, `timeout_s` per response.
+
+    Use as a context manager (or call `close()`). `score()` returns the rewards in input order and leaves
+    its counts in `last_stats`; `total_stats` sums them over the pool's life.
+    """
+
+    def __init__(self, fn: RewardFn, num_workers: int = 2, timeout_s: float = 5.0, *,
+                 start_method: str | None = None, startup_timeout_s: float = 120.0):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+        if not startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
+        self.fn = fn
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.last_stats = RewardStats()
+        self.total_stats = RewardStats()
+        self._closed = False
+        self._workers: list[_Worker] = []
+        if num_workers == 0:
+            return
+        try:
+            pickle.dumps(fn)
+        except Exception as exc:
+            raise ValueError(f"fn must be a module-level function so that worker processes can import it "
+                             f"(lambdas and nested functions cannot be sent): {exc}") from None
+        method = start_method or _default_start_method()
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(f"start_method {method!r} is not available here; choose from "
+                             f"{multiprocessing.get_all_start_methods()}")
+        self._context = multiprocessing.get_context(method)
+        # Started now, so that their start-up overlaps whatever the caller does before the first score().
+        self._workers = [_Worker(self._context, fn) for _ in range(num_workers)]
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    def score(self, pairs: Iterable[tuple[str, str]]) -> list[float]:
+        """Rewards for `pairs`, in order; a timed-out or failed verification scores 0.0."""
+        if self._closed:
+            raise RuntimeError("RewardPool.score called after close()")
+        pairs = list(pairs)
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"pairs[{i}] must be a (response, answer) pair, got {_short(pair)}")
+        stats = RewardStats(num_scored=len(pairs))
+        rewards = [0.0] * len(pairs)
+        start = time.monotonic()
+        if self.num_workers == 0:
+            self._score_in_process(pairs, rewards, stats)
+        elif pairs:
+            self._score_in_workers(pairs, rewards, stats)
+        stats.elapsed_s = time.monotonic() - start
+        self.last_stats = stats
+        self.total_stats.add(stats)
+        return rewards
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.stop(graceful=True)
+        self._workers = []
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _score_in_process(self, pairs, rewards, stats) -> None:
+        for index, (response, answer) in enumerate(pairs):
+            try:
+                rewards[index] = _call_verifier(self.fn, response, answer)
+            except Exception as exc:
+                self._record_error(stats, index, pairs, f"{type(exc).__name__}: {exc}")
+
+    def _record_error(self, stats, index, pairs, message) -> None:
+        stats.num_errors += 1
+        logger.warning("reward verification failed (item %d, response %s): %s", index,
+                       _short(pairs[index][0]), message)
+
+    def _replace(self, slot: int, stats: RewardStats) -> None:
+        self._workers[slot].stop(graceful=False)
+        self._workers[slot] = _Worker(self._context, self.fn)
+        stats.num_restarts += 1
+
+    def _score_in_workers(self, pairs, rewards, stats) -> None:
+        for slot, worker in enumerate(self._workers):
+            if worker.pending:  # left by an interrupted call: its late answers must not leak into this one
+                self._replace(slot, stats)
+        queue = deque(range(len(pairs)))
+        # Small enough chunks that every worker gets several (load balance), large enough to amortise IPC.
+        chunk = max(1, min(_MAX_CHUNK, len(pairs) // (4 * self.num_workers)))
+        while queue or any(w.pending for w in self._workers):
+            now = time.monotonic()
+            for slot, worker in enumerate(self._workers):
+                if worker.ready and not worker.pending and queue:
+                    items = [queue.popleft() for _ in range(min(chunk, len(queue)))]
+                    try:
+                        worker.conn.send([(i, pairs[i][0], pairs[i][1]) for i in items])
+                    except (OSError, ValueError):
+                        # Died while idle: nothing of ours was running on it, so nobody is charged.
+                        queue.extendleft(reversed(items))
+                        self._replace(slot, stats)
+                        continue
+                    worker.pending.extend(items)
+                    worker.head_since = now
+
+            deadlines = [w.head_since + self.timeout_s for w in self._workers if w.pending]
+            deadlines += [w.started_at + self.startup_timeout_s for w in self._workers if not w.ready]
+            watched = [w.conn for w in self._workers if w.pending or not w.ready]
+            wait(watched, timeout=max(0.0, min(deadlines) - time.monotonic()))
+
+            for slot in range(len(self._workers)):
+                self._drain(slot, pairs, rewards, stats, queue)
+
+            now = time.monotonic()
+            for slot, worker in enumerate(self._workers):
+                if worker.pending and now - worker.head_since > self.timeout_s:
+                    index = worker.pending.popleft()
+                    stats.num_timeouts += 1
+                    logger.warning("reward verification timed out after %.1f s (item %d, response %s); "
+                                   "scored 0 and its worker replaced", self.timeout_s, index,
+                                   _short(pairs[index][0]))
+                    queue.extendleft(reversed(worker.pending))
+                    self._replace(slot, stats)
+                elif not worker.ready and now - worker.started_at > self.startup_timeout_s:
+                    self.close()
+                    raise RuntimeError(f"a reward worker did not start within {self.startup_timeout_s:.0f} s")
+
+    def _drain(self, slot, pairs, rewards, stats, queue) -> None:
+        """Read every message waiting from one worker; replace it if it died."""
+        worker = self._workers[slot]
+        while True:
+            try:
+                if not worker.conn.poll():
+                    return
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            if message == ("ready",):
+                worker.ready = True
+                continue
+            index, ok, value = message
+            worker.pending.popleft()  # answers come back in the order the items were sent
+            worker.head_since = time.monotonic()
+            if ok:
+                rewards[index] = value
+            else:
+                self._record_error(stats, index, pairs, value)
+        # The worker's pipe closed: the process died (killed by the OS, os._exit in the verifier, ...).
+        worker.process.join(timeout=5.0)
+        code = worker.process.exitcode
+        if not worker.ready:
+            self.close()
+            raise RuntimeError(f"a reward worker exited during start-up (exit code {code}); the verifier "
+                               f"must be importable in a fresh process")
+        if worker.pending:
+            index = worker.pending.popleft()
+            self._record_error(stats, index, pairs, f"worker process died (exit code {code})")
+            queue.extendleft(reversed(worker.pending))
+        self._replace(slot, stats)
