@@ -1,0 +1,450 @@
+"""Fused linear log-prob / GRPO-loss kernels: every backend against the full-logits float64 reference.
+
+References are independent of the code under test: `naive.py` (full logits + autograd) evaluated in float64 on
+the same (dtype-rounded) inputs, and Liger's `LigerFusedLinearGRPOLoss` for peer parity. Shapes are small and
+odd (vocabularies and row counts that are multiples of no block size), chunk sizes are shrunk so that every
+run crosses several row chunks and ragged vocabulary tiles, and temperatures are log-uniform over [0.05, 4].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from erpo_fast.kernels.fused_linear import IGNORE_INDEX, chunked, linear_grpo_loss, linear_logprobs
+
+FP32_TOL = 1e-4  # relative error norm vs float64; fp32 results land around 1e-6
+BF16_TOL = 2e-2  # bf16 operands and bf16 gradients (2**-9 rounding) land around 3e-3
+FP64_TOL = 1e-10
+
+TRITON_OK = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "non-finite values in the result"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def tol(dtype: torch.dtype) -> float:
+    return {torch.float64: FP64_TOL, torch.float32: FP32_TOL}.get(dtype, BF16_TOL)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several row chunks and ragged vocabulary tiles on tiny shapes."""
+    monkeypatch.setattr(chunked, "ROW_CHUNK_BYTES", 11 * 1003 * 8)  # 11 rows of V=1003 in float64, 22 in fp32
+    monkeypatch.setattr(chunked, "VOCAB_TILE", 128)
+    if TRITON_OK:
+        from erpo_fast.kernels.fused_linear import triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "ROW_CHUNK_BYTES", 16 * 257 * 4)  # 16-row chunks at V=257
+
+
+def make_inputs(seed: int, n: int, h: int, v: int, dtype: torch.dtype, ignore_frac: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (2.0 / math.sqrt(h))).to(dtype)  # logits ~ N(0, 4) at T = 1
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_frac] = IGNORE_INDEX
+    temperature = torch.exp(torch.empty(n).uniform_(math.log(0.05), math.log(4.0), generator=g))
+    return hidden, weight, labels, temperature
+
+
+def run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent):
+    """(logprobs, entropy, grad_hidden, grad_weight) for the scalar sum(coef_lp*logp + coef_ent*entropy)."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    logp, ent = linear_logprobs(h, w, labels, temperature, return_entropy=True, backend=backend)
+    obj = (logp * coef_lp.to(logp.dtype)).sum()
+    if coef_ent is not None:
+        obj = obj + (ent * coef_ent.to(ent.dtype)).sum()
+    obj.backward()
+    return logp, ent, h.grad, w.grad
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear_logprobs
+# --------------------------------------------------------------------------------------------------------------
+
+LOGPROB_CASES = [
+    ("torch", torch.float64, (37, 24, 1003)),
+    ("torch", torch.float32, (37, 24, 1003)),
+    ("torch", torch.float32, (61, 48, 517)),
+    ("torch", torch.bfloat16, (37, 24, 1003)),
+    ("torch", torch.float16, (23, 24, 1003)),
+    pytest.param("triton", torch.float32, (37, 40, 257), marks=needs_triton),
+    pytest.param("triton", torch.bfloat16, (29, 32, 257), marks=needs_triton),
+]
+
+
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+@pytest.mark.parametrize(("backend", "dtype", "shape"), LOGPROB_CASES)
+def test_logprobs_entropy_and_grads_match_reference(small_chunks, backend, dtype, shape, with_entropy_grad):
+    n, h, v = shape
+    hidden, weight, labels, temperature = make_inputs(n * 7 + h + int(with_entropy_grad), n, h, v, dtype)
+    g = torch.Generator().manual_seed(1)
+    coef_lp = torch.randn(n, generator=g)
+    coef_ent = torch.randn(n, generator=g) if with_entropy_grad else None
+    ref = run_logprobs("reference", hidden.double(), weight.double(), labels, temperature, coef_lp, coef_ent)
+    out = run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out[0].dtype == expected_dtype and out[1].dtype == expected_dtype
+    assert out[2].dtype == dtype and out[3].dtype == dtype
+    for name, o, r in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), out, ref):
+        assert rel_err(o, r) < tol(dtype), f"{name}: {rel_err(o, r):.3g}"
+    assert (out[0][labels == IGNORE_INDEX] == 0).all()
+
+
+def test_ignored_labels_get_zero_logprob_and_no_gradient(small_chunks):
+    hidden, weight, labels, temperature = make_inputs(3, 23, 16, 1003, torch.float32, ignore_frac=0.4)
+    ignored = labels == IGNORE_INDEX
+    assert ignored.any() and (~ignored).any()
+    _, _, grad_h, _ = run_logprobs("torch", hidden, weight, labels, temperature, torch.ones(23), None)
+    assert (grad_h[ignored] == 0).all()
+    assert (grad_h[~ignored].abs().sum(dim=1) > 0).all()
+
+
+def test_python_float_temperature_equals_broadcast_tensor(small_chunks):
+    hidden, weight, labels, _ = make_inputs(4, 19, 16, 1003, torch.float32)
+    a = linear_logprobs(hidden, weight, labels, 0.6, backend="torch")
+    b = linear_logprobs(hidden, weight, labels, torch.full((19,), 0.6), backend="reference")
+    assert rel_err(a, b) < FP32_TOL
+
+
+def test_temperature_is_applied_per_row(small_chunks):
+    """Row i must use T_i: scoring each row alone at its own scalar temperature gives the same values."""
+    hidden, weight, labels, temperature = make_inputs(5, 9, 16, 1003, torch.float32, ignore_frac=0.0)
+    batched = linear_logprobs(hidden, weight, labels, temperature, backend="torch")
+    single = torch.stack([linear_logprobs(hidden[i:i + 1], weight, labels[i:i + 1], float(temperature[i]),
+                                          backend="torch")[0] for i in range(9)])
+    assert rel_err(batched, single) < FP32_TOL
+    swapped = linear_logprobs(hidden, weight, labels, temperature.flip(0), backend="torch")
+    assert rel_err(swapped, batched) > 1e-2  # the temperatures really matter
+
+
+def test_auto_backend_is_torch_on_cpu(small_chunks):
+    hidden, weight, labels, temperature = make_inputs(6, 13, 16, 1003, torch.float32)
+    a = linear_logprobs(hidden, weight, labels, temperature)
+    b = linear_logprobs(hidden, weight, labels, temperature, backend="torch")
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear_grpo_loss
+# --------------------------------------------------------------------------------------------------------------
+
+def make_loss_inputs(seed, hidden, weight, labels, temperature, *, n_seqs=8, with_old=True, with_ref=True):
+    """Packed per-token loss inputs; old/ref log-probs sit near the current policy so ratios straddle the clips."""
+    n = hidden.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    lp = linear_logprobs(hidden.double(), weight.double(), labels, temperature, backend="reference").float()
+    seq_ids = torch.sort(torch.randint(0, n_seqs, (n,), generator=g) * 13 + 100).values  # labels, not 0..S-1
+    seq_ids = seq_ids[torch.randperm(n, generator=g)]  # unsorted on purpose
+    adv_per_seq = torch.randn(n_seqs * 13 + 100, generator=g)
+    mask = (torch.rand(n, generator=g) > 0.25) & (labels != IGNORE_INDEX)
+    return dict(
+        advantages=adv_per_seq[seq_ids],
+        mask=mask,
+        seq_ids=seq_ids,
+        # a few tokens whose old log-prob is far lower (ratio ~4.5) reach the dual-clip bound c = 3
+        old_logprobs=(lp + 0.25 * torch.randn(n, generator=g) - 1.5 * (torch.rand(n, generator=g) < 0.3))
+        if with_old else None,
+        ref_logprobs=(lp + 0.25 * torch.randn(n, generator=g)) if with_ref else None,
+        is_weights=torch.rand(n, generator=g) * 1.5 + 0.25,
+    )
+
+
+LOSS_OPTIONS = {
+    "token_mean_on_policy": dict(loss_agg="token_mean", _old=False),
+    "token_mean_k3": dict(loss_agg="token_mean", beta=0.05, kl="k3"),
+    "seq_mean_token_mean_k1": dict(loss_agg="seq_mean_token_mean", beta=0.1, kl="k1"),
+    "seq_mean_token_sum_norm_k2_dualclip_is": dict(loss_agg="seq_mean_token_sum_norm", max_len=17, beta=0.2,
+                                                   kl="k2", dual_clip=3.0, _is=True, eps_high=0.2),
+    "gspo": dict(ratio_level="sequence", loss_agg="seq_mean_token_mean", beta=0.05, eps_low=3e-4, eps_high=4e-4),
+    "gspo_on_policy_is": dict(ratio_level="sequence", _old=False, _is=True),
+}
+
+
+def loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale=1.0):
+    opts = {k: v for k, v in options.items() if not k.startswith("_")}
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss, metrics = linear_grpo_loss(
+        h, w, labels, temperature, inputs["advantages"], inputs["mask"],
+        old_logprobs=inputs["old_logprobs"] if options.get("_old", True) else None,
+        ref_logprobs=inputs["ref_logprobs"], is_weights=inputs["is_weights"] if options.get("_is") else None,
+        seq_ids=inputs["seq_ids"], backend=backend, **opts)
+    (loss * grad_scale).backward()
+    return loss, metrics, h.grad, w.grad
+
+
+def check_loss_against_reference(backend, dtype, shape, option_name, seed, grad_scale=1.0):
+    n, h, v = shape
+    hidden, weight, labels, temperature = make_inputs(seed, n, h, v, dtype)
+    inputs = make_loss_inputs(seed + 1, hidden, weight, labels, temperature)
+    options = LOSS_OPTIONS[option_name]
+    ref = loss_call("reference", hidden.double(), weight.double(), labels, temperature, inputs, options, grad_scale)
+    out = loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale)
+    assert out[0].dim() == 0 and torch.isfinite(out[0])
+    assert abs(out[0].item() - ref[0].item()) <= tol(dtype) * max(abs(ref[0].item()), 1e-2)
+    for name, o, r in zip(("grad_hidden", "grad_weight"), out[2:], ref[2:]):
+        assert o.dtype == dtype
+        assert rel_err(o, r) < tol(dtype), f"{name}: {rel_err(o, r):.3g}"
+    assert set(ref[1]) <= set(out[1]) and "entropy_mean" in out[1]
+    for key in ("kl_mean", "entropy_mean", "ratio_mean", "ratio_max"):
+        assert math.isclose(out[1][key], ref[1][key], rel_tol=tol(dtype) * 10, abs_tol=tol(dtype)), key
+    if dtype != torch.bfloat16:  # clip decisions of bf16 runs may flip at a boundary
+        for key in ("clip_frac", "clip_frac_low", "clip_frac_high"):
+            assert out[1][key] == pytest.approx(ref[1][key], abs=1e-6), key  # a flip would be >= 1/N
+    return ref
+
+
+@pytest.mark.parametrize("option_name", list(LOSS_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grpo_loss_torch_backend_matches_reference(small_chunks, option_name, dtype):
+    check_loss_against_reference("torch", dtype, (53, 24, 1003), option_name, seed=11 + len(option_name))
+
+
+@pytest.mark.parametrize("option_name", ["token_mean_k3", "seq_mean_token_sum_norm_k2_dualclip_is", "gspo"])
+def test_grpo_loss_torch_backend_bf16(small_chunks, option_name):
+    check_loss_against_reference("torch", torch.bfloat16, (53, 32, 1003), option_name, seed=3)
+
+
+def test_grpo_loss_options_are_exercised(small_chunks):
+    """The chosen inputs really hit the clip regions, dual clip and the KL term (else the checks above are weak)."""
+    ref = check_loss_against_reference("torch", torch.float64, (53, 24, 1003),
+                                       "seq_mean_token_sum_norm_k2_dualclip_is", seed=5)
+    metrics = ref[1]
+    assert metrics["clip_frac_low"] > 0 and metrics["clip_frac_high"] > 0
+    assert metrics["dual_clip_frac"] > 0 and metrics["kl_mean"] > 0
+    gspo = check_loss_against_reference("torch", torch.float64, (53, 24, 1003), "gspo", seed=5)[1]
+    assert gspo["clip_frac"] > 0
+
+
+def test_grpo_loss_scales_gradients_by_grad_output(small_chunks):
+    check_loss_against_reference("torch", torch.float32, (41, 24, 1003), "token_mean_k3", seed=7, grad_scale=-2.5)
+
+
+@pytest.mark.parametrize(("option_name", "dtype"), [
+    ("token_mean_k3", torch.float32),
+    ("seq_mean_token_sum_norm_k2_dualclip_is", torch.float32),
+    ("gspo", torch.float32),
+    ("token_mean_on_policy", torch.bfloat16),
+])
+@needs_triton
+def test_grpo_loss_triton_backend_matches_reference(small_chunks, option_name, dtype):
+    check_loss_against_reference("triton", dtype, (37, 40, 257), option_name, seed=21)
+
+
+def test_grpo_loss_frozen_weight_and_no_grad(small_chunks):
+    hidden, weight, labels, temperature = make_inputs(8, 31, 16, 1003, torch.float32)
+    inputs = make_loss_inputs(9, hidden, weight, labels, temperature)
+    kwargs = dict(old_logprobs=inputs["old_logprobs"], ref_logprobs=inputs["ref_logprobs"], beta=0.1)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, weight, labels, temperature, inputs["advantages"], inputs["mask"],
+                               backend="torch", **kwargs)
+    loss.backward()
+    h_ref = hidden.double().requires_grad_(True)
+    loss_ref, metrics_ref = linear_grpo_loss(h_ref, weight.double(), labels, temperature, inputs["advantages"],
+                                             inputs["mask"], backend="reference", **kwargs)
+    loss_ref.backward()
+    assert rel_err(h.grad, h_ref.grad) < FP32_TOL
+    with torch.no_grad():
+        loss_ng, metrics_ng = linear_grpo_loss(hidden, weight, labels, temperature, inputs["advantages"],
+                                               inputs["mask"], backend="torch", **kwargs)
+    assert not loss_ng.requires_grad
+    assert loss_ng.item() == pytest.approx(loss_ref.item(), rel=FP32_TOL)
+    assert metrics_ng["entropy_mean"] == pytest.approx(metrics_ref["entropy_mean"], rel=FP32_TOL)
+
+
+def test_grpo_loss_masked_garbage_does_not_leak(small_chunks):
+    """Masked-out tokens may carry inf/NaN old/ref log-probs (prompt tokens): no NaN in loss or gradients."""
+    hidden, weight, labels, temperature = make_inputs(10, 29, 16, 1003, torch.float32)
+    inputs = make_loss_inputs(11, hidden, weight, labels, temperature)
+    off = ~inputs["mask"]
+    assert off.any()
+    old = inputs["old_logprobs"].masked_fill(off, float("-inf"))
+    ref_lp = inputs["ref_logprobs"].masked_fill(off, float("nan"))
+    results = []
+    for backend, dt in (("reference", torch.float64), ("torch", torch.float32)):
+        h = hidden.to(dt).requires_grad_(True)
+        w = weight.to(dt).requires_grad_(True)
+        loss, _ = linear_grpo_loss(h, w, labels, temperature, inputs["advantages"], inputs["mask"],
+                                   old_logprobs=old, ref_logprobs=ref_lp, beta=0.1, backend=backend)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for a, b in zip(results[0], results[1]):
+        assert rel_err(b, a) < FP32_TOL
+
+
+def test_grpo_loss_backward_runs_once(small_chunks):
+    hidden, weight, labels, temperature = make_inputs(12, 17, 16, 1003, torch.float32)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, weight, labels, temperature, torch.randn(17), torch.ones(17), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    hidden, weight, labels, temperature = make_inputs(13, 8, 16, 50, torch.float32, ignore_frac=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        linear_logprobs(hidden, weight, labels, 0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        linear_logprobs(hidden, weight, labels, temperature.clone().index_fill_(0, torch.tensor([3]), -1.0))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        linear_logprobs(hidden, weight, labels, temperature.clone().index_fill_(0, torch.tensor([3]), math.nan))
+    with pytest.raises(ValueError, match="temperature must be a float or a tensor of shape"):
+        linear_logprobs(hidden, weight, labels, temperature[:5])
+    with pytest.raises(ValueError, match="labels must be in"):
+        linear_logprobs(hidden, weight, labels.clone().index_fill_(0, torch.tensor([0]), 50), temperature)
+    with pytest.raises(ValueError, match="labels must be in"):
+        linear_logprobs(hidden, weight, labels.clone().index_fill_(0, torch.tensor([0]), -3), temperature)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        linear_logprobs(hidden, weight, labels.float(), temperature)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        linear_logprobs(hidden, weight[:, :8], labels, temperature)
+    with pytest.raises(ValueError, match="weight dtype"):
+        linear_logprobs(hidden, weight.double(), labels, temperature)
+    with pytest.raises(ValueError, match="hidden must be 2-D"):
+        linear_logprobs(hidden[None], weight, labels, temperature)
+    with pytest.raises(ValueError, match="unknown backend"):
+        linear_logprobs(hidden, weight, labels, temperature, backend="cuda")
+    adv, mask = torch.randn(8), torch.ones(8)
+    with pytest.raises(ValueError, match="advantages must be 1-D"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv[:7], mask)
+    with pytest.raises(ValueError, match="unknown loss_agg"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, loss_agg="sum")
+    with pytest.raises(ValueError, match="needs seq_ids"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, loss_agg="seq_mean_token_mean")
+    with pytest.raises(ValueError, match="needs seq_ids"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, ratio_level="sequence")
+    with pytest.raises(ValueError, match="unknown kl"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, kl="k4")
+    with pytest.raises(ValueError, match="dual_clip"):
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, dual_clip=0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton: a new temperature must not recompile
+# --------------------------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the gpu test checks the real compile cache")
+def test_new_temperature_does_not_change_the_triton_compile_key(small_chunks):
+    """Capture the exact arguments our launcher passes to the Triton kernels and feed them to Triton's own
+    specialisation binder (the one `JITFunction.run` uses to build its compile-cache key): calls with different
+    temperature values must map to the same keys. The interpreter itself never compiles, so this applies the
+    compile path's own logic to the real launch arguments."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+    from erpo_fast.kernels.fused_linear import triton_kernels
+
+    hidden, weight, labels, temperature = make_inputs(14, 37, 40, 257, torch.float32)
+    inputs = make_loss_inputs(15, hidden, weight, labels, temperature)
+
+    def launch_keys(kernel, binder, hidden_in, temp):
+        launches = []
+
+        def record(*args, **kwargs):
+            launches.append((args, kwargs))
+
+        kernel.add_pre_run_hook(record)
+        try:
+            h = hidden_in.clone().requires_grad_(True)
+            loss, _ = linear_grpo_loss(h, weight.to(hidden_in.dtype), labels, temp, inputs["advantages"],
+                                       inputs["mask"], old_logprobs=inputs["old_logprobs"], backend="triton")
+            loss.backward()
+        finally:
+            kernel.pre_run_hooks.remove(record)
+        return {compute_cache_key({}, *binder(*a, **k)[1:]) for a, k in launches}
+
+    for kernel in (triton_kernels._logits_stats_kernel, triton_kernels._grad_logits_kernel):
+        jit = JITFunction(kernel.fn)  # the compiling wrapper of the same Python function
+        assert not any(p.is_constexpr for p in jit.params if "inv_t" in p.name or "coef" in p.name)
+        binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+        keys = [launch_keys(kernel, binder, hidden, t) for t in (temperature, temperature.flip(0) * 1.7, 0.3)]
+        assert keys[0] and keys[0] == keys[1] == keys[2]
+        # the keys do see real specialisations: a bf16 launch gets different ones
+        assert launch_keys(kernel, binder, hidden.bfloat16(), temperature).isdisjoint(keys[0])
+
+
+@pytest.mark.gpu
+def test_new_temperature_does_not_recompile_on_gpu():
+    from erpo_fast.kernels.fused_linear import triton_kernels
+
+    hidden, weight, labels, temperature = (t.cuda() for t in make_inputs(16, 300, 64, 1003, torch.float32))
+
+    def cache_sizes():
+        return [sum(len(c[0]) for c in k.device_caches.values())
+                for k in (triton_kernels._logits_stats_kernel, triton_kernels._grad_logits_kernel)]
+
+    def step(temp):
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = linear_grpo_loss(h, weight, labels, temp, torch.randn(300, device="cuda"),
+                                   torch.ones(300, device="cuda"), backend="triton")
+        loss.backward()
+        torch.cuda.synchronize()
+
+    step(temperature)
+    before = cache_sizes()
+    step(temperature.flip(0) * 1.3)
+    step(0.7)
+    assert cache_sizes() == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Peer parity: Liger's fused linear GRPO loss at a scalar temperature
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_old", [True, False])
+def test_token_mean_loss_equals_liger_dapo(with_old):
+    """Liger's layout is [B, S] with per-sequence advantages and an attention mask; its "dapo" loss divides by
+    the number of unmasked tokens in the batch, its KL is k3 against ref_per_token_logps, and old=None means
+    detached current log-probs. Our packed layout: N = B*S tokens, advantages repeated per token."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    b, s, h, v, temp, beta = 3, 7, 32, 301, 0.7, 0.05
+    hidden, weight, _, _ = make_inputs(17, b * s, h, v, torch.float32)
+    g = torch.Generator().manual_seed(18)
+    ids = torch.randint(0, v, (b, s), generator=g)
+    attn = torch.ones(b, s)
+    attn[0, 5:] = 0
+    attn[2, 3:] = 0
+    adv = torch.randn(b, generator=g)
+    lp = linear_logprobs(hidden, weight, ids.reshape(-1), temp, backend="reference").reshape(b, s)
+    old = lp + 0.25 * torch.randn(b, s, generator=g) if with_old else None
+    ref_lp = lp + 0.25 * torch.randn(b, s, generator=g)
+
+    x_l = hidden.reshape(b, s, h).clone().requires_grad_(True)
+    w_l = weight.clone().requires_grad_(True)
+    module = liger.LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=True, epsilon_low=0.2,
+                                            epsilon_high=0.28, loss_type="dapo", temperature=temp)
+    loss_l, metrics_l = module(x_l, w_l, ids, attn, adv, ref_per_token_logps=ref_lp, old_per_token_logps=old)
+    loss_l.backward()
+
+    x_o = hidden.clone().requires_grad_(True)
+    w_o = weight.clone().requires_grad_(True)
+    loss_o, metrics_o = linear_grpo_loss(
+        x_o, w_o, ids.reshape(-1), temp, adv[:, None].expand(b, s).reshape(-1), attn.reshape(-1),
+        old_logprobs=None if old is None else old.reshape(-1), ref_logprobs=ref_lp.reshape(-1), beta=beta,
+        kl="k3", eps_low=0.2, eps_high=0.28, loss_agg="token_mean", backend="torch")
+    loss_o.backward()
+
+    assert loss_o.item() == pytest.approx(loss_l.item(), rel=1e-5, abs=1e-7)
+    assert rel_err(x_o.grad, x_l.grad.reshape(-1, h)) < FP32_TOL
+    assert rel_err(w_o.grad, w_l.grad) < FP32_TOL
+    kl_l, clip_l = (m.item() for m in metrics_l)
+    assert metrics_o["kl_mean"] == pytest.approx(kl_l, rel=1e-5)
+    assert metrics_o["clip_frac"] == pytest.approx(clip_l, abs=1e-6)
+    if with_old:
+        assert clip_l > 0  # the comparison covers clipped tokens
