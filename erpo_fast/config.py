@@ -48,6 +48,8 @@ class ModelConfig:
     tiny_intermediate_size: int = knob(384, "Built-in model: MLP width.", ge=8)
     warm_start_steps: int = knob(400, "Built-in model: supervised warm-start steps on worked solutions "
                                       "(cached; 0 disables).", ge=0)
+    warm_start_problems: int = knob(2000, "Built-in model: worked solutions the warm start trains on (disjoint "
+                                          "from the RL prompts and the held-out split).", ge=1)
     warm_start_lr: float = knob(3e-3, "Built-in model: warm-start learning rate.", gt=0)
     warm_start_batch_size: int = knob(64, "Built-in model: warm-start batch size.", ge=1)
 
@@ -178,10 +180,11 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 # Named starting points. `tiny-cpu` (the default) is the embedded job: built-in model and task, on a CPU laptop.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-cpu": {
+        "model": {"warm_start_steps": 1500},
+        "data": {"num_train": 500, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 12},
-        "trainer": {"max_steps": 60, "prompts_per_step": 16, "micro_batch_size": 128, "lr": 5e-4,
-                    "eval_every": 20, "save_every": 20, "output_dir": "runs/tiny-cpu", "threads": 2},
-        "algorithm": {"dynamic_sampling": False},
+        "trainer": {"max_steps": 400, "prompts_per_step": 16, "micro_batch_size": 128, "lr": 1e-4,
+                    "eval_every": 100, "save_every": 100, "output_dir": "runs/tiny-cpu", "threads": 2},
     },
     "none": {},
 }

@@ -16,6 +16,8 @@ import torch
 
 from erpo_fast.algorithms import compute_advantages
 from erpo_fast.distributed import all_gather_objects
+from erpo_fast.errors import TrainingAborted
+from erpo_fast.kernels import NonFiniteLogitsError
 from erpo_fast.learner import RolloutSequence
 from erpo_fast.prompting import decode_response
 
@@ -41,6 +43,16 @@ def step_seed(seed: int, step: int, round_: int, position: int) -> int:
     return zlib.crc32(f"{seed}/{step}/{round_}/{position}".encode())
 
 
+def generate_or_abort(s, step: int, *args, **kwargs):
+    """engine.generate, turning a diverged policy (non-finite logits) into a clean stop of the run."""
+    try:
+        return s.engine.generate(*args, **kwargs)
+    except NonFiniteLogitsError as e:
+        raise TrainingAborted(f"step {step}: the policy produced non-finite logits while sampling ({e}); it has "
+                              f"diverged (learning rate too high?). The last checkpoint is kept in "
+                              f"{s.cfg.trainer.output_dir}/checkpoints") from None
+
+
 def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, dict]:
     """Generate n samples per prompt at the tracker's temperature (or the base one without ERPO), and score."""
     cfg = s.cfg
@@ -53,9 +65,9 @@ def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, d
     s.engine.wake_up()
     # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
     # across ranks samples exactly what one process would.
-    samples = s.engine.generate([s.train_prompt_ids[p] for p in positions], temps.tolist(), cfg.rollout.n,
-                                cfg.rollout.max_new_tokens, stop_token_ids=[s.tokenizer.eos_token_id],
-                                top_k=cfg.rollout.top_k or None,
+    samples = generate_or_abort(s, step, [s.train_prompt_ids[p] for p in positions], temps.tolist(),
+                                cfg.rollout.n, cfg.rollout.max_new_tokens,
+                                stop_token_ids=[s.tokenizer.eos_token_id], top_k=cfg.rollout.top_k or None,
                                 top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
                                 seed=[step_seed(cfg.trainer.seed, step, round_, p) for p in positions])
     s.engine.sleep()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from erpo_fast.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state
-from erpo_fast.config import Config
+from erpo_fast.config import Config, ConfigError
 from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, builtin_arithmetic, load_prompts
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.learner import Learner
@@ -140,8 +140,13 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     from erpo_fast.tasks.arithmetic import make_splits
     from erpo_fast.warm_start import builtin_model_dir
 
-    problems, _ = make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
-                              num_heldout=cfg.data.num_heldout)
+    # The warm start imitates worked solutions of problems that are neither RL prompts nor held-out ones, so
+    # RL starts from a policy that has learnt some arithmetic rather than one that memorised its prompts.
+    rl_ids = {p.id for p in make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
+                                        num_heldout=cfg.data.num_heldout)[0]}
+    pool, _ = make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train + cfg.model.warm_start_problems,
+                          num_heldout=cfg.data.num_heldout)
+    problems = [p for p in pool if p.id not in rl_ids][:cfg.model.warm_start_problems]
     if rt.is_main:
         path = builtin_model_dir(cfg.model, cfg.data, cfg.trainer.seed, problems)
     barrier(rt)
@@ -152,6 +157,13 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
 
 def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
     if cfg.rollout.engine == "vllm":
+        from erpo_fast.rollout import vllm_available
+
+        if not vllm_available():
+            raise ConfigError("--rollout vllm needs vLLM, which is not installed here: pip install "
+                              "'erpo-fast[vllm]' on a CUDA machine, or use --rollout native")
+        if device.type != "cuda":
+            raise ConfigError("--rollout vllm needs a CUDA device; use --rollout native on CPU")
         return make_engine("vllm", str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed, auto_sleep=False,

@@ -24,22 +24,19 @@ from erpo_fast.checkpoint import CheckpointError, save_checkpoint
 from erpo_fast.config import Config, ConfigError, config_from_cli, help_text
 from erpo_fast.data import DataError
 from erpo_fast.distributed import broadcast_object, init_runtime, shutdown
+from erpo_fast.errors import TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence
 from erpo_fast.logger import RunLogger
 from erpo_fast.models import ModelLoadError
 from erpo_fast.plots import ascii_histogram, write_plots
 from erpo_fast.prompting import encode_prompt
-from erpo_fast.rollout_step import collect
+from erpo_fast.rollout_step import collect, generate_or_abort
 from erpo_fast.session import Session, build_session
 
 log = logging.getLogger("erpo_fast")
 
 USAGE = "usage: python -m erpo_fast.train [--preset NAME] [--config FILE.yaml] [--section.knob VALUE ...]"
-
-
-class TrainingAborted(RuntimeError):
-    """The run stopped on purpose (non-finite losses, a failed weight-sync check); checkpoints are kept."""
 
 
 def train(cfg: Config) -> dict:
@@ -125,8 +122,8 @@ def check_weight_sync(s: Session, step: int) -> float:
     """
     probe = encode_prompt(s.tokenizer, s.train[0].prompt, chat_template=s.cfg.data.chat_template)
     s.engine.wake_up()
-    sample = s.engine.generate([probe], [1.0], 1, min(16, s.cfg.rollout.max_new_tokens), stop_token_ids=[],
-                               seed=[1234 + step])[0][0]
+    sample = generate_or_abort(s, step, [probe], [1.0], 1, min(16, s.cfg.rollout.max_new_tokens),
+                               stop_token_ids=[], seed=[1234 + step])[0][0]
     s.engine.sleep(level=1)  # level 1 keeps the just-synced weights for the next rollout
     ours = s.learner.compute_logprobs([RolloutSequence(probe, list(sample.token_ids), [], 1.0, 0.0, 0)],
                                       temperature=1.0)[0]

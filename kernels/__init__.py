@@ -6,6 +6,6 @@ under ``TRITON_INTERPRET=1`` in the CPU tests). Temperature is always a runtime 
 """
 
 from .fused_linear import linear_grpo_loss, linear_logprobs
-from .sampling import sample_tokens
+from .sampling import NonFiniteLogitsError, sample_tokens
 
-__all__ = ["linear_logprobs", "linear_grpo_loss", "sample_tokens"]
+__all__ = ["NonFiniteLogitsError", "linear_logprobs", "linear_grpo_loss", "sample_tokens"]

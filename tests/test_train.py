@@ -122,3 +122,26 @@ def test_summary_is_printed(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "2") == 0
     err = capsys.readouterr().err
     assert "held-out mean_at_2" in err and "residual prompts" in err and str(Path(tmp_path)) in err
+
+
+def test_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from erpo_fast.rollout import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    assert _run(tmp_path, "--max-steps", "1", "--rollout", "vllm") == 2
+    assert "pip install 'erpo-fast[vllm]'" in capsys.readouterr().err
+
+
+def test_diverged_policy_stops_cleanly_and_keeps_checkpoints(tmp_path, capsys):
+    # A huge learning rate makes the first update blow the weights up; the next sampling sees non-finite
+    # logits. The run must stop with exit 1 and a message, not a traceback, and keep what it had written.
+    code = _run(tmp_path, "--max-steps", "5", "--trainer.lr", "1e30", "--trainer.save_every", "1",
+                "--model.warm_start_steps", "200", "--model.warm_start_batch_size", "32",
+                "--rollout.sync_check_every", "0")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite logits" in err and "Traceback" not in err
+    assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]

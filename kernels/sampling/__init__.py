@@ -16,7 +16,12 @@ import torch
 
 from .naive import kept_mask_reference, processed_logprobs_reference, sample_tokens_reference
 
-__all__ = ["sample_tokens", "processed_logprobs_reference", "kept_mask_reference", "sample_tokens_reference"]
+__all__ = ["NonFiniteLogitsError", "sample_tokens", "processed_logprobs_reference", "kept_mask_reference",
+           "sample_tokens_reference"]
+
+
+class NonFiniteLogitsError(ValueError):
+    """Some rows' logits hold NaN/+inf or no finite value: the policy has diverged (or the input is broken)."""
 
 BACKENDS = ("auto", "reference", "torch", "triton", "csrc")
 
@@ -130,7 +135,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor | float, *, to
     # B-element check here instead of an extra pass over the logits.
     bad = ~torch.isfinite(logprobs)
     if bool(bad.any()):
-        raise ValueError(f"logits rows {bad.nonzero().flatten().tolist()} contain NaN or +inf, or have no "
-                         "finite logit")
+        raise NonFiniteLogitsError(f"logits rows {bad.nonzero().flatten().tolist()} contain NaN or +inf, or "
+                                   "have no finite logit")
     return tokens, logprobs
 
