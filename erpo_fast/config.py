@@ -62,6 +62,8 @@ class DataConfig:
                                           "its disjoint held-out split; None with --data: no held-out eval.")
     reward: str = knob("auto", "Verifier. auto: arithmetic for the built-in task, math (math-verify) otherwise.",
                        choices=("auto", "arithmetic", "math"))
+    seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
+                        "apart from trainer.seed so that RL seeds share one warm-started model.", ge=0)
     num_train: int = knob(2000, "Built-in task: number of training prompts.", ge=1)
     num_heldout: int = knob(200, "Built-in task: number of held-out prompts.", ge=1)
     max_prompt_length: int = knob(512, "Prompts longer than this (in tokens) are rejected with an error.", ge=1)
@@ -138,7 +140,7 @@ class TrainerConfig:
     adam_beta1: float = knob(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = knob(0.999, "AdamW beta2.", ge=0, lt=1)
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: off).", ge=0)
-    seed: int = knob(0, "Seed of every random stream (data order, sampling, init).", ge=0)
+    seed: int = knob(0, "Seed of the RL run's random streams (prompt order, sampling).", ge=0)
     device: str = knob("auto", "auto: cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
     save_every: int = knob(50, "Checkpoint every K steps (and at the end; 0: only at the end).", ge=0)
     keep_last: int = knob(2, "Checkpoints kept.", ge=1)

@@ -122,7 +122,7 @@ def _restore(s: Session, ckpt: dict) -> None:
 
 def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     if cfg.data.path is None:
-        train, heldout = builtin_arithmetic(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
+        train, heldout = builtin_arithmetic(seed=cfg.data.seed, num_train=cfg.data.num_train,
                                             num_heldout=cfg.data.num_heldout)
     else:
         train = load_prompts(cfg.data.path)
@@ -142,16 +142,16 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
 
     # The warm start imitates worked solutions of problems that are neither RL prompts nor held-out ones, so
     # RL starts from a policy that has learnt some arithmetic rather than one that memorised its prompts.
-    rl_ids = {p.id for p in make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train,
+    rl_ids = {p.id for p in make_splits(seed=cfg.data.seed, num_train=cfg.data.num_train,
                                         num_heldout=cfg.data.num_heldout)[0]}
-    pool, _ = make_splits(seed=cfg.trainer.seed, num_train=cfg.data.num_train + cfg.model.warm_start_problems,
+    pool, _ = make_splits(seed=cfg.data.seed, num_train=cfg.data.num_train + cfg.model.warm_start_problems,
                           num_heldout=cfg.data.num_heldout)
     problems = [p for p in pool if p.id not in rl_ids][:cfg.model.warm_start_problems]
     if rt.is_main:
-        path = builtin_model_dir(cfg.model, cfg.data, cfg.trainer.seed, problems)
+        path = builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)
     barrier(rt)
     if not rt.is_main:
-        path = builtin_model_dir(cfg.model, cfg.data, cfg.trainer.seed, problems)  # cached by rank 0
+        path = builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)  # cached by rank 0
     return path
 
 
