@@ -17,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test shapes are tiny: one intra-op thread is faster, and far faster on a shared, oversubscribed CPU.
+    (Tests that are about threading set their own count.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
