@@ -89,7 +89,7 @@ def collect(s, step: int) -> StepData:
     kept_groups: list[tuple[Groups, np.ndarray]] = []
     totals = {"time_rollout_s": 0.0, "time_score_s": 0.0, "reward_timeouts": 0, "reward_errors": 0,
               "response_tokens": 0}
-    first_round_stats = None
+    first_round_stats = None  # residual fractions are reported for the regular batch, comparable across arms
     dropped = 0
     kept_global = 0
     want = cfg.trainer.prompts_per_step
@@ -100,7 +100,7 @@ def collect(s, step: int) -> StepData:
             totals[k] += timing[k]
         stats, adv = _update_tracker_and_advantages(s, groups, step)
         if first_round_stats is None:
-            first_round_stats = (stats, groups)
+            first_round_stats = stats
         if cfg.algorithm.dynamic_sampling:
             # DAPO drops groups whose advantages are all zero. With RA, all-correct groups keep a positive
             # advantage, so the test is on advantages, not on reward variance.
@@ -115,17 +115,22 @@ def collect(s, step: int) -> StepData:
             break
 
     sequences = []
+    local_want = s.sampler.local_batch_size  # DAPO trains on a full batch, not on every refilled group
+    kept_local = 0
     for groups, adv in kept_groups:
         for b, (p, group) in enumerate(zip(groups.positions, groups.samples)):
             if cfg.algorithm.dynamic_sampling and not np.abs(adv[b]).max() > 0:
                 continue  # dropped by dynamic sampling
+            if kept_local == local_want:
+                break
+            kept_local += 1
             for j, smp in enumerate(group):
                 sequences.append(RolloutSequence(
                     prompt_ids=s.train_prompt_ids[p], response_ids=list(smp.token_ids),
                     rollout_logprobs=list(smp.logprobs), temperature=float(groups.temperatures[b]),
                     advantage=float(adv[b, j]), seq_key=len(sequences)))
 
-    stats, groups0 = first_round_stats
+    stats = first_round_stats
     n_groups = max(1, stats["groups"])
     metrics = {
         "reward_mean": stats["reward_mean"],

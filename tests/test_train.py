@@ -145,3 +145,17 @@ def test_diverged_policy_stops_cleanly_and_keeps_checkpoints(tmp_path, capsys):
     assert "non-finite logits" in err and "Traceback" not in err
     assert (tmp_path / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_dynamic_sampling_drops_and_refills(tmp_path):
+    assert _run(tmp_path, "--max-steps", "3", "--algorithm.dynamic_sampling", "true",
+                "--algorithm.max_refill_rounds", "2", "--model.warm_start_steps", "200",
+                "--model.warm_start_batch_size", "32") == 0
+    n, batch = 4, 4
+    for r in read_metrics(tmp_path):
+        signal_groups = round(r["frac_mixed"] * batch)  # without RA only mixed groups carry signal
+        assert 1 <= r["rollout_rounds"] <= 3
+        assert r["sequences_trained"] % n == 0 and r["sequences_trained"] <= n * batch
+        assert r["sequences_trained"] >= n * signal_groups  # refilling never loses first-round signal
+        if r["rollout_rounds"] == 1:
+            assert r["groups_dropped"] == batch - signal_groups
