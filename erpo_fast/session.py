@@ -88,8 +88,11 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
                              max_temperature=cfg.algorithm.max_temperature,
                              success_threshold=cfg.algorithm.success_threshold, history=cfg.algorithm.history)
     sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank, rt.world_size)
-    train_prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train], chat_template=cfg.data.chat_template,
-                                      max_length=cfg.data.max_prompt_length)
+    try:
+        train_prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
+                                          chat_template=cfg.data.chat_template, max_length=cfg.data.max_prompt_length)
+    except ValueError as e:  # a prompt over data.max_prompt_length is bad input, not a crash
+        raise DataError(str(e)) from None
     reward_name = cfg.data.reward if cfg.data.reward != "auto" else ("math" if cfg.data.path else "arithmetic")
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s)

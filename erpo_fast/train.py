@@ -23,7 +23,7 @@ import torch
 from erpo_fast.checkpoint import CheckpointError, save_checkpoint
 from erpo_fast.config import Config, ConfigError, config_from_cli, help_text
 from erpo_fast.data import DataError
-from erpo_fast.distributed import broadcast_object, init_runtime, shutdown
+from erpo_fast.distributed import all_gather_objects, broadcast_object, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence
@@ -81,7 +81,10 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
 
     _phase(logger, "learn")
     t_learn = time.perf_counter()
-    learned = s.learner.train_on(data.sequences) if data.sequences else {"skipped_empty": True}
+    # train_on is collective under FSDP2: every rank calls it when any rank has sequences (dynamic sampling
+    # can leave one rank empty); when none has any (every group dropped), every rank skips the update.
+    total = sum(all_gather_objects(len(data.sequences), s.rt))
+    learned = s.learner.train_on(data.sequences) if total else {}
     time_learn = time.perf_counter() - t_learn
     if learned.get("skipped_nonfinite"):
         s.extra["nan_streak"] = s.extra.get("nan_streak", 0) + 1
