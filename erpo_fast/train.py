@@ -83,8 +83,8 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
     t_learn = time.perf_counter()
     # train_on is collective under FSDP2: every rank calls it when any rank has sequences (dynamic sampling
     # can leave one rank empty); when none has any (every group dropped), every rank skips the update.
-    total = sum(all_gather_objects(len(data.sequences), s.rt))
-    learned = s.learner.train_on(data.sequences) if total else {}
+    counts = all_gather_objects((len(data.sequences), data.metrics.pop("response_tokens")), s.rt)
+    learned = s.learner.train_on(data.sequences) if sum(c[0] for c in counts) else {}
     time_learn = time.perf_counter() - t_learn
     if learned.get("skipped_nonfinite"):
         s.extra["nan_streak"] = s.extra.get("nan_streak", 0) + 1
@@ -105,15 +105,13 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
     time_sync = time.perf_counter() - t_sync
 
     step_time = time.perf_counter() - t0
-    m = data.metrics
-    tokens = m.pop("response_tokens")
     return {
-        "step": step, **m,
+        "step": step, **data.metrics,
         "entropy": learned.get("entropy"), "kl": learned.get("kl"), "clip_frac": learned.get("clip_frac"),
         "grad_norm": learned.get("grad_norm"), "loss": learned.get("loss"), "lr": learned.get("lr"),
         "skipped_nonfinite": bool(learned.get("skipped_nonfinite", False)),
         "sequences_trained": learned.get("num_sequences", len(data.sequences)),
-        "tokens_per_s": tokens * s.rt.world_size / step_time,
+        "tokens_per_s": sum(c[1] for c in counts) / step_time,  # sampled tokens, all ranks
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
     }
 
