@@ -10,7 +10,7 @@ no top-k/top-p, in one run. Workloads:
   done (the default), never, or whenever a row finishes.
 
 NativeEngine runs with one seed for the call (one batched sampler call per step) and, as the trainer
-calls it, with one seed per prompt (batch-independent samples; one sampler call per prompt per step).
+calls it, with one seed per prompt (batch-independent samples; one batched sampler call per step with per-row seeds).
 
 Tokens/s counts generated tokens (up to and including a stop token). Besides wall time (bench.common's
 ``time_fn``) each run records its process CPU time: with one thread that is the compute the engine
@@ -147,7 +147,7 @@ def main() -> None:
                 if "compact" in engine_name and stop is None:
                     continue  # identical to "native" without stops
                 contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below)))
-            # What the trainer uses: one seed per prompt (one sampler call per prompt per step).
+            # What the trainer uses: one seed per prompt (one batched sampler call per step with per-row seeds).
             contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True)))
             results = [measure(name, run, args.iters, with_memory=workload == "32x1") for name, run in contenders]
             hf = results[0]

@@ -91,6 +91,11 @@ def _register_fakes() -> None:
         B = logits.shape[0]
         return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
 
+    @torch.library.register_fake("erpo_fast::sample_tokens_rowseed")
+    def _sample_tokens_rowseed_fake(logits, temperature, top_k, top_p, seeds):
+        B = logits.shape[0]
+        return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
+
 
 def ops_available() -> bool:
     """True if the ops are loaded or can be built now; on failure logs one warning and returns False after."""

@@ -1,4 +1,5 @@
-// CPU implementation of torch.ops.erpo_fast.sample_tokens: per-row-temperature sampling with top-k / top-p.
+// CPU implementation of torch.ops.erpo_fast.sample_tokens and sample_tokens_rowseed: per-row-temperature
+// sampling with top-k / top-p.
 //
 // Semantics (identical to kernels/sampling/naive.py): temperature, then top-k (keep logits >= the k-th largest),
 // then top-p (keep logits whose strictly-larger mass is < top_p), renormalise, sample; temperature 0 is greedy
@@ -14,6 +15,8 @@
 // finds the exact threshold. Gumbel-max over the kept tokens (a short list, or the vectorised chunk pass with
 // the threshold when many are kept) gives the sample and the renormalised log-prob.
 //
+// Noise: row r's stream is keyed by row_key(seed, r) for sample_tokens, and by row_key(seeds[r], 0) for
+// sample_tokens_rowseed (one seed per row, so a row's token does not depend on its index or the batch).
 // Same seed -> same tokens on the same machine; the AVX-512 / AVX2 / baseline builds of the hot loops may
 // round differently, so tokens can differ across CPU types in rare near-ties.
 #include <ATen/Dispatch.h>
@@ -385,7 +388,7 @@ const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
 
 template <typename scalar_t>
 void sample_impl(const scalar_t* logits, int64_t B, int64_t V, const float* temp, const int64_t* top_k,
-                 const float* top_p, uint64_t seed, int64_t* tokens, float* logprobs) {
+                 const float* top_p, const RowKey* row_keys, int64_t* tokens, float* logprobs) {
   std::vector<int64_t> filtered, plain;  // rows needing a selection pass / the chunked pass
   for (int64_t r = 0; r < B; ++r) {
     const bool f = temp[r] > 0 && ((top_k[r] > 0 && top_k[r] < V) || top_p[r] < 1.0f);
@@ -397,7 +400,7 @@ void sample_impl(const scalar_t* logits, int64_t B, int64_t V, const float* temp
     for (int64_t j = begin; j < end; ++j) {
       const int64_t r = filtered[j];
       const float* z = as_float(logits + r * V, V, buf);
-      auto [tok, lp] = sample_filtered_row(z, V, 1.0f / temp[r], top_k[r], top_p[r], row_key(seed, r), scratch,
+      auto [tok, lp] = sample_filtered_row(z, V, 1.0f / temp[r], top_k[r], top_p[r], row_keys[r], scratch,
                                            ebuf, cand);
       tokens[r] = tok;
       logprobs[r] = lp;
@@ -414,7 +417,7 @@ void sample_impl(const scalar_t* logits, int64_t B, int64_t V, const float* temp
       const int64_t n = std::min(kChunk, V - col0);
       const float* z = as_float(logits + r * V + col0, n, buf);
       if (temp[r] > 0) {
-        sample_chunk(z, n, static_cast<uint32_t>(col0), 1.0f / temp[r], -kInf, row_key(seed, r), states[item],
+        sample_chunk(z, n, static_cast<uint32_t>(col0), 1.0f / temp[r], -kInf, row_keys[r], states[item],
                      keys.data());
       } else {
         greedy_chunk(z, n, col0, states[item]);
@@ -434,15 +437,11 @@ void sample_impl(const scalar_t* logits, int64_t B, int64_t V, const float* temp
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature,
-                                                     const at::Tensor& top_k, const at::Tensor& top_p,
-                                                     int64_t seed) {
-  TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits must be 2-D [B, V], got ", logits.sizes());
+// Shared by both ops: checks, dtype conversion and dispatch; keys[r] is row r's noise-stream key.
+std::tuple<at::Tensor, at::Tensor> run_sampler(const at::Tensor& logits, const at::Tensor& temperature,
+                                               const at::Tensor& top_k, const at::Tensor& top_p,
+                                               const std::vector<RowKey>& keys) {
   const int64_t B = logits.size(0), V = logits.size(1);
-  TORCH_CHECK(V > 0, "sample_tokens: empty vocabulary");
-  TORCH_CHECK(V < (int64_t(1) << 31), "sample_tokens: vocabulary too large (", V, ")");
-  TORCH_CHECK(temperature.numel() == B && top_k.numel() == B && top_p.numel() == B,
-              "sample_tokens: temperature, top_k and top_p must have B = ", B, " elements");
   auto x = logits.contiguous();
   auto t = temperature.to(at::kFloat).contiguous();
   auto k = top_k.to(at::kLong).contiguous();
@@ -451,10 +450,45 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
   auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sample_tokens_cpu", [&] {
     sample_impl<scalar_t>(x.data_ptr<scalar_t>(), B, V, t.data_ptr<float>(), k.data_ptr<int64_t>(),
-                          p.data_ptr<float>(), static_cast<uint64_t>(seed), tokens.data_ptr<int64_t>(),
-                          logprobs.data_ptr<float>());
+                          p.data_ptr<float>(), keys.data(), tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
   });
   return {tokens, logprobs};
+}
+
+void check_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                const at::Tensor& top_p) {
+  TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits must be 2-D [B, V], got ", logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "sample_tokens: empty vocabulary");
+  TORCH_CHECK(V < (int64_t(1) << 31), "sample_tokens: vocabulary too large (", V, ")");
+  TORCH_CHECK(temperature.numel() == B && top_k.numel() == B && top_p.numel() == B,
+              "sample_tokens: temperature, top_k and top_p must have B = ", B, " elements");
+}
+
+// One seed per call: row r's stream is keyed by (seed, r).
+std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                                                     const at::Tensor& top_k, const at::Tensor& top_p,
+                                                     int64_t seed) {
+  check_args(logits, temperature, top_k, top_p);
+  std::vector<RowKey> keys(logits.size(0));
+  for (int64_t r = 0; r < logits.size(0); ++r) keys[r] = row_key(static_cast<uint64_t>(seed), r);
+  return run_sampler(logits, temperature, top_k, top_p, keys);
+}
+
+// One seed per row: row r's stream is keyed by seeds[r] alone, so it does not depend on r or the batch.
+std::tuple<at::Tensor, at::Tensor> sample_tokens_rowseed_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                                                             const at::Tensor& top_k, const at::Tensor& top_p,
+                                                             const at::Tensor& seeds) {
+  check_args(logits, temperature, top_k, top_p);
+  TORCH_CHECK(seeds.dim() == 1 && seeds.numel() == logits.size(0), "sample_tokens_rowseed: seeds must be [B = ",
+              logits.size(0), "], got ", seeds.sizes());
+  TORCH_CHECK(seeds.scalar_type() == at::kLong, "sample_tokens_rowseed: seeds must be int64, got ",
+              seeds.scalar_type());
+  auto s = seeds.contiguous();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  std::vector<RowKey> keys(logits.size(0));
+  for (int64_t r = 0; r < logits.size(0); ++r) keys[r] = row_key(static_cast<uint64_t>(sp[r]), 0);
+  return run_sampler(logits, temperature, top_k, top_p, keys);
 }
 
 }  // namespace
@@ -463,6 +497,12 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, c
 
 TORCH_LIBRARY_FRAGMENT(erpo_fast, m) {
   m.def("sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "sample_tokens_rowseed(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds) -> "
+      "(Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(erpo_fast, CPU, m) { m.impl("sample_tokens", &erpo_fast::sampling::sample_tokens_cpu); }
+TORCH_LIBRARY_IMPL(erpo_fast, CPU, m) {
+  m.impl("sample_tokens", &erpo_fast::sampling::sample_tokens_cpu);
+  m.impl("sample_tokens_rowseed", &erpo_fast::sampling::sample_tokens_rowseed_cpu);
+}

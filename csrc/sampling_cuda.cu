@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
                                                           const float* __restrict__ temp,
                                                           const int64_t* __restrict__ top_k,
                                                           const float* __restrict__ top_p, uint64_t seed,
+                                                          const int64_t* __restrict__ row_seeds,
                                                           int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
   __shared__ float shf[kWarps];
   __shared__ int shi[kWarps];
@@ -143,7 +144,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
     thr_key = hi;
   }
 
-  const RowKey rk = row_key(seed, static_cast<uint64_t>(row));
+  // Per-row seeds (sample_tokens_rowseed) key the stream by the row's seed alone; else by (seed, row).
+  const RowKey rk = row_seeds != nullptr ? row_key(static_cast<uint64_t>(row_seeds[row]), 0)
+                                         : row_key(seed, static_cast<uint64_t>(row));
   float m = -INFINITY, total = 0.0f;
   int bad = 0;
   Best best{-INFINITY, 0.0f, INT64_MAX};
@@ -176,9 +179,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const scalar_t* __rest
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature,
-                                                      const at::Tensor& top_k, const at::Tensor& top_p,
-                                                      int64_t seed) {
+// Shared by both ops; `row_seeds` is undefined for the one-seed-per-call op.
+std::tuple<at::Tensor, at::Tensor> run_sampler(const at::Tensor& logits, const at::Tensor& temperature,
+                                               const at::Tensor& top_k, const at::Tensor& top_p, int64_t seed,
+                                               const at::Tensor& row_seeds) {
   TORCH_CHECK(logits.dim() == 2, "sample_tokens: logits must be 2-D [B, V], got ", logits.sizes());
   const int64_t B = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0, "sample_tokens: empty vocabulary");
@@ -193,6 +197,14 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, 
   auto t = temperature.to(at::kFloat).contiguous();
   auto k = top_k.to(at::kLong).contiguous();
   auto p = top_p.to(at::kFloat).contiguous();
+  at::Tensor s;
+  if (row_seeds.defined()) {
+    TORCH_CHECK(row_seeds.dim() == 1 && row_seeds.numel() == B, "sample_tokens_rowseed: seeds must be [B = ", B,
+                "], got ", row_seeds.sizes());
+    TORCH_CHECK(row_seeds.scalar_type() == at::kLong, "sample_tokens_rowseed: seeds must be int64");
+    TORCH_CHECK(row_seeds.device() == logits.device(), "sample_tokens_rowseed: seeds must be on the logits' device");
+    s = row_seeds.contiguous();
+  }
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprobs};
@@ -200,14 +212,30 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sample_tokens_cuda", [&] {
     sample_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), V, t.data_ptr<float>(), k.data_ptr<int64_t>(), p.data_ptr<float>(),
-        static_cast<uint64_t>(seed), tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+        static_cast<uint64_t>(seed), s.defined() ? s.data_ptr<int64_t>() : nullptr, tokens.data_ptr<int64_t>(),
+        logprobs.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {tokens, logprobs};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                                                      const at::Tensor& top_k, const at::Tensor& top_p,
+                                                      int64_t seed) {
+  return run_sampler(logits, temperature, top_k, top_p, seed, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_tokens_rowseed_cuda(const at::Tensor& logits,
+                                                              const at::Tensor& temperature, const at::Tensor& top_k,
+                                                              const at::Tensor& top_p, const at::Tensor& seeds) {
+  return run_sampler(logits, temperature, top_k, top_p, 0, seeds);
 }
 
 }  // namespace
 }  // namespace sampling
 }  // namespace erpo_fast
 
-TORCH_LIBRARY_IMPL(erpo_fast, CUDA, m) { m.impl("sample_tokens", &erpo_fast::sampling::sample_tokens_cuda); }
+TORCH_LIBRARY_IMPL(erpo_fast, CUDA, m) {
+  m.impl("sample_tokens", &erpo_fast::sampling::sample_tokens_cuda);
+  m.impl("sample_tokens_rowseed", &erpo_fast::sampling::sample_tokens_rowseed_cuda);
+}

@@ -171,3 +171,47 @@ def test_auto_falls_back_to_torch_when_the_build_fails(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("erpo_fast C++ ops unavailable") == 1
+
+
+def test_rowseed_op_registered_and_keys_rows_by_their_seed_alone(op):
+    schema = str(torch.ops.erpo_fast.sample_tokens_rowseed.default._schema)
+    assert "sample_tokens_rowseed(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds)" \
+        in schema
+    rowseed = torch.ops.erpo_fast.sample_tokens_rowseed
+    logits, T, top_k, top_p = _args(18, 3000, seed=6)  # every selection path, and two 2048-column chunks
+    seeds = torch.randint(-2**62, 2**62, (18,), generator=torch.Generator().manual_seed(1))
+    tokens, logprobs = rowseed(logits, T, top_k, top_p, seeds)
+    _check_against_reference(logits, T, top_k, top_p, tokens, logprobs, atol=5e-5)
+    # Row r's stream is row_key(seeds[r], 0): the one-seed op's stream for row 0 with seed seeds[r].
+    for r in range(18):
+        alone = op(logits[r:r + 1], T[r:r + 1], top_k[r:r + 1], top_p[r:r + 1], int(seeds[r]))
+        assert alone[0][0] == tokens[r] and alone[1][0] == logprobs[r]
+
+
+def test_rowseed_op_thread_count_independent_and_checks_seeds(op):
+    rowseed = torch.ops.erpo_fast.sample_tokens_rowseed
+    logits, T, top_k, top_p = _args(24, 5000, seed=8)
+    seeds = torch.arange(24, dtype=torch.int64) * 1000003
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rowseed(logits, T, top_k, top_p, seeds)
+        torch.set_num_threads(4)
+        many = rowseed(logits, T, top_k, top_p, seeds)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    with pytest.raises(RuntimeError, match="seeds must be"):
+        rowseed(logits, T, top_k, top_p, seeds[:3])
+    with pytest.raises(RuntimeError, match="int64"):
+        rowseed(logits, T, top_k, top_p, seeds.int())
+
+
+def test_rowseed_fake_tensor_shapes(op):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        tokens, logprobs = torch.ops.erpo_fast.sample_tokens_rowseed(
+            torch.empty(5, 100), torch.ones(5), torch.zeros(5, dtype=torch.int64), torch.ones(5),
+            torch.zeros(5, dtype=torch.int64))
+    assert tokens.shape == (5,) and tokens.dtype == torch.int64 and logprobs.dtype == torch.float32

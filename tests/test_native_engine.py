@@ -188,6 +188,40 @@ def test_first_token_distribution_chi_square_two_temperatures_in_one_batch():
     assert p_value(out[1], prompts[1], temps[0]) < 1e-6
 
 
+def test_per_prompt_seeds_one_sampler_call_per_step_and_first_token_chi_square(monkeypatch):
+    # Per-prompt seeds give every (prompt, sample, step) its own derived seed; the n samples of one prompt must
+    # still be independent draws from its distribution, and the whole batch must take one sampler call a step.
+    from scipy.stats import chisquare
+
+    import erpo_fast.rollout.native as native
+
+    calls = []
+    real = native.sample_tokens
+    monkeypatch.setattr(native, "sample_tokens", lambda *a, **kw: calls.append(kw.get("seed")) or real(*a, **kw))
+    model, reference = _build("qwen2-tied"), _build("qwen2-tied")
+    prompts = _prompts((4, 7), seed=41)
+    draws, steps = 3000, 3
+    out = NativeEngine(model).generate(prompts, [0.7, 1.4], n=draws, max_new_tokens=steps, stop_token_ids=[],
+                                       seed=[5, 6])
+    assert len(calls) == steps and all(isinstance(s, torch.Tensor) and s.shape == (2 * draws,) for s in calls)
+    assert all(len(set(s.tolist())) == 2 * draws for s in calls)  # a distinct seed for every row and step
+    assert len({tuple(s.tolist()) for s in calls}) == steps
+
+    def p_value(group, prompt, temp) -> float:
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt])).logits[0, -1].double()
+        expected = torch.softmax(logits / temp, -1) * draws
+        observed = torch.bincount(torch.tensor([s.token_ids[0] for s in group]), minlength=VOCAB).double()
+        rare = expected < 5  # pooled into one bin
+        obs = torch.cat([observed[~rare], observed[rare].sum()[None]])
+        exp = torch.cat([expected[~rare], expected[rare].sum()[None]])
+        return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+    assert p_value(out[0], prompts[0], 0.7) > 1e-3 and p_value(out[1], prompts[1], 1.4) > 1e-3
+    # Negative control: judged against the other temperature, the draws are rejected.
+    assert p_value(out[0], prompts[0], 1.4) < 1e-6 and p_value(out[1], prompts[1], 0.7) < 1e-6
+
+
 def test_n_samples_share_one_prefill_differ_and_reproduce_with_seed():
     model = _build("llama")
     engine = NativeEngine(model)

@@ -225,3 +225,118 @@ def test_cuda_backends_match_reference(backend):
     assert torch.isfinite(ref_tok).all()
     torch.testing.assert_close(logprobs.double(), ref_tok, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens[T == 0], logits[T == 0].float().argmax(1))
+
+
+# ---- per-row seeds (seed = int64 [B] tensor) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chi_square_per_row_seeds(backend):
+    # Every row has its own seed (consecutive integers: the hardest case for a weak seed hash) and draws once;
+    # the draws of a group, across rows, must follow that group's processed distribution.
+    _skip_if_csrc_unavailable(backend)
+    n = {"triton": 2000, "reference": 1000}.get(backend, 20000)  # interpreter / per-row loop are slow
+    T = torch.tensor([g[0] for g in GROUPS]).repeat_interleave(n)
+    k = torch.tensor([g[1] for g in GROUPS]).repeat_interleave(n)
+    p = torch.tensor([g[2] for g in GROUPS]).repeat_interleave(n)
+    logits = torch.from_numpy(ROW).expand(len(T), -1).contiguous()
+    seeds = torch.arange(len(T), dtype=torch.int64)
+    tokens, _ = sample_tokens(logits, T, top_k=k, top_p=p, seed=seeds, backend=backend)
+    counts = [np.bincount(tokens[i * n:(i + 1) * n].numpy(), minlength=ROW.size) for i in range(len(GROUPS))]
+    for (t, kk, pp), c in zip(GROUPS, counts):
+        expected = expected_probs(ROW, t, kk, pp)
+        support = expected > 0
+        assert c[~support].sum() == 0, f"sampled outside the kept set for {(t, kk, pp)}"
+        pvalue = chisquare(c[support], expected[support] * n).pvalue
+        assert pvalue > P_MIN, f"{backend} {(t, kk, pp)}: p = {pvalue:.2e}"
+    # Negative controls: T=1.0 draws judged as T=0.3 draws are rejected; one seed shared by every row of a
+    # group gives one repeated token, which the same chi-square rejects.
+    assert chisquare(counts[1], expected_probs(ROW, *GROUPS[0]) * n).pvalue < 1e-6
+    same = sample_tokens(logits[:n], T[n:2 * n], seed=torch.full((n,), 5), backend=backend)[0]
+    assert same.unique().numel() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_seed_token_depends_only_on_its_seed(backend):
+    _skip_if_csrc_unavailable(backend)
+    logits, T, top_k, top_p = _random_batch(24, 300, seed=12)
+    T = T + 0.5  # no greedy rows: they would match regardless of the seed
+    g = torch.Generator().manual_seed(3)
+    seeds = torch.randint(-2**62, 2**62, (24,), generator=g)
+    tokens, logprobs = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)
+    ref = processed_logprobs_reference(logits, T, top_k, top_p).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), ref, atol=2e-5, rtol=1e-5)
+    # Same seeds -> same tokens; permuted rows -> permuted tokens.
+    assert torch.equal(sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)[0], tokens)
+    perm = torch.randperm(24, generator=g)
+    permuted = sample_tokens(logits[perm], T[perm], top_k=top_k[perm], top_p=top_p[perm], seed=seeds[perm],
+                             backend=backend)[0]
+    assert torch.equal(permuted, tokens[perm])
+    # A few rows inside a different, smaller batch (other rows' logits and seeds unrelated) keep their tokens.
+    rows = torch.tensor([7, 2, 19])
+    other, T2, k2, p2 = _random_batch(5, 300, seed=99)
+    idx = torch.tensor([1, 3, 4])
+    other[idx], T2[idx], k2[idx], p2[idx] = logits[rows], T[rows], top_k[rows], top_p[rows]
+    seeds2 = torch.tensor([11, 0, 12, 0, 0]).index_put((idx,), seeds[rows])
+    mixed = sample_tokens(other, T2, top_k=k2, top_p=p2, seed=seeds2, backend=backend)[0]
+    assert torch.equal(mixed[idx], tokens[rows])
+    # Other seeds -> other tokens.
+    assert not torch.equal(sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds + 1,
+                                         backend=backend)[0], tokens)
+
+
+@pytest.mark.parametrize(
+    "seed, match",
+    [(torch.zeros(3, dtype=torch.int64), "shape"), (torch.zeros(2, 1, dtype=torch.int64), "shape"),
+     (torch.zeros(2), "integers"), (torch.zeros(2, dtype=torch.bool), "integers")],
+)
+def test_bad_row_seeds(seed, match):
+    with pytest.raises(ValueError, match=match):
+        sample_tokens(torch.randn(2, 5), 1.0, seed=seed, backend="torch")
+    with pytest.raises(ValueError, match="at most one"):
+        sample_tokens(torch.randn(2, 5), 1.0, seed=torch.zeros(2, dtype=torch.int64), generator=torch.Generator())
+
+
+def test_counter_rng_matches_python_integer_hash():
+    from erpo_fast.kernels.sampling.counter_rng import mix32, uniforms
+
+    def lowbias32(x: int) -> int:  # independent pure-Python version of the published hash
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2, 0xFFFFFFFF, 0x80000000, 123456789, 0xDEADBEEF]
+    assert mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    u = uniforms(torch.arange(64), 500)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    counts = torch.histc(u, bins=20, min=0, max=1).numpy()
+    assert chisquare(counts, np.full(20, u.numel() / 20)).pvalue > P_MIN
+    assert torch.equal(uniforms(torch.tensor([5, 9]), 300, col0=200)[1], uniforms(torch.tensor([9]), 500)[0, 200:])
+
+
+def test_derive_seeds_spread_without_collisions():
+    from erpo_fast.kernels.sampling import derive_seeds
+
+    base = torch.tensor([0, 1, 2, -1, 2**40, 2**62 + 3], dtype=torch.int64)
+    out = torch.stack([derive_seeds(derive_seeds(base, j), t) for j in range(8) for t in range(64)])
+    assert out.unique().numel() == out.numel()  # every (seed, j, t) gets its own stream seed
+    assert bool((out >= 0).all())
+    assert torch.equal(derive_seeds(base, 3), derive_seeds(base, torch.full((6,), 3)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "csrc", "torch"])
+def test_cuda_row_seeds_match_reference_and_ignore_batch_layout(backend):
+    logits, T, top_k, top_p = _random_batch(64, 4096, seed=5, dtype=torch.bfloat16)
+    T = T + 0.5
+    seeds = torch.randint(-2**62, 2**62, (64,), generator=torch.Generator().manual_seed(2))
+    logits, T, top_k, top_p, seeds = (x.cuda() for x in (logits, T, top_k, top_p, seeds))
+    tokens, logprobs = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)
+    ref = processed_logprobs_reference(logits, T, top_k, top_p).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs.double(), ref, atol=1e-4, rtol=1e-4)
+    perm = torch.randperm(64, device="cuda")
+    permuted = sample_tokens(logits[perm], T[perm], top_k=top_k[perm], top_p=top_p[perm], seed=seeds[perm],
+                             backend=backend)[0]
+    assert torch.equal(permuted, tokens[perm])

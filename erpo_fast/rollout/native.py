@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from erpo_fast.kernels import sample_tokens
+from erpo_fast.kernels.sampling import derive_seeds
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, validate_generate_args
 
@@ -450,7 +451,7 @@ class NativeEngine:
 
         ``seed``: an int makes the identical call reproducible (one batched sampler call per step); one
         int per prompt makes each prompt's samples independent of the rest of the batch (how prompts are
-        chunked, compacted or split across ranks), at the cost of one sampler call per prompt per step.
+        chunked, compacted or split across ranks); both modes make one sampler call per step.
         """
         if self._asleep:
             raise RuntimeError("NativeEngine is asleep; call wake_up() before generate()")
@@ -513,7 +514,7 @@ class NativeEngine:
             logits = logits.repeat_interleave(n, dim=0)
         row_ids = torch.arange(rows, device=device)  # live batch position -> output row
         done = torch.zeros(rows, dtype=torch.bool, device=device)
-        tokens, logprobs = sampling.sample(logits, row_ids, done)
+        tokens, logprobs = sampling.sample(logits, 0)
         del logits
 
         out_tokens = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
@@ -552,7 +553,7 @@ class NativeEngine:
             cache.kv_len = longest + t + 1  # >= every row's position + 1; extra slots are masked
             logits = self.runner.decode(tokens, cache).float()
             positions = positions + 1
-            tokens, logprobs = sampling.sample(logits, row_ids, done)
+            tokens, logprobs = sampling.sample(logits, t + 1)
 
         lens = gen_len.tolist()
         stop_flags = stopped.tolist()
@@ -614,16 +615,15 @@ class NativeEngine:
 
 
 class _RowSampling:
-    """Per-row sampling parameters (expanded from per-prompt ones) and the sampler calls.
+    """Per-row sampling parameters (expanded from per-prompt ones) and the sampler call, one per step.
 
-    Batched mode: one ``sample_tokens`` call per step over the live rows. Per-prompt-seed mode: one call per
-    prompt per step over that prompt's n rows, with the prompt's own generator, and always n rows (rows
-    dropped by compaction are filled with placeholder logits), so the random stream a prompt consumes, and
-    hence its samples, never depend on the rest of the batch.
+    Batched mode: the call's generator drives all rows. Per-prompt-seed mode: output row r = (prompt i,
+    sample j) at decode step t draws with its own seed derive(derive(seed_i, j), t), a per-row
+    counter-based stream in ``sample_tokens``, so its samples never depend on the rest of the batch (how
+    prompts are chunked, compacted or split across ranks) and one batched call still serves every row.
     """
 
     def __init__(self, temps, top_ks, top_ps, n, device, generator, prompt_seeds, backend) -> None:
-        self.n = n
         self.temperature = torch.tensor(temps, dtype=torch.float32, device=device).repeat_interleave(n)
         self.top_k = None
         if top_ks is not None and any(k > 0 for k in top_ks):
@@ -632,38 +632,27 @@ class _RowSampling:
         if top_ps is not None and any(p < 1.0 for p in top_ps):
             self.top_p = torch.tensor(top_ps, dtype=torch.float32, device=device).repeat_interleave(n)
         self.generator, self.backend = generator, backend
-        self.prompt_generators = None
+        self.row_seeds = None
         if prompt_seeds is not None:
-            self.prompt_generators = [torch.Generator(device=device) for _ in prompt_seeds]
-            for g, s in zip(self.prompt_generators, prompt_seeds):
-                g.manual_seed(s)
+            # Python ints of any size -> their low 64 bits as a signed int64 (the hash uses all 64).
+            folded = [(s + (1 << 63)) % (1 << 64) - (1 << 63) for s in prompt_seeds]
+            base = torch.tensor(folded, dtype=torch.int64, device=device).repeat_interleave(n)
+            sample_index = torch.arange(len(folded) * n, device=device) % n
+            self.row_seeds = derive_seeds(base, sample_index)
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        if self.prompt_generators is not None:
-            return  # per-prompt mode indexes the full-size tensors by output row
         self.temperature = self.temperature[keep]
         self.top_k = None if self.top_k is None else self.top_k[keep]
         self.top_p = None if self.top_p is None else self.top_p[keep]
+        self.row_seeds = None if self.row_seeds is None else self.row_seeds[keep]
 
-    def sample(self, logits: torch.Tensor, row_ids: torch.Tensor, done: torch.Tensor):
-        """logits ``[live, V]`` for output rows ``row_ids``; returns (tokens, logprobs) for the live rows."""
-        if self.prompt_generators is None:
+    def sample(self, logits: torch.Tensor, step: int):
+        """logits ``[live, V]`` for the live rows at decode step ``step``; returns (tokens, logprobs)."""
+        if self.row_seeds is None:
             return sample_tokens(logits, self.temperature, top_k=self.top_k, top_p=self.top_p,
                                  generator=self.generator, backend=self.backend)
-        n, total = self.n, self.temperature.shape[0]
-        full = logits
-        if logits.shape[0] != total:  # compacted: put the live rows back at their output rows
-            full = logits.new_zeros(total, logits.shape[1])
-            full[row_ids] = logits
-        tokens = torch.zeros(total, dtype=torch.long, device=logits.device)
-        logprobs = torch.zeros(total, dtype=torch.float32, device=logits.device)
-        for i in torch.unique(row_ids[~done] // n).tolist():  # prompts with a row still going
-            rows = slice(i * n, (i + 1) * n)
-            tokens[rows], logprobs[rows] = sample_tokens(
-                full[rows], self.temperature[rows], top_k=None if self.top_k is None else self.top_k[rows],
-                top_p=None if self.top_p is None else self.top_p[rows], generator=self.prompt_generators[i],
-                backend=self.backend)
-        return tokens[row_ids], logprobs[row_ids]
+        return sample_tokens(logits, self.temperature, top_k=self.top_k, top_p=self.top_p,
+                             seed=derive_seeds(self.row_seeds, step), backend=self.backend)
 
 
 # A prompt joins the current prefill batch while it is at least this fraction of the batch's longest prompt,

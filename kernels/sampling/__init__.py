@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from .counter_rng import derive_seeds
 from .naive import kept_mask_reference, processed_logprobs_reference, sample_tokens_reference
 
-__all__ = ["NonFiniteLogitsError", "sample_tokens", "processed_logprobs_reference", "kept_mask_reference",
-           "sample_tokens_reference"]
+__all__ = ["NonFiniteLogitsError", "sample_tokens", "derive_seeds", "processed_logprobs_reference",
+           "kept_mask_reference", "sample_tokens_reference"]
 
 
 class NonFiniteLogitsError(ValueError):
@@ -77,6 +78,15 @@ def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
 
 
+def _row_seeds(seed: torch.Tensor, B: int, device: torch.device) -> torch.Tensor:
+    """Validated per-row seeds: int64 [B] on the logits' device."""
+    if seed.dim() != 1 or seed.shape[0] != B:
+        raise ValueError(f"seed as a tensor must have shape [{B}] (one per row), got {tuple(seed.shape)}")
+    if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+        raise ValueError(f"seed as a tensor must hold integers, got {seed.dtype}")
+    return seed.to(device=device, dtype=torch.int64).contiguous()
+
+
 def _pick_backend(logits: torch.Tensor) -> str:
     if logits.is_cuda:
         return "triton"
@@ -86,7 +96,7 @@ def _pick_backend(logits: torch.Tensor) -> str:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor | float, *, top_k=None, top_p=None,
-                  generator: torch.Generator | None = None, seed: int | None = None,
+                  generator: torch.Generator | None = None, seed: int | torch.Tensor | None = None,
                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of `logits` [B, V] at that row's temperature.
 
@@ -98,6 +108,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor | float, *, to
       neither, noise comes from torch's global generator, so `torch.manual_seed` applies. `triton` and
       `csrc` key their noise by (seed, row index, column), so a row's token does not depend on the other
       rows. Backends use different RNGs: the same seed gives different (equally valid) tokens across them.
+    seed may also be an integer [B] tensor, one seed per row (every backend): row r's noise then
+      depends only on seed[r], not on its position or the other rows, so permuting rows permutes the tokens
+      and a row sampled alone gets the same token (`derive_seeds` makes per-step seeds from a base seed).
     Returns (tokens int64 [B], logprobs fp32 [B]): the log-prob of each sampled token under the processed
     (temperature-scaled, top-k/top-p-filtered, renormalised) distribution.
     Raises ValueError for bad arguments, and for rows whose logits hold NaN or +inf or no finite value.
@@ -112,25 +125,39 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor | float, *, to
         return empty.long(), empty.float()
     if backend == "auto":
         backend = _pick_backend(logits)
-    if backend in ("reference", "torch") and seed is not None:
+    row_seeds = None
+    if isinstance(seed, torch.Tensor):
+        row_seeds = _row_seeds(seed, logits.shape[0], logits.device)
+        if backend == "reference":  # one generator per row (slow, obviously right)
+            # Hashed first: torch's Mersenne Twister seeded with consecutive integers gives correlated first draws.
+            mixed = derive_seeds(row_seeds, 0).tolist()
+            rows = [sample_tokens_reference(logits[r:r + 1], temperature[r:r + 1], top_k[r:r + 1], top_p[r:r + 1],
+                                            torch.Generator(logits.device).manual_seed(s))
+                    for r, s in enumerate(mixed)]
+            return torch.cat([t for t, _ in rows]), torch.cat([lp for _, lp in rows])
+    elif backend in ("reference", "torch") and seed is not None:
         generator = torch.Generator(logits.device).manual_seed(_resolve_seed(seed, None))
     if backend == "reference":
         return sample_tokens_reference(logits, temperature, top_k, top_p, generator)
     if backend == "torch":
         from .torch_sampler import sample_tokens_torch
 
-        tokens, logprobs = sample_tokens_torch(logits, temperature, top_k, top_p, generator)
+        tokens, logprobs = sample_tokens_torch(logits, temperature, top_k, top_p, generator, row_seeds)
     elif backend == "triton":
         from .triton_kernels import sample_tokens_triton
 
         tokens, logprobs = sample_tokens_triton(logits, temperature, top_k, top_p,
-                                                _resolve_seed(seed, generator))
+                                                _resolve_seed(seed, generator) if row_seeds is None else row_seeds)
     else:
         from erpo_fast.csrc import load_ops
 
         load_ops()
-        tokens, logprobs = torch.ops.erpo_fast.sample_tokens(logits, temperature, top_k, top_p,
-                                                             _resolve_seed(seed, generator))
+        if row_seeds is None:
+            tokens, logprobs = torch.ops.erpo_fast.sample_tokens(logits, temperature, top_k, top_p,
+                                                                 _resolve_seed(seed, generator))
+        else:
+            tokens, logprobs = torch.ops.erpo_fast.sample_tokens_rowseed(logits, temperature, top_k, top_p,
+                                                                         row_seeds)
     # The fast backends flag invalid rows (NaN/+inf logits, or no finite logit) with a NaN log-prob; one
     # B-element check here instead of an extra pass over the logits.
     bad = ~torch.isfinite(logprobs)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .counter_rng import uniforms
+
 # Candidates for the top-p threshold search: LM distributions put top_p of their mass in far fewer tokens.
 TOP_P_CANDIDATES = 1024
 # Elements per row chunk of the sampling pass (bounds each fp32 temporary to 16 MiB).
@@ -59,11 +61,13 @@ def kept_thresholds(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
 
 
 def sample_tokens_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                        top_p: torch.Tensor, generator: torch.Generator | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        top_p: torch.Tensor, generator: torch.Generator | None = None,
+                        row_seeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens int64 [B], logprobs fp32 [B]); invalid rows (NaN/+inf logits, no finite logit) get NaN.
 
-    Arguments are validated per-row tensors (see `erpo_fast.kernels.sampling.sample_tokens`).
+    Arguments are validated per-row tensors (see `erpo_fast.kernels.sampling.sample_tokens`). With
+    `row_seeds` (int64 [B]) row r's noise comes from the counter-based stream of row_seeds[r] alone
+    (`counter_rng.uniforms`), else from `torch.rand` with `generator`.
     """
     B, V = logits.shape
     thr = kept_thresholds(logits, temperature, top_k, top_p)
@@ -82,7 +86,11 @@ def sample_tokens_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
         # NaN/+inf logits, or a row without a finite kept logit, make the whole softmax row NaN: that NaN
         # reaches the log-prob and marks the row invalid without a separate pass over the logits.
         probs = torch.softmax(s, dim=1)
-        noise = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype).log_().neg_()
+        if row_seeds is None:
+            u = torch.rand(s.shape, generator=generator, device=s.device, dtype=s.dtype)
+        else:
+            u = uniforms(row_seeds[r0:r1], V)
+        noise = u.log_().neg_()
         tok = (probs / noise).argmax(1)  # argmax p / E with E ~ Exp(1): a draw from p (exponential race)
         if bool(greedy.any()):
             tok = torch.where(greedy, z.argmax(1), tok)

@@ -11,7 +11,8 @@ another at a fixed cost per operation, so there the wrapper packs many rows into
    distribution) is < top_p. Blocks without filtered rows skip both and store -inf. Bisection keeps the
    kernel sort-free and exact.
 2. `_sample_kernel`: one pass with an online max/logsumexp over kept tokens and a running Gumbel argmax
-   (Philox noise from `tl.randint`, keyed by (seed, row * V + column)); log-prob = s_tok - logsumexp.
+   (Philox noise from `tl.randint`, keyed by (seed, row * V + column), or with per-row seeds by
+   (seeds[row], column)); log-prob = s_tok - logsumexp.
    Temperature-0 rows take the first argmax with log-prob 0. Rows with NaN/+inf logits (or no finite kept
    logit) get a NaN log-prob, which the Python front end turns into a ValueError.
 """
@@ -100,8 +101,8 @@ def _threshold_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, thr_ptr,
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, temp_ptr, thr_ptr, tok_ptr, lp_ptr, seed, B, V,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, stride, temp_ptr, thr_ptr, tok_ptr, lp_ptr, seed, seeds_ptr, B, V,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, ROW_SEEDS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     row_base = logits_ptr + rows.to(tl.int64)[:, None] * stride
@@ -115,6 +116,8 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, thr_ptr, tok_ptr, lp_ptr, seed,
     best_s = tl.zeros([ROWS], tl.float32)
     best_idx = tl.zeros([ROWS], tl.int32)
     bad = tl.zeros([ROWS], tl.int32)
+    if ROW_SEEDS:  # per-row seeds: Philox keyed by the row's seed, counter = column (independent of the row index)
+        row_seed = tl.load(seeds_ptr + rows, mask=row_ok, other=0)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = row_ok[:, None] & (cols < V)[None, :]
@@ -128,7 +131,10 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, thr_ptr, tok_ptr, lp_ptr, seed,
         total = total * tl.exp(m - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
         m = m_new
         # running Gumbel argmax; u in (0, 1) from 23 random bits at cell centres
-        r = tl.randint(seed, rows.to(tl.int64)[:, None] * V + cols[None, :])
+        if ROW_SEEDS:
+            r = tl.randint(row_seed[:, None], cols[None, :].to(tl.int64) + tl.zeros([ROWS, 1], tl.int64))
+        else:
+            r = tl.randint(seed, rows.to(tl.int64)[:, None] * V + cols[None, :])
         u = ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         # E = -log(u) ~ Exp(1); near u = 1 a series in the exact w = 1 - u, since a fast log loses E there
         w = 1.0 - u
@@ -168,22 +174,27 @@ def kept_thresholds_triton(logits: torch.Tensor, temperature: torch.Tensor, top_
 
 
 def sample_with_thresholds_triton(logits: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor,
-                                  seed: int, block: int | None = None, rows: int | None = None
+                                  seed: int | torch.Tensor, block: int | None = None, rows: int | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The single sampling pass over tokens with logit >= thr [B]: (tokens int64 [B], logprobs fp32 [B])."""
+    """The single sampling pass over tokens with logit >= thr [B]: (tokens int64 [B], logprobs fp32 [B]).
+
+    seed: an int (row r's noise keyed by (seed, r)) or an int64 [B] tensor (keyed by seed[r] alone).
+    """
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B:
         ROWS, BLOCK = _launch_shape(logits, block, rows)
+        row_seeds = isinstance(seed, torch.Tensor)
         _sample_kernel[(triton.cdiv(B, ROWS),)](logits, logits.stride(0), temperature, thr, tokens, logprobs,
-                                               seed, B, V, ROWS=ROWS, BLOCK=BLOCK)
+                                               0 if row_seeds else seed, seed if row_seeds else thr, B, V,
+                                               ROWS=ROWS, BLOCK=BLOCK, ROW_SEEDS=row_seeds)
     return tokens, logprobs
 
 
 def sample_tokens_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                         top_p: torch.Tensor, seed: int, block: int | None = None, rows: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         top_p: torch.Tensor, seed: int | torch.Tensor, block: int | None = None,
+                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens int64 [B], logprobs fp32 [B]); validated per-row tensors in, NaN log-prob marks invalid rows.
 
     The threshold kernel always runs (blocks without filtered rows exit at once), so there is no host sync.
