@@ -186,7 +186,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"num_train": 500, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 12},
         "trainer": {"max_steps": 400, "prompts_per_step": 16, "micro_batch_size": 128, "lr": 1e-4,
-                    "eval_every": 100, "save_every": 100, "output_dir": "runs/tiny-cpu", "threads": 2},
+                    "eval_every": 100, "save_every": 100, "output_dir": "runs/tiny-cpu", "threads": 1},
     },
     "none": {},
 }
