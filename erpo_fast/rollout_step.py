@@ -138,6 +138,7 @@ def collect(s, step: int) -> StepData:
         "frac_all_wrong": stats["all_wrong"] / n_groups,
         "frac_mixed": stats["mixed"] / n_groups,
         "revived": stats["revived"],
+        "groups_above_base": stats["groups_above_base"],
         "temperature_mean": stats["temperature_mean"],
         "temperature_max": stats["temperature_max"],
         "groups_dropped": dropped,
@@ -158,12 +159,15 @@ def _update_tracker_and_advantages(s, groups: Groups, step: int) -> tuple[dict, 
     rewards = np.concatenate([g[1] for g in gathered])
     temps = np.concatenate([g[2] for g in gathered])
     lengths = [n for g in gathered for n in g[3]]
+    # Groups whose prompt sat above base before this update: the denominator of the revival rate.
+    above_base = int((s.tracker.temperatures(ids) > cfg.algorithm.base_temperature).sum())
     tstats = s.tracker.update(ids, rewards, step=step)
     adv = compute_advantages(torch.as_tensor(groups.rewards), cfg.algorithm.advantage, eps=cfg.algorithm.adv_eps,
                              ra=cfg.algorithm.ra, ra_negative_reward=cfg.algorithm.ra_negative_reward,
                              success_threshold=cfg.algorithm.success_threshold).numpy()
     stats = {"groups": len(ids), "all_correct": tstats.all_correct, "all_wrong": tstats.all_wrong,
-             "mixed": tstats.mixed, "revived": tstats.revived, "reward_mean": float(rewards.mean()),
+             "mixed": tstats.mixed, "revived": tstats.revived, "groups_above_base": above_base,
+             "reward_mean": float(rewards.mean()),
              "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
              "response_len_mean": float(np.mean(lengths)) if lengths else 0.0}
     return stats, adv

@@ -48,6 +48,7 @@ def test_metrics_contract_checkpoint_and_plots(tmp_path):
         assert not missing, missing
         assert math.isclose(r["frac_all_correct"] + r["frac_all_wrong"] + r["frac_mixed"], 1.0)
         assert 1.0 <= r["temperature_mean"] <= r["temperature_max"] <= 1.5
+        assert r["revived"] <= r["groups_above_base"]  # a revived group was sampled above base
     assert "heldout_mean_at_2" in records[1] and "heldout_pass_at_2" in records[1]  # eval_every=2
     assert "heldout_mean_at_2" not in records[2]
     summary = json.loads((tmp_path / "summary.json").read_text())
