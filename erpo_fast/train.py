@@ -23,7 +23,7 @@ import torch
 from erpo_fast.checkpoint import CheckpointError, save_checkpoint
 from erpo_fast.config import Config, ConfigError, config_from_cli, help_text
 from erpo_fast.data import DataError
-from erpo_fast.distributed import all_gather_objects, broadcast_object, init_runtime, shutdown
+from erpo_fast.distributed import all_gather_objects, barrier, broadcast_object, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence
@@ -64,7 +64,11 @@ def train(cfg: Config) -> dict:
         # The final evaluation goes to summary.json, not to the last step's record, so that a run cut short
         # and resumed logs exactly the steps an uninterrupted run logs.
         s.extra["heldout_after"] = run_eval(s, cfg.trainer.max_steps)
-        return finish(s, logger)
+        summary = finish(s, logger)
+        # Leave together: a rank tearing gloo down while rank 0 still writes plots was seen to abort at exit.
+        # (Only on success: after an error on one rank, a barrier would hang the others.)
+        barrier(rt)
+        return summary
     finally:
         if logger:
             logger.close()
