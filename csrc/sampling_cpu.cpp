@@ -112,10 +112,8 @@ struct ChunkState {
   bool bad = false;    // NaN or +inf seen
 };
 
-// Sampling pass over one chunk at inverse temperature inv_t, over tokens with logit >= thr; `keys` is scratch
-// of kChunk floats.
-ERPO_CLONES void sample_chunk(const float* z, int64_t n, uint32_t col0, float inv_t, float thr, RowKey key,
-                              ChunkState& st, float* keys) {
+// Max of z over z >= thr, and whether a NaN/+inf is present, over a row or a chunk.
+ERPO_CLONES void masked_max(const float* z, int64_t n, float thr, float& out_max, bool& out_bad) {
   float zmax = -kInf;
   int32_t bad = 0;
 #pragma omp simd reduction(max : zmax) reduction(| : bad)
@@ -125,7 +123,16 @@ ERPO_CLONES void sample_chunk(const float* z, int64_t n, uint32_t col0, float in
     const float w = v >= thr ? v : -kInf;
     zmax = w > zmax ? w : zmax;
   }
-  st.bad = bad != 0;
+  out_max = zmax;
+  out_bad = bad != 0;
+}
+
+// Sampling pass over one chunk at inverse temperature inv_t, over tokens with logit >= thr; `keys` is scratch
+// of kChunk floats.
+ERPO_CLONES void sample_chunk(const float* z, int64_t n, uint32_t col0, float inv_t, float thr, RowKey key,
+                              ChunkState& st, float* keys) {
+  float zmax;
+  masked_max(z, n, thr, zmax, st.bad);
   if (zmax == -kInf) return;  // nothing here can be sampled
   const float m = zmax * inv_t;
   float sum = 0.0f;
@@ -162,21 +169,6 @@ ERPO_CLONES void greedy_chunk(const float* z, int64_t n, int64_t col0, ChunkStat
   st.m = zmax;
   st.idx = col0 + (at < n ? at : 0);
   st.bad = bad != 0;
-}
-
-// Max of z over z >= thr, and whether a NaN/+inf is present, over a whole row.
-ERPO_CLONES void masked_max(const float* z, int64_t n, float thr, float& out_max, bool& out_bad) {
-  float zmax = -kInf;
-  int32_t bad = 0;
-#pragma omp simd reduction(max : zmax) reduction(| : bad)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = z[i];
-    bad |= static_cast<int32_t>((v != v) | (v == kInf));
-    const float w = v >= thr ? v : -kInf;
-    zmax = w > zmax ? w : zmax;
-  }
-  out_max = zmax;
-  out_bad = bad != 0;
 }
 
 // out[i] = exp(z[i] * inv_t - m) where z[i] >= thr, else 0.
