@@ -322,23 +322,16 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / f"{NAME}_heldout.png"))
 
     smooth = result["config"]["window"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("frac_all_correct", "frac_all_wrong", "frac_mixed")):
-        for name, arm in result["arms"].items():
-            x = arm["seeds"][0]["steps"]["step"]
-            band(ax, x, _steps_array(arm["seeds"], key), name, smooth=min(smooth, len(x)))
-        ax.set(title=f"{key} (running mean of {smooth} steps)", xlabel="step")
-        ax.legend()
-    paths.append(_save(fig, out_dir / f"{NAME}_residual.png"))
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("entropy", "temperature_mean", "revived")):
-        for name, arm in result["arms"].items():
-            x = arm["seeds"][0]["steps"]["step"]
-            band(ax, x, _steps_array(arm["seeds"], key), name, smooth=min(smooth, len(x)))
-        ax.set(title=f"{key} (running mean of {smooth} steps)", xlabel="step")
-        ax.legend()
-    paths.append(_save(fig, out_dir / f"{NAME}_entropy_temperature.png"))
+    for keys, suffix in ((("frac_all_correct", "frac_all_wrong", "frac_mixed"), "residual"),
+                         (("entropy", "temperature_mean", "revived"), "entropy_temperature")):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key in zip(axes, keys):
+            for name, arm in result["arms"].items():
+                x = arm["seeds"][0]["steps"]["step"]
+                band(ax, x, _steps_array(arm["seeds"], key), name, smooth=min(smooth, len(x)))
+            ax.set(title=f"{key} (running mean of {smooth} steps)", xlabel="step")
+            ax.legend()
+        paths.append(_save(fig, out_dir / f"{NAME}_{suffix}.png"))
     return paths
 
 

@@ -21,6 +21,7 @@ import torch
 
 from erpo_fast.config import DataConfig, ModelConfig
 from erpo_fast.kernels import linear_logprobs
+from erpo_fast.learner import RolloutSequence, pack_sequences
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
 from erpo_fast.prompting import encode_completion
 from erpo_fast.tokenizer import build_char_tokenizer
@@ -73,10 +74,10 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     loss_value = float("nan")
     for _ in range(steps):
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        ids, labels, positions = _pack([examples[i] for i in pick])
-        hidden = last_hidden_state(model, ids[None], positions[None])[0]
-        logprobs = linear_logprobs(hidden, lm_head_weight(model), labels, 1.0)
-        loss = -logprobs.sum() / (labels != -100).sum()
+        batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
+                               temperature=1.0)
+        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.positions]
+        loss = -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -85,18 +86,6 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         loss_value = float(loss.detach())
     model.eval()
     return loss_value
-
-
-def _pack(batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One padding-free row: position ids restart per example; labels are the next response token."""
-    ids, labels, positions = [], [], []
-    for prompt, response in batch:
-        seq = prompt + response
-        ids += seq
-        # position t predicts token t+1; only response tokens are trained.
-        labels += [-100] * (len(prompt) - 1) + response + [-100]
-        positions += list(range(len(seq)))
-    return torch.tensor(ids), torch.tensor(labels), torch.tensor(positions)
 
 
 def _save_atomically(model, tokenizer, target: Path) -> None:

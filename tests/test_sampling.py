@@ -67,6 +67,18 @@ def test_expected_probs_boundaries_are_unambiguous():
             assert np.min(np.abs(exclusive - p)) > 0.01
 
 
+def _assert_groups_follow_processed_distribution(tokens, n, backend):
+    """Group i's n draws (rows i*n..(i+1)*n) stay in its kept set and pass chi-square; returns the counts."""
+    counts = [np.bincount(tokens[i * n:(i + 1) * n].numpy(), minlength=ROW.size) for i in range(len(GROUPS))]
+    for (t, kk, pp), c in zip(GROUPS, counts):
+        expected = expected_probs(ROW, t, kk, pp)
+        support = expected > 0
+        assert c[~support].sum() == 0, f"sampled outside the kept set for {(t, kk, pp)}"
+        pvalue = chisquare(c[support], expected[support] * n).pvalue
+        assert pvalue > P_MIN, f"{backend} {(t, kk, pp)}: p = {pvalue:.2e}"
+    return counts
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chi_square_per_row_temperature_top_k_top_p(backend):
     _skip_if_csrc_unavailable(backend)
@@ -76,13 +88,7 @@ def test_chi_square_per_row_temperature_top_k_top_p(backend):
     p = torch.tensor([g[2] for g in GROUPS]).repeat_interleave(n)
     logits = torch.from_numpy(ROW).expand(len(T), -1).contiguous()
     tokens, _ = sample_tokens(logits, T, top_k=k, top_p=p, seed=1234, backend=backend)
-    counts = [np.bincount(tokens[i * n:(i + 1) * n].numpy(), minlength=ROW.size) for i in range(len(GROUPS))]
-    for (t, kk, pp), c in zip(GROUPS, counts):
-        expected = expected_probs(ROW, t, kk, pp)
-        support = expected > 0
-        assert c[~support].sum() == 0, f"sampled outside the kept set for {(t, kk, pp)}"
-        pvalue = chisquare(c[support], expected[support] * n).pvalue
-        assert pvalue > P_MIN, f"{backend} {(t, kk, pp)}: p = {pvalue:.2e}"
+    counts = _assert_groups_follow_processed_distribution(tokens, n, backend)
     # Negative control: the T=1.0 draws must be rejected as draws from the T=0.3 distribution, so the test
     # above is able to fail.
     wrong = expected_probs(ROW, *GROUPS[0])
@@ -242,13 +248,7 @@ def test_chi_square_per_row_seeds(backend):
     logits = torch.from_numpy(ROW).expand(len(T), -1).contiguous()
     seeds = torch.arange(len(T), dtype=torch.int64)
     tokens, _ = sample_tokens(logits, T, top_k=k, top_p=p, seed=seeds, backend=backend)
-    counts = [np.bincount(tokens[i * n:(i + 1) * n].numpy(), minlength=ROW.size) for i in range(len(GROUPS))]
-    for (t, kk, pp), c in zip(GROUPS, counts):
-        expected = expected_probs(ROW, t, kk, pp)
-        support = expected > 0
-        assert c[~support].sum() == 0, f"sampled outside the kept set for {(t, kk, pp)}"
-        pvalue = chisquare(c[support], expected[support] * n).pvalue
-        assert pvalue > P_MIN, f"{backend} {(t, kk, pp)}: p = {pvalue:.2e}"
+    counts = _assert_groups_follow_processed_distribution(tokens, n, backend)
     # Negative controls: T=1.0 draws judged as T=0.3 draws are rejected; one seed shared by every row of a
     # group gives one repeated token, which the same chi-square rejects.
     assert chisquare(counts[1], expected_probs(ROW, *GROUPS[0]) * n).pvalue < 1e-6
