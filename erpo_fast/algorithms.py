@@ -21,18 +21,25 @@ KL_KINDS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
 IS_LEVELS = ("token", "sequence")
+IS_MASK_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("ppo", "cispo")
 
 __all__ = [
     "ADVANTAGE_METHODS",
     "IS_LEVELS",
+    "IS_MASK_LEVELS",
     "KL_KINDS",
     "LOSS_AGGREGATIONS",
+    "LOSS_TYPES",
     "RATIO_LEVELS",
     "aggregation_weights",
     "compute_advantages",
     "dynamic_sampling_filter",
     "group_kinds",
     "gspo_effective_old_logprobs",
+    "is_correction_weights",
+    "is_mask_keep",
+    "mismatch_metrics",
     "per_token_kl",
     "per_token_policy_loss",
     "policy_loss",
@@ -316,6 +323,129 @@ def truncated_is_weights(
     return torch.where(mb, w, torch.zeros_like(w))
 
 
+def _check_band(low: float, high: float) -> None:
+    if not (0 < low <= 1.0 <= high and math.isfinite(high)):
+        raise ValueError(f"the IS mask band must satisfy 0 < low <= 1 <= high < inf, got [{low}, {high}]")
+
+
+@torch.no_grad()
+def is_mask_keep(
+    learner_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    level: str = "token",
+    low: float = 0.5,
+    high: float = 2.0,
+    seq_ids: Tensor | None = None,
+) -> Tensor:
+    """Masked importance sampling: which tokens keep their place in the loss (bool [N], no grad).
+
+    - ``level="token"`` ("icepop"): token i is kept when ``low <= exp(learner_i - rollout_i) <= high``.
+    - ``level="sequence"``: every token of sequence s is kept when the sequence's GEOMETRIC-MEAN ratio
+      ``exp(mean over its masked tokens of (learner - rollout))`` lies in ``[low, high]`` (needs ``seq_ids``).
+      The geometric mean, unlike the product, does not drift out of any fixed band as responses get longer.
+    Bounds are inclusive; the test runs in log space (no overflow). Tokens with ``mask == 0`` are never kept.
+    """
+    if level not in IS_MASK_LEVELS:
+        raise ValueError(f"unknown IS mask level {level!r}; valid: {', '.join(IS_MASK_LEVELS)}")
+    _check_band(low, high)
+    _check_1d("learner_logprobs", learner_logprobs)
+    n = learner_logprobs.shape[0]
+    _check_1d("rollout_logprobs", rollout_logprobs, n)
+    _check_1d("mask", mask, n)
+    mb = _mask_bool(mask)
+    log_ratio = torch.where(mb, learner_logprobs - rollout_logprobs, torch.zeros_like(learner_logprobs))
+    if level == "sequence":
+        if seq_ids is None:
+            raise ValueError("IS mask level='sequence' needs seq_ids (the sequence label of every token)")
+        _check_1d("seq_ids", seq_ids, n)
+        seg, num_segments = _segments(seq_ids)
+        sums = torch.zeros(num_segments, dtype=log_ratio.dtype, device=log_ratio.device).index_add_(0, seg, log_ratio)
+        counts = torch.zeros(num_segments, dtype=log_ratio.dtype, device=log_ratio.device).index_add_(
+            0, seg, mb.to(log_ratio.dtype))
+        log_ratio = (sums / counts.clamp(min=1))[seg]
+    return mb & (log_ratio >= math.log(low)) & (log_ratio <= math.log(high))
+
+
+@torch.no_grad()
+def is_correction_weights(
+    learner_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    is_level: str | None = None,
+    is_clip: float = 2.0,
+    mask_level: str | None = None,
+    mask_low: float = 0.5,
+    mask_high: float = 2.0,
+    seq_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rollout-correction weights [N] and the keep mask [N] of masked IS (no grad).
+
+    ``weights = truncated_is_weights(...)`` (``is_level`` token/sequence; 1 when ``None``) times
+    ``is_mask_keep(...)`` (``mask_level`` token/sequence; all kept when ``None``). A masked-out token gets weight 0
+    but stays in the loss normaliser, as in IcePop and TRL's ``*_mask`` modes (verl's ``rollout_rs`` instead
+    drops it from the response mask). Token-level truncation plus a token-level mask with ``is_clip >= mask_high``
+    is IcePop: the ratio inside the band, 0 outside. Tokens with ``mask == 0`` get weight 0.
+    """
+    mb = _mask_bool(mask)
+    if is_level is not None:
+        weights = truncated_is_weights(learner_logprobs, rollout_logprobs, mb, level=is_level, clip_max=is_clip,
+                                       seq_ids=seq_ids)
+    else:
+        weights = mb.to(torch.promote_types(learner_logprobs.dtype, torch.float32))
+    if mask_level is None:
+        return weights, mb
+    keep = is_mask_keep(learner_logprobs, rollout_logprobs, mb, level=mask_level, low=mask_low, high=mask_high,
+                        seq_ids=seq_ids)
+    return torch.where(keep, weights, torch.zeros_like(weights)), keep
+
+
+@torch.no_grad()
+def mismatch_metrics(
+    learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, ratio_bound: float = 2.0
+) -> dict[str, float]:
+    """How far the rollout engine's log-probs are from the learner's, over the masked tokens (python floats).
+
+    Both sides must be the sampled tokens' log-probs under the SAME processed distribution (each row at its own
+    temperature). Tokens whose rollout log-prob is not finite (the engine gave none) are left out. With
+    ``d = learner - rollout``:
+    - ``mismatch_logp_abs_mean`` / ``mismatch_logp_abs_max``: mean and max of ``|d|``;
+    - ``mismatch_kl_k3``: mean of ``exp(d) - 1 - d``, the k3 estimate of KL(rollout || learner) from tokens the
+      rollout sampled (non-negative, unbiased);
+    - ``mismatch_ratio_outside_frac``: fraction of tokens whose ratio ``exp(d)`` lies outside
+      ``[1 / ratio_bound, ratio_bound]``;
+    - ``mismatch_tokens``: the number of tokens measured (all values are 0 when it is 0).
+    """
+    if not (ratio_bound >= 1.0 and math.isfinite(ratio_bound)):
+        raise ValueError(f"ratio_bound must be a finite number >= 1, got {ratio_bound}")
+    _check_1d("learner_logprobs", learner_logprobs)
+    n = learner_logprobs.shape[0]
+    _check_1d("rollout_logprobs", rollout_logprobs, n)
+    _check_1d("mask", mask, n)
+    dtype = torch.promote_types(learner_logprobs.dtype, torch.float32)
+    learner = learner_logprobs.detach().to(dtype)
+    rollout = rollout_logprobs.detach().to(dtype)
+    mb = _mask_bool(mask) & torch.isfinite(rollout) & torch.isfinite(learner)
+    d = torch.where(mb, learner - rollout, torch.zeros_like(learner))
+    m = mb.to(dtype)
+    count = m.sum()
+    zero = torch.zeros((), dtype=dtype, device=d.device)
+    values = torch.stack([
+        (d.abs() * m).sum() / count.clamp(min=1),
+        d.abs().amax() if n else zero,  # masked-out tokens hold d = 0, which never exceeds a real |d|
+        ((torch.expm1(d) - d) * m).sum() / count.clamp(min=1),
+        ((d.abs() > math.log(ratio_bound)) & mb).to(dtype).sum() / count.clamp(min=1),
+        count,
+    ]).tolist()
+    keys = ("mismatch_logp_abs_mean", "mismatch_logp_abs_max", "mismatch_kl_k3", "mismatch_ratio_outside_frac",
+            "mismatch_tokens")
+    out = dict(zip(keys, values))
+    out["mismatch_tokens"] = int(out["mismatch_tokens"])
+    return out
+
+
 def per_token_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -329,6 +459,9 @@ def per_token_policy_loss(
     beta: float = 0.0,
     kl: str = "k3",
     max_log_ratio: float = 20.0,
+    loss_type: str = "ppo",
+    cispo_eps_low: float = 1.0,
+    cispo_eps_high: float = 4.0,
 ) -> Tensor:
     """Per-token policy loss (token-level ratio), BEFORE masking and aggregation.
 
@@ -344,20 +477,31 @@ def per_token_policy_loss(
       whose ratio exploded (dual-clip PPO);
     - loss = ``-obj * is_weights`` (truncated-IS weights scale the surrogate only; they are detached);
     - plus ``beta * per_token_kl(logprobs, ref_logprobs, kl)`` when ``ref_logprobs`` is given and beta > 0.
+
+    ``loss_type="cispo"`` (MiniMax-M1's CISPO) replaces the clipped surrogate by a clipped, stop-gradient IS weight
+    times the log-prob: ``loss = -sg(clip(r, 1 - cispo_eps_low, 1 + cispo_eps_high)) * A * logprobs`` (times the
+    IS weights; plus the same KL term). Every token keeps a gradient ``-clip(r) A``: none is clipped out of the
+    update, only its weight is bounded. ``cispo_eps_low >= 1`` means no lower bound (MiniMax's setting). The eps_*
+    and dual_clip arguments belong to the ppo loss; dual_clip must be None with cispo.
     GSPO's sequence-level ratio is obtained by passing ``old_logprobs = gspo_effective_old_logprobs(...)``.
     Inputs must be finite: callers replace masked-out tokens by safe values first (as :func:`policy_loss` does),
     since a zero aggregation weight cannot cancel a NaN.
     """
     _check_clip_args(eps_low, eps_high, dual_clip, beta)
+    _check_loss_type(loss_type, cispo_eps_low, cispo_eps_high, dual_clip)
     if not (max_log_ratio > 0):
         raise ValueError(f"max_log_ratio must be > 0, got {max_log_ratio}")
     ratio = torch.exp((logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio))
-    surr = ratio * advantages
-    surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
-    obj = torch.minimum(surr, surr_clipped)
-    if dual_clip is not None:
-        obj = torch.where(advantages < 0, torch.maximum(obj, dual_clip * advantages), obj)
-    loss = -obj
+    if loss_type == "cispo":
+        weight = ratio.detach().clamp(max(0.0, 1.0 - cispo_eps_low), 1.0 + cispo_eps_high)
+        loss = -(weight * advantages) * logprobs
+    else:
+        surr = ratio * advantages
+        surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+        obj = torch.minimum(surr, surr_clipped)
+        if dual_clip is not None:
+            obj = torch.where(advantages < 0, torch.maximum(obj, dual_clip * advantages), obj)
+        loss = -obj
     if is_weights is not None:
         loss = loss * is_weights.detach()
     if ref_logprobs is not None and beta > 0:
@@ -374,6 +518,17 @@ def _check_clip_args(eps_low: float, eps_high: float, dual_clip: float | None, b
         raise ValueError(f"dual_clip must be a finite number > 1 (or None to disable), got {dual_clip}")
     if not (beta >= 0.0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+
+
+def _check_loss_type(loss_type: str, cispo_eps_low: float, cispo_eps_high: float, dual_clip: float | None) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if not (cispo_eps_low >= 0.0 and math.isfinite(cispo_eps_low)):
+        raise ValueError(f"cispo_eps_low must be a finite number >= 0, got {cispo_eps_low}")
+    if not (cispo_eps_high >= 0.0 and math.isfinite(cispo_eps_high)):
+        raise ValueError(f"cispo_eps_high must be a finite number >= 0, got {cispo_eps_high}")
+    if loss_type == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip belongs to the ppo loss; it must be None with loss_type='cispo'")
 
 
 def gspo_effective_old_logprobs(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, seq_ids: Tensor) -> Tensor:
@@ -416,6 +571,9 @@ def policy_loss(
     ratio_level: str = "token",
     is_weights: Tensor | None = None,
     max_log_ratio: float = 20.0,
+    loss_type: str = "ppo",
+    cispo_eps_low: float = 1.0,
+    cispo_eps_high: float = 4.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Aggregated policy loss over N packed tokens: ``sum_i w_i * per_token_policy_loss_i`` and metrics.
 
@@ -429,12 +587,15 @@ def policy_loss(
       with per-token advantages it is, by definition, GSPO-token's gradient.
     - Tokens with mask == 0 contribute nothing and get zero gradient, even if their inputs are inf/NaN.
     - An all-zero mask gives loss 0 (with a zero gradient), not NaN.
+    - ``loss_type`` ``"ppo"`` (clipped surrogate) or ``"cispo"`` (see :func:`per_token_policy_loss`).
 
     Metrics (python floats, computed without grad, plain means over masked tokens; 0 when no token is masked):
     ``clip_frac_low`` (ratio < 1 - eps_low and A < 0), ``clip_frac_high`` (ratio > 1 + eps_high and A > 0),
     ``clip_frac`` (their sum), ``kl_mean`` (the ``kl`` estimator vs ``ref_logprobs``; 0 without a reference),
     ``ratio_mean``, ``ratio_max``, and ``dual_clip_frac`` (A < 0 and the ``c A`` bound active) when dual clip
-    is on.
+    is on. With ``loss_type="cispo"`` the clip fractions count the tokens whose IS weight is clipped, whatever
+    the advantage's sign: ``clip_frac_low`` (ratio < 1 - cispo_eps_low), ``clip_frac_high`` (ratio >
+    1 + cispo_eps_high).
     """
     _check_1d("logprobs", logprobs)
     if not logprobs.is_floating_point():
@@ -452,6 +613,7 @@ def policy_loss(
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
     _check_clip_args(eps_low, eps_high, dual_clip, beta)
+    _check_loss_type(loss_type, cispo_eps_low, cispo_eps_high, dual_clip)
     if ratio_level == "sequence" and seq_ids is None:
         raise ValueError("ratio_level='sequence' (GSPO) needs seq_ids (the sequence label of every token)")
 
@@ -474,7 +636,8 @@ def policy_loss(
 
     per_token = per_token_policy_loss(
         lp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, is_weights=isw,
-        ref_logprobs=ref, beta=beta, kl=kl, max_log_ratio=max_log_ratio,
+        ref_logprobs=ref, beta=beta, kl=kl, max_log_ratio=max_log_ratio, loss_type=loss_type,
+        cispo_eps_low=cispo_eps_low, cispo_eps_high=cispo_eps_high,
     )
     loss = (weights * per_token).sum()
 
@@ -483,9 +646,15 @@ def policy_loss(
         m = mb.to(dtype)
         count = m.sum().clamp(min=1)
         zero = torch.zeros((), dtype=dtype, device=lp.device)
+        if loss_type == "cispo":
+            low = (ratio < 1.0 - cispo_eps_low)
+            high = (ratio > 1.0 + cispo_eps_high)
+        else:
+            low = (ratio < 1.0 - eps_low) & (adv < 0)
+            high = (ratio > 1.0 + eps_high) & (adv > 0)
         stats = {
-            "clip_frac_low": ((ratio < 1.0 - eps_low) & (adv < 0)).to(dtype),
-            "clip_frac_high": ((ratio > 1.0 + eps_high) & (adv > 0)).to(dtype),
+            "clip_frac_low": low.to(dtype),
+            "clip_frac_high": high.to(dtype),
             "kl_mean": per_token_kl(lp.detach(), ref, kl) if ref is not None else None,
             "ratio_mean": ratio,
         }

@@ -156,6 +156,8 @@ def make_loss_inputs(seed, hidden, weight, labels, temperature, *, n_seqs=8, wit
         if with_old else None,
         ref_logprobs=(lp + 0.25 * torch.randn(n, generator=g)) if with_ref else None,
         is_weights=torch.rand(n, generator=g) * 1.5 + 0.25,
+        # the engine's log-probs: close to the learner's, with a few tokens far off so that masks reject some
+        rollout_logprobs=lp + 0.3 * torch.randn(n, generator=g) + 1.2 * (torch.rand(n, generator=g) < 0.2),
     )
 
 
@@ -167,6 +169,19 @@ LOSS_OPTIONS = {
                                                    kl="k2", dual_clip=3.0, _is=True, eps_high=0.2),
     "gspo": dict(ratio_level="sequence", loss_agg="seq_mean_token_mean", beta=0.05, eps_low=3e-4, eps_high=4e-4),
     "gspo_on_policy_is": dict(ratio_level="sequence", _old=False, _is=True),
+    "cispo": dict(loss_type="cispo", cispo_eps_low=0.2, cispo_eps_high=0.3, beta=0.05, _rollout=True),
+    "cispo_on_policy_seq_mean": dict(loss_type="cispo", loss_agg="seq_mean_token_mean", _old=False),
+    # IS weights from rollout_logprobs, learner side = this call's own log-probs (computed chunk by chunk)
+    "icepop_on_policy": dict(_old=False, _rollout=True, is_level="token", is_clip=5.0, is_mask="token",
+                             is_mask_low=0.6, is_mask_high=1.5),
+    # sequence-level mask from on-policy log-probs: the extra-pass path
+    "seq_mask_tis_on_policy": dict(_old=False, _rollout=True, is_level="token", is_clip=1.3, is_mask="sequence",
+                                   is_mask_low=0.8, is_mask_high=1.25, loss_agg="seq_mean_token_mean"),
+    # learner side = old_logprobs, known before the pass
+    "cispo_seq_is_token_mask": dict(loss_type="cispo", _rollout=True, is_level="sequence", is_clip=1.5,
+                                    is_mask="token", is_mask_low=0.5, is_mask_high=1.4),
+    "gspo_seq_mask_on_policy": dict(ratio_level="sequence", _old=False, _rollout=True, is_mask="sequence",
+                                    is_mask_low=0.8, is_mask_high=1.25),
 }
 
 
@@ -178,6 +193,7 @@ def loss_call(backend, hidden, weight, labels, temperature, inputs, options, gra
         h, w, labels, temperature, inputs["advantages"], inputs["mask"],
         old_logprobs=inputs["old_logprobs"] if options.get("_old", True) else None,
         ref_logprobs=inputs["ref_logprobs"], is_weights=inputs["is_weights"] if options.get("_is") else None,
+        rollout_logprobs=inputs["rollout_logprobs"] if options.get("_rollout") else None,
         seq_ids=inputs["seq_ids"], backend=backend, **opts)
     (loss * grad_scale).backward()
     return loss, metrics, h.grad, w.grad
@@ -196,11 +212,21 @@ def check_loss_against_reference(backend, dtype, shape, option_name, seed, grad_
         assert o.dtype == dtype
         assert rel_err(o, r) < tol(dtype), f"{name}: {rel_err(o, r):.3g}"
     assert set(ref[1]) <= set(out[1]) and "entropy_mean" in out[1]
-    for key in ("kl_mean", "entropy_mean", "ratio_mean", "ratio_max"):
+    assert set(out[1]) == set(ref[1])
+    floats = ["kl_mean", "entropy_mean", "ratio_mean", "ratio_max"]
+    floats += [k for k in ref[1] if k.startswith("mismatch_") and k != "mismatch_tokens"]
+    for key in floats:
         assert math.isclose(out[1][key], ref[1][key], rel_tol=tol(dtype) * 10, abs_tol=tol(dtype)), key
-    if dtype != torch.bfloat16:  # clip decisions of bf16 runs may flip at a boundary
-        for key in ("clip_frac", "clip_frac_low", "clip_frac_high"):
-            assert out[1][key] == pytest.approx(ref[1][key], abs=1e-6), key  # a flip would be >= 1/N
+    if "mismatch_tokens" in ref[1]:
+        assert out[1]["mismatch_tokens"] == ref[1]["mismatch_tokens"] == int(inputs["mask"].sum())
+    if dtype != torch.bfloat16:  # clip and mask decisions of bf16 runs may flip at a boundary
+        for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "is_mask_frac"):
+            if key in ref[1]:
+                assert out[1][key] == pytest.approx(ref[1][key], abs=1e-6), key  # a flip would be >= 1/N
+        if "is_weight_mean" in ref[1]:
+            # (explicit is_weights are float32 inputs, summed in each backend's own precision)
+            rel = max(tol(dtype) * 10, 1e-6)
+            assert out[1]["is_weight_mean"] == pytest.approx(ref[1]["is_weight_mean"], rel=rel)
     return ref
 
 
@@ -226,6 +252,70 @@ def test_grpo_loss_options_are_exercised(small_chunks):
     assert gspo["clip_frac"] > 0
 
 
+def test_rollout_correction_options_are_exercised(small_chunks):
+    """CISPO clips on both sides and the IS masks reject some, not all, tokens (else the checks above are weak)."""
+    def metrics(name):
+        return check_loss_against_reference("torch", torch.float64, (53, 24, 1003), name, seed=5)[1]
+
+    cispo = metrics("cispo")
+    assert cispo["clip_frac_low"] > 0 and cispo["clip_frac_high"] > 0
+    for name in ("icepop_on_policy", "seq_mask_tis_on_policy", "cispo_seq_is_token_mask", "gspo_seq_mask_on_policy"):
+        assert 0 < metrics(name)["is_mask_frac"] < 0.9, name
+
+
+def test_icepop_equals_hand_written_weights(small_chunks):
+    """IS weights taken from rollout_logprobs inside the fused pass equal explicit, independently written weights."""
+    hidden, weight, labels, temperature = make_inputs(31, 47, 24, 1003, torch.float64)
+    inputs = make_loss_inputs(32, hidden, weight, labels, temperature)
+    lp = linear_logprobs(hidden, weight, labels, temperature, backend="reference")
+    ratio = torch.exp(lp - inputs["rollout_logprobs"].double())
+    hand = torch.where((ratio >= 0.6) & (ratio <= 1.5), ratio.clamp(max=5.0), torch.zeros_like(ratio))
+    icepop = dict(_old=False, loss_type="cispo", _rollout=True, is_level="token", is_clip=5.0, is_mask="token",
+                  is_mask_low=0.6, is_mask_high=1.5)
+    out = loss_call("torch", hidden, weight, labels, temperature, inputs, icepop)
+    ref = loss_call("torch", hidden, weight, labels, temperature, dict(inputs, is_weights=hand),
+                    dict(_old=False, loss_type="cispo", _is=True))
+    assert abs(out[0].item() - ref[0].item()) <= 1e-10 * abs(ref[0].item())
+    for o, r in zip(out[2:], ref[2:]):
+        assert rel_err(o, r) < 1e-10
+    with pytest.raises(ValueError, match="need rollout_logprobs"):
+        loss_call("torch", hidden, weight, labels, temperature, inputs, dict(icepop, _rollout=False))
+    with pytest.raises(ValueError, match="either is_weights or an IS correction"):
+        loss_call("reference", hidden, weight, labels, temperature, inputs, dict(icepop, _is=True))
+    bad = dict(inputs, rollout_logprobs=inputs["rollout_logprobs"].masked_fill(inputs["mask"], float("nan")))
+    with pytest.raises(ValueError, match="must be finite"):
+        loss_call("torch", hidden, weight, labels, temperature, bad, icepop)
+    with pytest.raises(ValueError, match="0 < low <= 1 <= high"):
+        loss_call("torch", hidden, weight, labels, temperature, inputs, dict(icepop, is_mask_low=1.2))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_mismatch_metrics_at_the_rows_own_temperature(small_chunks, backend):
+    """Rollout log-probs taken at each row's temperature: ~0 mismatch when scored at the same per-row temperatures,
+    clearly non-zero for a scalar-temperature scorer, and exactly the planted perturbation when one is planted."""
+    hidden, weight, labels, temperature = make_inputs(41, 37, 40, 257, torch.float32, ignore_frac=0.0)
+    rollout = linear_logprobs(hidden.double(), weight.double(), labels, temperature, backend="reference").float()
+    adv, mask = torch.randn(37), torch.ones(37, dtype=torch.bool)
+
+    def mismatch(temp, roll):
+        _, m = linear_grpo_loss(hidden, weight, labels, temp, adv, mask, rollout_logprobs=roll, backend=backend)
+        return m
+
+    same = mismatch(temperature, rollout)
+    assert same["mismatch_tokens"] == 37
+    assert same["mismatch_logp_abs_max"] < 1e-4 and same["mismatch_kl_k3"] < 1e-8
+    assert same["mismatch_ratio_outside_frac"] == 0.0
+    scalar = mismatch(1.0, rollout)  # what a trainer that ignores the per-row temperature would measure
+    assert scalar["mismatch_logp_abs_mean"] > 0.5 and scalar["mismatch_ratio_outside_frac"] > 0.2
+    planted = rollout.clone()
+    planted[::4] -= 1.0  # the engine under-reports 10 of 37 tokens by 1 nat
+    m = mismatch(temperature, planted)
+    assert m["mismatch_logp_abs_mean"] == pytest.approx(10 / 37, abs=1e-4)
+    assert m["mismatch_logp_abs_max"] == pytest.approx(1.0, abs=1e-4)
+    assert m["mismatch_kl_k3"] == pytest.approx(10 / 37 * (math.e - 2.0), abs=1e-4)
+    assert m["mismatch_ratio_outside_frac"] == pytest.approx(10 / 37)
+
+
 def test_grpo_loss_scales_gradients_by_grad_output(small_chunks):
     check_loss_against_reference("torch", torch.float32, (41, 24, 1003), "token_mean_k3", seed=7, grad_scale=-2.5)
 
@@ -235,6 +325,10 @@ def test_grpo_loss_scales_gradients_by_grad_output(small_chunks):
     ("seq_mean_token_sum_norm_k2_dualclip_is", torch.float32),
     ("gspo", torch.float32),
     ("token_mean_on_policy", torch.bfloat16),
+    ("cispo", torch.float32),
+    ("icepop_on_policy", torch.float32),
+    ("seq_mask_tis_on_policy", torch.float32),
+    ("cispo_seq_is_token_mask", torch.bfloat16),
 ])
 @needs_triton
 def test_grpo_loss_triton_backend_matches_reference(small_chunks, option_name, dtype):

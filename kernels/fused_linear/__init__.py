@@ -191,7 +191,7 @@ class _LossInputs:
     """The per-token loss inputs, converted once to the compute dtype, plus the aggregation weights."""
 
     def __init__(self, n, dtype, device, advantages, mask, old_logprobs, ref_logprobs, is_weights, seq_ids,
-                 loss_kwargs):
+                 loss_kwargs, rollout_logprobs=None, is_correction=None, mismatch_ratio_bound=2.0):
         def vec(name, t, required=True):
             if t is None:
                 if required:
@@ -209,16 +209,56 @@ class _LossInputs:
         self.ref = vec("ref_logprobs", ref_logprobs, required=False)
         self.is_weights = vec("is_weights", is_weights, required=False)
         self.seq_ids = vec("seq_ids", seq_ids, required=False)
+        self.rollout = vec("rollout_logprobs", rollout_logprobs, required=False)
         self.kwargs = loss_kwargs
+        self.is_correction = is_correction
+        self.ratio_bound = mismatch_ratio_bound
+        self.keep = None
         if not self.advantages.is_floating_point():
             self.advantages = self.advantages.to(dtype)
+        if is_correction is not None:
+            if self.is_weights is not None:
+                raise ValueError("pass either is_weights or an IS correction (is_level / is_mask), not both")
+            if self.rollout is None:
+                raise ValueError("is_level / is_mask need rollout_logprobs (the engine's log-probs)")
         # policy_loss validates every option (names, clip ranges, seq_ids/max_len needs) on a tiny dry run, so
         # bad arguments fail here with its message, before any expensive pass.
         probe = torch.zeros(n, dtype=dtype, device=device)
+        self.mask_bool = self.mask if self.mask.dtype == torch.bool else algorithms._mask_bool(self.mask)
+        if is_correction is not None:
+            algorithms.is_correction_weights(probe, probe, self.mask_bool, seq_ids=self.seq_ids, **is_correction)
+            if not bool(torch.isfinite(self.rollout[self.mask_bool]).all()):
+                raise ValueError("rollout_logprobs must be finite on every masked (trained) token for is_level / "
+                                 "is_mask")
+        algorithms.mismatch_metrics(probe[:0], probe[:0], probe[:0], ratio_bound=mismatch_ratio_bound)
         self.full_loss(probe, probe if self.old is None else self.old)
-        self.mask_bool = self.mask if self.mask.dtype == torch.bool else self.mask != 0
         self.weights = algorithms.aggregation_weights(self.mask_bool, self.seq_ids, loss_kwargs["loss_agg"],
                                                       loss_kwargs["max_len"], dtype=dtype)
+        # IS weights from the rollout log-probs: the learner side is old_logprobs when given (known now), else the
+        # log-probs this call computes. Token-level weights are then elementwise in them and are evaluated chunk
+        # by chunk; a sequence-level weight or mask needs the whole sequence first (one extra pass, as GSPO).
+        self.is_from_logp = is_correction is not None and self.old is None
+        self.needs_full_logp = self.is_from_logp and "sequence" in (is_correction.get("is_level"),
+                                                                     is_correction.get("mask_level"))
+        if is_correction is not None and self.old is not None:
+            self.set_is(self.old)
+
+    def set_is(self, learner_side: Tensor) -> None:
+        """IS weights (and the keep mask) for all N tokens from the learner-side log-probs."""
+        self.is_weights, keep = algorithms.is_correction_weights(
+            learner_side, self.rollout, self.mask_bool, seq_ids=self.seq_ids, **self.is_correction)
+        self.keep = keep if self.is_correction.get("mask_level") is not None else None
+
+    def chunk_is(self, start: int, end: int, logp: Tensor) -> Tensor:
+        """Token-level IS weights of tokens [start, end) from their own (detached) log-probs."""
+        weights, _ = algorithms.is_correction_weights(logp.detach(), self.rollout[start:end],
+                                                      self.mask_bool[start:end], **self.is_correction)
+        return weights
+
+    def extra_metrics(self, logp: Tensor) -> dict[str, float]:
+        learner_side = logp if self.old is None else self.old
+        return naive.correction_metrics(learner_side, self.rollout, self.mask_bool, self.is_weights, self.keep,
+                                        self.ratio_bound)
 
     def full_loss(self, logprobs: Tensor, old: Tensor):
         return algorithms.policy_loss(logprobs, old, self.advantages, self.mask, ref_logprobs=self.ref,
@@ -242,10 +282,12 @@ class _LossInputs:
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(True)
             old = lp.detach() if self.old is None else rows(self.old)
+            isw = self.chunk_is(start, end, logp) if self.is_from_logp else rows(self.is_weights)
             per_token = algorithms.per_token_policy_loss(
                 safe(lp), safe(old), safe(rows(self.advantages)), eps_low=kw["eps_low"], eps_high=kw["eps_high"],
-                dual_clip=kw["dual_clip"], is_weights=safe(rows(self.is_weights)),
-                ref_logprobs=safe(rows(self.ref)), beta=kw["beta"], kl=kw["kl"])
+                dual_clip=kw["dual_clip"], is_weights=safe(isw), ref_logprobs=safe(rows(self.ref)),
+                beta=kw["beta"], kl=kw["kl"], loss_type=kw["loss_type"], cispo_eps_low=kw["cispo_eps_low"],
+                cispo_eps_high=kw["cispo_eps_high"])
             (grad,) = torch.autograd.grad((self.weights[start:end] * per_token).sum(), lp)
         return grad
 
@@ -253,15 +295,18 @@ class _LossInputs:
 def _grpo_forward(impl, hidden, weight, labels, inv_t, inputs: _LossInputs, need_h: bool, need_w: bool):
     """(loss, metrics, grad_hidden, grad_weight) with the gradients of the loss itself (grad_output = 1)."""
     grad_h = grad_w = None
-    token_level = inputs.kwargs["ratio_level"] == "token"
+    token_level = inputs.kwargs["ratio_level"] == "token" and not inputs.needs_full_logp
     if (need_h or need_w) and token_level:
         logp, entropy, grad_h, grad_w = impl.fused_forward_backward(hidden, weight, labels, inv_t,
                                                                     inputs.token_dlogp, need_h, need_w)
     else:
         logp, entropy, lse = impl.logprobs_forward(hidden, weight, labels, inv_t)
+    if inputs.is_from_logp:
+        inputs.set_is(logp)  # all N weights, for the loss value and metrics (and the sequence-level gradient)
     old = logp if inputs.old is None else inputs.old
     if (need_h or need_w) and not token_level:
-        # GSPO: the sequence ratio couples the tokens of a sequence, so differentiate the whole N-vector loss.
+        # GSPO, or sequence-level IS weights/masks from on-policy log-probs: the tokens of a sequence are
+        # coupled, so differentiate the whole N-vector loss.
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(True)
             loss, metrics = inputs.full_loss(lp, old if inputs.old is not None else lp.detach())
@@ -272,6 +317,7 @@ def _grpo_forward(impl, hidden, weight, labels, inv_t, inputs: _LossInputs, need
         with torch.no_grad():
             loss, metrics = inputs.full_loss(logp, old)
     metrics["entropy_mean"] = naive.masked_mean(entropy, inputs.mask_bool)
+    metrics.update(inputs.extra_metrics(logp))
     return loss.detach(), metrics, grad_h, grad_w
 
 
@@ -322,6 +368,16 @@ def linear_grpo_loss(
     max_len: int | None = None,
     is_weights: Tensor | None = None,
     ratio_level: str = "token",
+    loss_type: str = "ppo",
+    cispo_eps_low: float = 1.0,
+    cispo_eps_high: float = 4.0,
+    rollout_logprobs: Tensor | None = None,
+    is_level: str | None = None,
+    is_clip: float = 2.0,
+    is_mask: str | None = None,
+    is_mask_low: float = 0.5,
+    is_mask_high: float = 2.0,
+    mismatch_ratio_bound: float = 2.0,
     backend: str = "auto",
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO-family policy loss straight from hidden states, equal to `erpo_fast.algorithms.policy_loss` applied to
@@ -332,11 +388,23 @@ def linear_grpo_loss(
     ``beta > 0``), ``is_weights`` (truncated importance weights) and ``seq_ids`` (needed by the ``seq_*``
     aggregations and by ``ratio_level="sequence"``, GSPO). The remaining keywords are `policy_loss`'s.
 
+    ``loss_type="cispo"`` selects CISPO (a clipped, stop-gradient IS weight times the log-prob, bounds
+    ``cispo_eps_low`` / ``cispo_eps_high``) instead of the clipped surrogate; see `policy_loss`.
+
+    Rollout correction: ``rollout_logprobs`` [N] are the engine's log-probs of the same tokens. With
+    ``is_level`` (``"token"``/``"sequence"``: truncated IS, cap ``is_clip``) and/or ``is_mask``
+    (``"token"``/``"sequence"``: masked IS, band ``[is_mask_low, is_mask_high]``, geometric mean per sequence)
+    the IS weights are `algorithms.is_correction_weights` of the learner side against them, where the learner side
+    is ``old_logprobs`` when given, else the log-probs computed here (token-level weights then cost nothing
+    extra; sequence-level ones take one extra no-grad pass, as GSPO does). Given ``rollout_logprobs``, the metrics
+    also hold `algorithms.mismatch_metrics` of the same two (``mismatch_*``, ratio band ``mismatch_ratio_bound``).
+
     Returns ``(loss, metrics)``: a 0-d float32 tensor (float64 for float64 inputs) differentiable w.r.t.
     ``hidden`` and ``weight``, and `policy_loss`'s metrics (clip_frac, clip_frac_low/high, kl_mean, ratio_mean,
     ratio_max, dual_clip_frac) plus ``entropy_mean`` (mean entropy of the processed distribution over masked
-    tokens). The fast backends compute the gradients during the forward pass (see the module docstring), so
-    the backward is nearly free and may run only once.
+    tokens), ``is_weight_mean`` (when IS weights are used), ``is_mask_frac`` (when ``is_mask`` is on) and the
+    ``mismatch_*`` values. The fast backends compute the gradients during the forward pass (see the module
+    docstring), so the backward is nearly free and may run only once.
     """
     _check_inputs(hidden, weight, labels)
     labels = labels.to(torch.int64)
@@ -344,14 +412,24 @@ def linear_grpo_loss(
     temp = _temperature(temperature, n, hidden.device)
     backend = _resolve_backend(backend, hidden)
     loss_kwargs = dict(beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                       loss_agg=loss_agg, max_len=max_len, ratio_level=ratio_level)
+                       loss_agg=loss_agg, max_len=max_len, ratio_level=ratio_level, loss_type=loss_type,
+                       cispo_eps_low=cispo_eps_low, cispo_eps_high=cispo_eps_high)
+    is_correction = None
+    if is_level is not None or is_mask is not None:
+        is_correction = dict(is_level=is_level, is_clip=is_clip, mask_level=is_mask, mask_low=is_mask_low,
+                             mask_high=is_mask_high)
     if backend == "reference":
+        if is_correction is not None and is_weights is not None:
+            raise ValueError("pass either is_weights or an IS correction (is_level / is_mask), not both")
+        if is_correction is not None and rollout_logprobs is None:
+            raise ValueError("is_level / is_mask need rollout_logprobs (the engine's log-probs)")
         return naive.linear_grpo_loss(hidden, weight, labels, temp, advantages, mask, old_logprobs=old_logprobs,
                                       ref_logprobs=ref_logprobs, is_weights=is_weights, seq_ids=seq_ids,
-                                      **loss_kwargs)
+                                      rollout_logprobs=rollout_logprobs, is_correction=is_correction,
+                                      mismatch_ratio_bound=mismatch_ratio_bound, **loss_kwargs)
     cdt = torch.promote_types(hidden.dtype, torch.float32)
     inputs = _LossInputs(n, cdt, hidden.device, advantages, mask, old_logprobs, ref_logprobs, is_weights, seq_ids,
-                         loss_kwargs)
+                         loss_kwargs, rollout_logprobs, is_correction, mismatch_ratio_bound)
     metrics: dict[str, float] = {}
     loss = _LinearGRPOLossFn.apply(hidden.contiguous(), weight.contiguous(), labels, 1.0 / temp.to(cdt),
                                    _impl(backend), inputs, metrics)

@@ -51,6 +51,22 @@ def masked_mean(values: Tensor, mask: Tensor) -> float:
     return float(values.detach()[m].sum().item()) / count
 
 
+def correction_metrics(learner_side: Tensor, rollout_logprobs: Tensor | None, mask: Tensor,
+                       is_weights: Tensor | None, keep: Tensor | None, ratio_bound: float) -> dict[str, float]:
+    """The rollout-correction metrics every backend reports (over the loss mask's tokens):
+    `algorithms.mismatch_metrics` of ``learner_side`` vs ``rollout_logprobs`` when those are given,
+    ``is_weight_mean`` when IS weights are used, ``is_mask_frac`` (tokens the IS mask rejected) when masking."""
+    out: dict[str, float] = {}
+    m = mask.to(torch.bool)
+    if rollout_logprobs is not None:
+        out.update(algorithms.mismatch_metrics(learner_side, rollout_logprobs, m, ratio_bound=ratio_bound))
+    if is_weights is not None:
+        out["is_weight_mean"] = masked_mean(torch.where(m, is_weights, torch.zeros_like(is_weights)), m)
+    if keep is not None:
+        out["is_mask_frac"] = masked_mean((m & ~keep).to(torch.float32), m)
+    return out
+
+
 def linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -61,18 +77,33 @@ def linear_grpo_loss(
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    is_correction: dict | None = None,
+    mismatch_ratio_bound: float = 2.0,
     **loss_kwargs,
 ) -> tuple[Tensor, dict[str, float]]:
     """logits -> log_softmax -> gather -> `algorithms.policy_loss`, plus the masked mean entropy.
 
     ``loss_kwargs`` are `algorithms.policy_loss`'s keywords (beta, kl, eps_low, eps_high, dual_clip, loss_agg,
-    seq_ids, max_len, ratio_level, is_weights). ``old_logprobs=None`` means ``logprobs.detach()`` (on-policy).
+    seq_ids, max_len, ratio_level, loss_type, cispo_eps_*). ``old_logprobs=None`` means ``logprobs.detach()``
+    (on-policy). ``is_correction`` (`algorithms.is_correction_weights`'s keywords is_level, is_clip, mask_level,
+    mask_low, mask_high) turns ``rollout_logprobs`` into the IS weights, with the learner side being
+    ``old_logprobs`` when given, else the log-probs computed here; the mismatch metrics compare the same two.
     """
     logprobs, entropy = linear_logprobs(hidden, weight, labels, temperature, return_entropy=True)
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     ref = None if ref_logprobs is None else ref_logprobs.to(logprobs.dtype)
+    rollout = None if rollout_logprobs is None else rollout_logprobs.to(logprobs.dtype)
+    keep = None
+    if is_correction is not None:
+        is_weights, keep = algorithms.is_correction_weights(old, rollout, mask, seq_ids=loss_kwargs.get("seq_ids"),
+                                                            **is_correction)
+        if is_correction.get("mask_level") is None:
+            keep = None
     loss, metrics = algorithms.policy_loss(
-        logprobs, old, advantages.to(logprobs.dtype), mask, ref_logprobs=ref, **loss_kwargs
+        logprobs, old, advantages.to(logprobs.dtype), mask, ref_logprobs=ref, is_weights=is_weights, **loss_kwargs
     )
     metrics["entropy_mean"] = masked_mean(entropy, mask)
+    metrics.update(correction_metrics(old, rollout, mask, is_weights, keep, mismatch_ratio_bound))
     return loss, metrics
