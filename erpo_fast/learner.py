@@ -5,11 +5,12 @@ One :meth:`Learner.train_on` call is one training step on this rank's rollout se
 1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1``, and the
    learner side of the truncated importance-sampling (IS) weights;
 2. for each of the ``updates_per_step`` mini-batches: micro-batches of ``micro_batch_size`` sequences are
-   packed into ONE row without padding (``position_ids`` restart at 0 per sequence, so attention never
-   crosses sequences), run to the last hidden state, and scored by ``linear_grpo_loss`` with the LM-head
-   weight; each micro-batch loss is scaled by its share of the GLOBAL normaliser (all micro-batches, all
-   ranks), so gradient accumulation gives exactly the full-batch gradient; then grad clipping and an AdamW
-   step (skipped when the loss or the gradient norm is not finite);
+   packed into ONE row without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs
+   per sequence through :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences
+   instead of quadratic in the packed length), run to the last hidden state, and scored by ``linear_grpo_loss``
+   with the LM-head weight; each micro-batch loss is scaled by its share of the GLOBAL normaliser (all
+   micro-batches, all ranks), so gradient accumulation gives exactly the full-batch gradient; then grad
+   clipping and an AdamW step (skipped when the loss or the gradient norm is not finite);
 3. one LR-scheduler step.
 
 Precision: parameters and AdamW state stay float32 ("master weights"): at RL learning rates (~1e-6) a bf16
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 
 from . import algorithms
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
-from .models import last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
+from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
+from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
 __all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "lr_factor", "pack_sequences"]
 
@@ -100,6 +102,14 @@ class PackedBatch:
     seq_ids: Tensor
     rollout_logprobs: Tensor
     response_lengths: list[int] = field(default_factory=list)
+    sequence_lengths: list[int] = field(default_factory=list)
+    _layout: PackedLayout | None = field(default=None, repr=False)
+
+    def layout(self) -> PackedLayout:
+        """Where each sequence sits in the row, for packed attention (built on first use, then cached)."""
+        if self._layout is None:
+            self._layout = PackedLayout.from_lengths(self.sequence_lengths, self.input_ids.device)
+        return self._layout
 
     @property
     def num_tokens(self) -> int:
@@ -164,6 +174,7 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
         seq_ids=torch.tensor(seq_ids, dtype=torch.long, device=dev),
         rollout_logprobs=torch.tensor(rollout, dtype=torch.float32, device=dev),
         response_lengths=lengths,
+        sequence_lengths=[len(seq.prompt_ids) + len(seq.response_ids) for seq in sequences],
     )
 
 
@@ -231,8 +242,13 @@ class _HiddenAndHead(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return last_hidden_state(self.lm, input_ids, position_ids), lm_head_weight(self.lm)
+    def forward(self, input_ids: Tensor, position_ids: Tensor, layout: PackedLayout | None = None
+                ) -> tuple[Tensor, Tensor]:
+        if layout is not None and self.lm.config._attn_implementation == PACKED_SDPA:
+            hidden = packed_hidden_state(decoder(self.lm), input_ids, position_ids, layout)
+        else:  # flash-attn (varlen from position_ids) or eager: transformers' own packed handling
+            hidden = last_hidden_state(self.lm, input_ids, position_ids)
+        return hidden, lm_head_weight(self.lm)
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -332,6 +348,8 @@ class Learner:
         model = model.to(device=self.device, dtype=torch.float32)
         model.config.use_cache = False
         _disable_dropout(model)
+        # sdpa on a packed row would attend through a dense [T, T] block-diagonal mask: O(T^2) per micro-batch.
+        enable_packed_attention(model)
         if self.model_cfg.liger_kernels:
             if self.device.type == "cuda":
                 _apply_liger(model)
@@ -400,7 +418,7 @@ class Learner:
     def _hidden(self, root: nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the compute dtype."""
         with self._autocast():
-            hidden, weight = root(batch.input_ids, batch.position_ids)
+            hidden, weight = root(batch.input_ids, batch.position_ids, batch.layout())
         return hidden[0, batch.positions].to(self.compute_dtype), weight.to(self.compute_dtype)
 
     @torch.no_grad()
