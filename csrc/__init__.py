@@ -9,16 +9,29 @@ Build cache (first match wins):
 - `$ERPO_FAST_CACHE/torch_extensions`,
 - `$TORCH_EXTENSIONS_DIR`,
 - `~/.cache/erpo_fast/torch_extensions`.
-Builds are keyed by Python, torch and CUDA versions, and torch rebuilds when a source or flag changes.
-Needs a C++ compiler and `ninja`.
+Builds are keyed by Python, torch and CUDA versions and by a hash of the sources and flags, so two checkouts
+(or two versions) sharing one cache never rebuild over each other. Needs a C++ compiler and `ninja`.
+
+No build can hang. torch's own build lock (`<build dir>/lock`) holds no owner, so a process killed during
+the build used to leave every later process waiting on it forever. Builds here first take a lock of ours,
+`<build dir>/erpo_build.lock`, holding pid, host and process start time:
+- its owner is dead (kill -9, crash): the lock, and torch's lock beside it, are cleared, with a warning;
+- its owner is alive (another process is compiling): we wait, saying so once, for at most
+  `$ERPO_FAST_BUILD_TIMEOUT_S` seconds (default 600), then give up; the caller falls back to the torch
+  sampler with a warning;
+- while we hold ours, a torch lock in the folder can only be a dead build's, so it is removed.
+The first build prints one line ("building the sampling op, first use, about 15 s").
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +45,15 @@ _log = logging.getLogger(__name__)
 
 CPU_FLAGS = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-DNDEBUG"]
 CUDA_FLAGS = ["-O3", "-DNDEBUG"]  # no --use_fast_math: the Gumbel noise needs an accurate logf
+BUILD_LOCK_NAME = "erpo_build.lock"
+TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
+DEFAULT_BUILD_TIMEOUT_S = 600.0
+_POLL_S = 0.2
+_HALF_WRITTEN_GRACE_S = 10.0  # an empty lock file younger than this is a lock being written, not a stale one
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another live process held the build lock for longer than the time limit."""
 
 
 def _with_cuda() -> bool:
@@ -51,10 +73,87 @@ def cache_dir(with_cuda: bool | None = None) -> Path:
         root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     else:
         root = Path.home() / ".cache" / "erpo_fast" / "torch_extensions"
-    # A stale .so built against another torch would load and crash, so the key names every ABI input.
+    # A stale .so built against another torch would load and crash, so the key names every ABI input; the
+    # source hash keeps checkouts with different sources apart.
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
     tag += f"_cu{torch.version.cuda}" if with_cuda else "_cpu"
+    tag += f"_{source_hash(with_cuda)}"
     return root / tag.replace("+", "_")
+
+
+def _source_files(with_cuda: bool) -> list[Path]:
+    files = sorted(_HERE.glob("*.cpp")) + sorted(_HERE.glob("*.h"))
+    if with_cuda:
+        files += sorted(_HERE.glob("*.cu"))
+    return files
+
+
+def source_hash(with_cuda: bool) -> str:
+    """12 hex digits of SHA-256 over the sources' names and contents and the compiler flags."""
+    h = hashlib.sha256()
+    for f in _source_files(with_cuda):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(repr((CPU_FLAGS, CUDA_FLAGS if with_cuda else None)).encode())
+    return h.hexdigest()[:12]
+
+
+def build_timeout_s() -> float:
+    try:
+        return float(os.environ.get("ERPO_FAST_BUILD_TIMEOUT_S", DEFAULT_BUILD_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_BUILD_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, timeout_s: float | None = None):
+    """Hold ``build_dir/erpo_build.lock`` for a build (see the module docstring). Raises BuildLockTimeout."""
+    from erpo_fast.run_dir import lock_record, owner_alive, read_lock, try_create_lock
+
+    timeout_s = build_timeout_s() if timeout_s is None else timeout_s
+    path = build_dir / BUILD_LOCK_NAME
+    deadline = time.monotonic() + timeout_s
+    told = False
+    me = lock_record()
+    while not try_create_lock(path, me):
+        record = read_lock(path)
+        if record is None:
+            continue  # released between our two looks
+        if not record:  # empty or half-written: a process between creating and filling it, or killed there
+            try:
+                young = time.time() - path.stat().st_mtime < _HALF_WRITTEN_GRACE_S
+            except FileNotFoundError:
+                continue
+            alive = young
+        else:
+            alive = owner_alive(record)
+        if alive is False:
+            _log.warning("erpo_fast: clearing a stale build lock in %s (pid %s is gone; killed during a build?)",
+                         build_dir, record.get("pid", "?"))
+            stale = path.with_name(f".{BUILD_LOCK_NAME}.stale-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, stale)  # of two processes clearing it, one wins the rename
+                stale.unlink()
+            continue
+        if time.monotonic() > deadline:
+            raise BuildLockTimeout(
+                f"waited {timeout_s:.0f} s for the build lock {path} held by pid {record.get('pid', '?')} on "
+                f"{record.get('host', '?')}; if no build is running there, delete that file "
+                f"(ERPO_FAST_BUILD_TIMEOUT_S sets the limit)")
+        if not told:
+            print(f"erpo_fast: waiting for pid {record.get('pid', '?')} on {record.get('host', '?')} to finish "
+                  f"building the sampling op (up to {timeout_s:.0f} s; lock {path})", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(_POLL_S)
+    try:
+        # Every builder takes our lock first, so a torch lock found now was left by a dead build.
+        with contextlib.suppress(FileNotFoundError):
+            (build_dir / TORCH_LOCK_NAME).unlink()
+        yield path
+    finally:
+        record = read_lock(path)
+        if record and record.get("pid") == me["pid"] and record.get("host") == me["host"]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def load_ops(verbose: bool = False) -> None:
@@ -71,12 +170,17 @@ def load_ops(verbose: bool = False) -> None:
         if with_cuda:
             sources += sorted(str(p) for p in _HERE.glob("*.cu"))
         build_dir = cache_dir(with_cuda)
-        build_dir.mkdir(parents=True, exist_ok=True)
+        name = "erpo_fast_ops_cuda" if with_cuda else "erpo_fast_ops_cpu"
         try:
-            load(name="erpo_fast_ops_cuda" if with_cuda else "erpo_fast_ops_cpu", sources=sources,
-                 extra_cflags=CPU_FLAGS, extra_cuda_cflags=CUDA_FLAGS, extra_include_paths=[str(_HERE)],
-                 build_directory=str(build_dir), is_python_module=False, verbose=verbose)
-        except Exception as exc:  # compiler missing, ninja missing, compile error: remembered, not retried
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with build_lock(build_dir):
+                if not (build_dir / f"{name}.so").is_file():
+                    print(f"erpo_fast: building the sampling op, first use, about {60 if with_cuda else 15} s "
+                          f"(cached in {build_dir})", file=sys.stderr, flush=True)
+                load(name=name, sources=sources, extra_cflags=CPU_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
+                     extra_include_paths=[str(_HERE)], build_directory=str(build_dir), is_python_module=False,
+                     verbose=verbose)
+        except Exception as exc:  # compiler/ninja missing, compile error, lock timeout: remembered, not retried
             _STATE["error"] = exc
             raise RuntimeError(f"erpo_fast C++ ops failed to build: {exc}") from exc
         _register_fakes()

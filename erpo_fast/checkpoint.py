@@ -6,11 +6,15 @@ Layout of one checkpoint (``output_dir/checkpoints/step_00000010/``)::
     trainer_state.pt    ``state`` with every numpy array swapped for a small marker; ``torch.save``
     arrays.npz          those numpy arrays (exact dtype and values), loaded with ``allow_pickle=False``
     config.yaml         ``yaml.safe_dump(config)``
-    COMPLETE            written last: JSON manifest ``{"format", "step", "files": {relative path: bytes}}``
+    COMPLETE            written last: JSON manifest
+                        ``{"format": 2, "step", "files": {relative path: {"bytes": n, "sha256": hex}}}``
 
 Why this shape: ``trainer_state.pt`` then holds only tensors and plain Python data, so loading can use
 ``torch.load(weights_only=True)`` (no arbitrary unpickling), and the state is checked against that allow-list
-when saving, so a resume never discovers an unloadable checkpoint. The manifest's sizes catch truncated files.
+when saving, so a resume never discovers an unloadable checkpoint. The manifest's sizes catch truncated files
+at once, its SHA-256 content hashes catch any other corruption (a flipped byte, a same-size overwrite); both are
+checked by ``load_checkpoint``. Format 1 checkpoints (sizes only) still load. ``latest_intact_checkpoint``, which
+``--resume`` uses, skips a corrupted newest checkpoint with a warning naming it and returns the newest intact one.
 
 Atomicity: a save writes into ``checkpoints/.tmp-step_XXXXXXXX-<pid>``, fsyncs every file and folder, then
 renames it into place. A same-step checkpoint is first renamed aside to ``.replaced-step_XXXXXXXX-<pid>`` and
@@ -23,7 +27,9 @@ left over in ``checkpoints/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -38,7 +44,11 @@ import numpy as np
 import torch
 import yaml
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)  # 1: sizes only in the manifest
+_HASH_CHUNK = 1 << 20
+log = logging.getLogger("erpo_fast")
+_VERIFIED: set[tuple] = set()  # the last checkpoint verified (see verify_checkpoint)
 CHECKPOINTS_DIRNAME = "checkpoints"
 MODEL_DIRNAME = "model"
 STATE_FILENAME = "trainer_state.pt"
@@ -160,12 +170,20 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def _manifest(root: Path) -> dict[str, int]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(root: Path) -> dict[str, dict]:
     files = {}
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath) / name
-            files[p.relative_to(root).as_posix()] = p.stat().st_size
+            files[p.relative_to(root).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     return dict(sorted(files.items()))
 
 
@@ -293,13 +311,41 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, save_model: Cal
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step under ``output_dir/checkpoints``, or None."""
+    """The complete checkpoint with the highest step under ``output_dir/checkpoints``, or None (its files are
+    not read: see ``latest_intact_checkpoint``)."""
     complete = _complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
     return complete[max(complete)] if complete else None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint folder: ``{"step", "state", "config", "model_dir"}``; raises CheckpointError."""
+def checkpoint_steps(output_dir: str | os.PathLike) -> list[int]:
+    """Steps of every checkpoint folder under ``output_dir/checkpoints``, intact or not, sorted."""
+    root = Path(output_dir) / CHECKPOINTS_DIRNAME
+    steps = set(_complete_checkpoints(root))
+    if root.is_dir():
+        steps.update(int(m.group(1)) for c in root.iterdir() if (m := _STEP_DIR.match(c.name)) and c.is_dir())
+    return sorted(steps)
+
+
+def latest_intact_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint whose files all match the manifest (sizes and content hashes), or None.
+
+    A corrupted newer one (truncated or overwritten file, a disk error) is skipped with a warning that names
+    it, so that a resume falls back to the previous intact checkpoint instead of failing.
+    """
+    complete = _complete_checkpoints(Path(output_dir) / CHECKPOINTS_DIRNAME)
+    for step in sorted(complete, reverse=True):
+        try:
+            verify_checkpoint(complete[step])
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s; falling back to an older one", complete[step].name, e)
+            continue
+        return complete[step]
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> tuple[int, dict]:
+    """Check a checkpoint's manifest against its files (presence, size, SHA-256); returns (step, manifest
+    files). Raises CheckpointError naming the first problem."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -312,16 +358,47 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         step, files = int(manifest["step"]), dict(manifest["files"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"corrupted checkpoint {path}: unreadable {COMPLETE_FILENAME} ({e})") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}; this version reads "
-                              f"format {FORMAT_VERSION}")
-    for rel, size in files.items():
+    fmt = manifest.get("format")
+    if fmt not in _READABLE_FORMATS:
+        raise CheckpointError(f"checkpoint {path} has format {fmt!r}; this version reads formats "
+                              f"{', '.join(map(str, _READABLE_FORMATS))}")
+    # Sizes first (cheap, and a truncated file is the common case), then content.
+    expected_hash = {}
+    for rel, entry in files.items():
+        if fmt == 1:
+            size, digest = entry, None
+        else:
+            try:
+                size, digest = int(entry["bytes"]), str(entry["sha256"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"corrupted checkpoint {path}: unreadable {COMPLETE_FILENAME} entry for "
+                                      f"{rel}") from None
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"corrupted checkpoint {path}: file {rel} is missing")
         if f.stat().st_size != size:
             raise CheckpointError(f"corrupted checkpoint {path}: file {rel} has {f.stat().st_size} bytes, "
                                   f"expected {size}")
+        expected_hash[rel] = digest
+    # Hashing a large model takes seconds: remember a verified checkpoint while no file of it has changed
+    # (resume verifies in latest_intact_checkpoint, then again in load_checkpoint).
+    key = (str(path.resolve()), marker.stat().st_mtime_ns,
+           tuple((rel, (path / rel).stat().st_mtime_ns) for rel in expected_hash))
+    if key not in _VERIFIED:
+        for rel, digest in expected_hash.items():
+            if digest is not None and _sha256(path / rel) != digest:
+                raise CheckpointError(f"corrupted checkpoint file {path / rel}: its content does not match the "
+                                      f"SHA-256 in {COMPLETE_FILENAME}")
+        _VERIFIED.clear()
+        _VERIFIED.add(key)
+    return step, files
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint folder after verifying every file's size and content hash:
+    ``{"step", "state", "config", "model_dir"}``; raises CheckpointError."""
+    path = Path(path)
+    step, _ = verify_checkpoint(path)
 
     def corrupted(name: str, e: BaseException) -> CheckpointError:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

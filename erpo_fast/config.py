@@ -1,7 +1,9 @@
 """Run configuration: plain dataclasses in one tree, loaded from a preset, a YAML file and dotted CLI overrides.
 
-Precedence, lowest first: dataclass defaults < preset (``--preset``, default ``tiny-cpu``) < YAML (``--config``)
-< command-line overrides (``--algorithm.temperature_step 0.1`` or ``--algorithm.temperature_step=0.1``).
+Precedence, lowest first: dataclass defaults < preset (``--preset``) < YAML (``--config``) < command-line
+overrides (``--algorithm.temperature_step 0.1`` or ``--algorithm.temperature_step=0.1``). Without ``--preset``,
+the preset ``tiny-cpu`` applies only to runs of the built-in model and task: once ``model.path`` or
+``data.path`` is set, a real run gets the bare defaults unless it names a preset itself.
 Every knob has exactly one name; a few top-level flags (``--model``, ``--data``, ``--output-dir``...) are aliases
 of dotted names. Every field carries its help text and allowed range in ``metadata`` so that validation errors
 and ``--help`` come from one place.
@@ -60,8 +62,9 @@ class DataConfig:
                                   "None: the built-in arithmetic task.")
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
-    reward: str = knob("auto", "Verifier. auto: arithmetic for the built-in task, math (math-verify) otherwise.",
-                       choices=("auto", "arithmetic", "math"))
+    reward: str = knob("auto", "Verifier: auto (arithmetic for the built-in task, math-verify otherwise), "
+                               "arithmetic, math, or your own function as module:function or path/file.py:function "
+                               "(see Custom rewards).")
     seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
                         "apart from trainer.seed so that RL seeds share one warm-started model.", ge=0)
     num_train: int = knob(2000, "Built-in task: number of training prompts.", ge=1)
@@ -147,7 +150,9 @@ class TrainerConfig:
     eval_every: int = knob(50, "Held-out evaluation every K steps (and before/after training; 0: off).", ge=0)
     eval_k: int = knob(4, "Samples per held-out prompt for mean@k / pass@k.", ge=1)
     eval_temperature: float = knob(1.0, "Sampling temperature of held-out evaluation (0: greedy).", ge=0)
-    resume: bool = knob(False, "Continue from the latest checkpoint in output_dir.")
+    resume: bool = knob(False, "Continue from the newest intact checkpoint in output_dir.")
+    overwrite: bool = knob(False, "Start afresh in an output_dir that holds another run's checkpoints, deleting "
+                                  "them (without it, or --resume, such a run exits with an error).")
     nan_patience: int = knob(3, "Stop after this many consecutive steps with a non-finite loss.", ge=1)
     threads: int = knob(0, "CPU threads for torch (0: torch's default).", ge=0)
 
@@ -155,6 +160,8 @@ class TrainerConfig:
 @dataclass
 class LoggingConfig:
     progress: bool = knob(True, "Progress bar with phase times.")
+    progress_every: int = knob(10, "When stderr is not a terminal: one plain progress line every K steps "
+                                   "instead of a bar (0: none).", ge=0)
     tensorboard: bool = knob(False, "Write TensorBoard scalars to output_dir/tb (needs tensorboard).")
     wandb: bool = knob(False, "Log to Weights & Biases (needs wandb).")
     wandb_project: str = knob("erpo-fast", "W&B project name.")
@@ -191,6 +198,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "none": {},
 }
 DEFAULT_PRESET = "tiny-cpu"
+BUILTIN_REWARDS = ("auto", "arithmetic", "math")
 
 # Top-level flags kept short for everyday use; each is an alias of exactly one dotted knob.
 ALIASES = {
@@ -200,6 +208,7 @@ ALIASES = {
     "max-steps": "trainer.max_steps",
     "seed": "trainer.seed",
     "resume": "trainer.resume",
+    "overwrite": "trainer.overwrite",
     "rollout": "rollout.engine",
 }
 
@@ -337,6 +346,13 @@ def validate(cfg: Config) -> Config:
     if t.updates_per_step > t.prompts_per_step:
         raise ConfigError(f"trainer.updates_per_step ({t.updates_per_step}) cannot exceed trainer.prompts_per_step "
                           f"({t.prompts_per_step})")
+    if t.resume and t.overwrite:
+        raise ConfigError("trainer.resume and trainer.overwrite contradict each other: --resume continues the run "
+                          "in output_dir, --overwrite deletes it")
+    reward = cfg.data.reward
+    if reward not in BUILTIN_REWARDS and (":" not in reward or not all(reward.rpartition(":")[::2])):
+        raise ConfigError(f"data.reward={reward!r}: use one of {', '.join(BUILTIN_REWARDS)}, or a custom verifier "
+                          "as module:function or path/file.py:function")
     if r.engine == "vllm" and t.device == "cpu":
         raise ConfigError("rollout.engine=vllm needs a CUDA device; use --rollout native on CPU")
     return cfg
@@ -363,7 +379,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, str | None, dict[str, Any]]:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if is_bool and (nxt is None or nxt.startswith("--")):
                 value = "true"  # a bare boolean flag such as --resume
-            elif nxt is None:
+            elif nxt is None or nxt.startswith("--"):
+                # '--trainer.lr --seed 3' is a forgotten value, not a stray '3' (use --key=--x for such a value)
                 raise ConfigError(f"option --{name} needs a value")
             else:
                 value = nxt
@@ -395,22 +412,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
     return data
 
 
+def resolve_preset(preset: str | None, *sources: dict[str, Any] | None) -> str:
+    """The preset that applies: the one named, else tiny-cpu for the built-in model and task, else none.
+
+    The tiny-cpu preset (lr 1e-4, 12 new tokens, runs/tiny-cpu...) suits only the built-in model; applied
+    silently to a --model/--data run it would train a real model at the wrong settings.
+    """
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'{_suggest(preset, list(PRESETS))}")
+        return preset
+    for source in sources:
+        for key, value in _flatten(source or {}).items():
+            if key in ("model.path", "data.path") and value is not None and str(value).lower() not in ("none",
+                                                                                                      "null"):
+                return "none"
+    return DEFAULT_PRESET
+
+
 def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults < preset < YAML < overrides, then validation."""
+    """Defaults < preset < YAML < overrides, then validation (see resolve_preset for the default preset)."""
     cfg = Config()
-    name = DEFAULT_PRESET if preset is None else preset
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset '{name}'{_suggest(name, list(PRESETS))}")
+    from_yaml = load_yaml(yaml_path) if yaml_path is not None else None
+    name = resolve_preset(preset, from_yaml, overrides)
     apply_overrides(cfg, PRESETS[name], source=f"preset {name}")
-    if yaml_path is not None:
-        apply_overrides(cfg, load_yaml(yaml_path), source=str(yaml_path))
+    if from_yaml is not None:
+        apply_overrides(cfg, from_yaml, source=str(yaml_path))
     if overrides:
         apply_overrides(cfg, overrides, source="command line")
     return validate(cfg)
@@ -428,14 +465,34 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return validate(cfg)
 
 
-def help_text() -> str:
-    """Every knob with its default and documentation, for ``--help`` and the README."""
-    lines = []
+def help_text(argv: list[str] | None = None) -> str:
+    """Every knob with the value a run given ``argv`` would use (preset, YAML and overrides applied), its
+    default when that differs, and its documentation: ``--help`` shows what will really run."""
+    argv = [a for a in (argv or []) if a not in ("-h", "--help")]
+    note = ""
+    try:
+        preset, yaml_path, overrides = parse_cli(argv)
+        from_yaml = load_yaml(yaml_path) if yaml_path is not None else None
+        name = resolve_preset(preset, from_yaml, overrides)
+        cfg = build_config(preset, yaml_path, overrides)
+    except ConfigError as e:
+        note = f"\n(the other arguments do not form a valid run: {e}; showing the bare defaults)"
+        name, cfg = "none", Config()
+    if note or preset is not None:
+        why = ""
+    elif name != "none":
+        why = " (the default for the built-in model and task)"
+    else:
+        why = " (--model/--data given: the built-in model's preset does not apply; --preset NAME applies one)"
+    lines = [f"effective values with these arguments; preset: {name}{why}{note}",
+             "aliases: " + ", ".join(f"--{a} = --{d}" for a, d in ALIASES.items())]
     for section in SECTIONS:
         cls = _section_cls(section)
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
-            lines.append(f"  --{section}.{f.name} (default {f.default!r}): {f.metadata['help']}")
+            value = getattr(getattr(cfg, section), f.name)
+            origin = "" if value == f.default else f", default {f.default!r}"
+            lines.append(f"  --{section}.{f.name} {value!r}{origin}: {f.metadata['help']}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,12 @@ Files in ``output_dir``:
 - ``metrics.jsonl``: one JSON object per ``log_step`` call, flushed at once. Non-finite floats (NaN, +-inf)
   are written as ``null`` with the key kept, so every line is strict JSON (``json.loads`` and ``jq`` read it);
   tensors and numpy values become plain numbers or lists.
-- ``events.jsonl``: ``log_event`` records (NaN skips, verifier timeouts, ...), also sent to python logging.
+- ``events.jsonl``: ``log_event`` records, also sent to python logging. Each is one JSON object with ``step``,
+  ``time`` (unix seconds), ``kind``, ``message`` and details. The trainer writes the kinds ``nonfinite_loss``
+  (update skipped), ``skipped_step`` (no group left to learn from), ``verifier_timeout`` (with ``prompt_id``
+  and ``slow``: ``response`` or ``gold``), ``verifier_error`` (the verifier raised; ``prompt_id``, ``error``),
+  ``stopped`` (the run stopped on purpose: diverged policy, non-finite losses, failed weight sync) and
+  ``interrupted`` (Ctrl-C).
 - ``tb/``: TensorBoard scalars when asked for and installed; ``wandb_run_id.txt``: the W&B run id, so that a
   resumed run continues the same W&B run.
 
@@ -15,6 +20,10 @@ after a resume the files hold what an uninterrupted run would have written (wall
 
 Phase times: ``set_phase(name)`` starts timing ``name``; ``log_step`` adds the seconds each phase took since
 the previous ``log_step`` as ``time_<name>_s`` (unless the metrics already hold that key).
+
+Progress: on a terminal, a tqdm bar. When stderr is not a terminal (a log file, CI), a bar would write a
+carriage-return update per phase into the log, so a plain line is printed every ``progress_every`` steps
+(and at the first and last step) instead.
 """
 
 from __future__ import annotations
@@ -113,7 +122,7 @@ class RunLogger:
 
     def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
                  progress: bool = True, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "erpo-fast", config: dict | None = None):
+                 wandb_project: str = "erpo-fast", config: dict | None = None, progress_every: int = 10):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
             raise ValueError(f"total_steps must be a non-negative integer, got {total_steps!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
@@ -138,8 +147,15 @@ class RunLogger:
 
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, disable=not progress, file=sys.stderr,
+        tty = progress and _is_tty(sys.stderr)
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not tty, file=sys.stderr,
                          dynamic_ncols=True, unit="step")
+        self._lines = progress and not tty and progress_every > 0
+        self._lines_every = progress_every
+        self._total = total_steps
+        self._first_logged = True
+        self._started = time.perf_counter()
+        self._start_step = start_step
         self._tb = self._open_tensorboard(start_step) if tensorboard else None
         self._wandb = self._open_wandb(wandb_project, config, start_step) if wandb else None
 
@@ -225,7 +241,20 @@ class RunLogger:
         self.step = step
         self._bar.update(max(0, step - self._bar.n))
         self._bar.set_postfix_str(_postfix(record, times), refresh=True)
+        if self._lines and (self._first_logged or step % self._lines_every == 0 or step == self._total):
+            self._print_line(step, record, times)
+        self._first_logged = False
         return record
+
+    def _print_line(self, step: int, record: dict, times: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - self._started
+        done = step - self._start_step
+        eta = elapsed / done * (self._total - step) if done > 0 and self._total >= step else None
+        pct = 100.0 * step / self._total if self._total else 100.0
+        line = f"step {step}/{self._total} ({pct:.0f}%) {_postfix(record, times)} elapsed {_hms(elapsed)}"
+        if eta is not None:
+            line += f" eta {_hms(eta)}"
+        print(line, file=sys.stderr, flush=True)
 
     def log_event(self, kind: str, message: str, *, step: int | None = None, level: int = logging.WARNING,
                   **fields) -> dict:
@@ -280,6 +309,56 @@ def _postfix(record: dict, times: dict[str, float]) -> str:
         parts.append(f"reward={reward:.3f}")
     parts += [f"{name} {seconds:.2f}s" for name, seconds in times.items()]
     return " ".join(parts)
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """Progress of a long loop outside the step loop (the warm start): a tqdm bar on a terminal, else a
+    plain line about every tenth of the way. ``update(n=1, postfix="")``, ``close()``."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.total, self.desc, self.n = total, desc, 0
+        tty = enabled and _is_tty(sys.stderr)
+        self._bar = tqdm(total=total, desc=desc, disable=not tty, file=sys.stderr, dynamic_ncols=True,
+                         leave=False)
+        self._lines = enabled and not tty
+        self._every = max(1, total // 10)
+        self._started = time.perf_counter()
+
+    def update(self, n: int = 1, postfix: str = "") -> None:
+        self.n += n
+        self._bar.update(n)
+        if postfix:
+            self._bar.set_postfix_str(postfix, refresh=False)
+        if self._lines and (self.n % self._every < n or self.n == self.total):
+            elapsed = time.perf_counter() - self._started
+            eta = elapsed / self.n * (self.total - self.n)
+            print(f"{self.desc}: {self.n}/{self.total} {postfix} elapsed {_hms(elapsed)} eta {_hms(eta)}".replace(
+                "  ", " "), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _first_line(e: BaseException) -> str:

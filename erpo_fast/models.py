@@ -33,6 +33,14 @@ _ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _quiet_transformers() -> None:
+    # transformers draws "Loading weights" / "Writing model shards" bars at every load and checkpoint; in a
+    # training log they are noise (and carriage-return spam when stderr is a file).
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class ModelLoadError(ValueError):
     """A model directory that cannot be loaded: missing, not a directory, no config or no tokenizer."""
 
@@ -76,6 +84,8 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_impl
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()  # also quiets the checkpoints' save_pretrained later in this process
+
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model path does not exist: {p}")
@@ -112,6 +122,8 @@ def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_emb
     Initialisation is deterministic in ``seed`` (a private generator state; the global RNG is restored).
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _quiet_transformers()
 
     if cfg.tiny_hidden_size % cfg.tiny_heads:
         raise ValueError(f"model.tiny_hidden_size ({cfg.tiny_hidden_size}) must be divisible by "

@@ -74,7 +74,8 @@ def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, d
     t1 = time.perf_counter()
     pairs = [(decode_response(s.tokenizer, smp.token_ids), s.train[p].answer)
              for p, group in zip(positions, samples) for smp in group]
-    rewards = np.asarray(s.rewards.score(pairs), dtype=np.float64).reshape(len(positions), cfg.rollout.n)
+    keys = [s.train[p].key for p, group in zip(positions, samples) for _ in group]  # prompt ids, for events
+    rewards = np.asarray(s.rewards.score(pairs, keys=keys), dtype=np.float64).reshape(len(positions), cfg.rollout.n)
     t2 = time.perf_counter()
     stats = s.rewards.last_stats
     timing = {"time_rollout_s": t1 - t0, "time_score_s": t2 - t1,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from erpo_fast.checkpoint import capture_rng_state, latest_checkpoint, load_checkpoint, restore_rng_state
+from erpo_fast.checkpoint import capture_rng_state, latest_intact_checkpoint, load_checkpoint, restore_rng_state
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, builtin_arithmetic, load_prompts
 from erpo_fast.distributed import Runtime, barrier
@@ -59,7 +59,7 @@ class Session:
 def build_session(cfg: Config, rt: Runtime) -> Session:
     """Load or build every component; with trainer.resume, continue from the newest checkpoint."""
     train, heldout = _load_data(cfg)
-    resume_from = latest_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
+    resume_from = latest_intact_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
     if cfg.trainer.resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.trainer.output_dir)
     base_dir = _base_model_dir(cfg, rt)

@@ -32,6 +32,7 @@ from erpo_fast.models import ModelLoadError
 from erpo_fast.plots import ascii_histogram, write_plots
 from erpo_fast.prompting import encode_prompt
 from erpo_fast.rollout_step import collect, generate_or_abort
+from erpo_fast.run_dir import RunDirError, prepare_run
 from erpo_fast.session import Session, build_session
 
 log = logging.getLogger("erpo_fast")
@@ -42,6 +43,18 @@ USAGE = "usage: python -m erpo_fast.train [--preset NAME] [--config FILE.yaml] [
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the end-of-run summary."""
     rt = init_runtime(cfg.trainer.device)
+    if ":" in cfg.data.reward:  # a custom verifier that does not import fails now, not after the warm start
+        from erpo_fast.rewards import get_reward_fn
+
+        get_reward_fn(cfg.data.reward)
+    run_lock = prepare_run(cfg, rt)  # one live run per output_dir; no fresh run over another run's checkpoints
+    try:
+        return _train(cfg, rt)
+    finally:
+        run_lock.release()
+
+
+def _train(cfg: Config, rt) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     out = Path(cfg.trainer.output_dir)
@@ -49,12 +62,17 @@ def train(cfg: Config) -> dict:
     logger = RunLogger(out, total_steps=cfg.trainer.max_steps, start_step=s.start_step,
                        progress=cfg.logging.progress and rt.is_main, tensorboard=cfg.logging.tensorboard and rt.is_main,
                        wandb=cfg.logging.wandb and rt.is_main, wandb_project=cfg.logging.wandb_project,
-                       config=cfg.to_dict()) if rt.is_main else None
+                       config=cfg.to_dict(), progress_every=cfg.logging.progress_every) if rt.is_main else None
+    if logger:
+        s.rewards.on_event = logger.log_event  # verifier timeouts and errors go to events.jsonl
     try:
         if s.start_step == 0:
             s.extra["heldout_before"] = run_eval(s, step=0)
         for step in range(s.start_step + 1, cfg.trainer.max_steps + 1):
             metrics = train_step(s, step, logger)
+            if logger and not metrics.get("sequences_trained") and not metrics.get("skipped_nonfinite"):
+                logger.log_event("skipped_step", f"step {step}: no group left to learn from (all dropped by "
+                                 "dynamic sampling); no update", step=step)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 metrics.update(_prefixed(run_eval(s, step), "heldout_"))
             if logger:
@@ -69,6 +87,14 @@ def train(cfg: Config) -> dict:
         # (Only on success: after an error on one rank, a barrier would hang the others.)
         barrier(rt)
         return summary
+    except TrainingAborted as e:
+        if logger:
+            logger.log_event("stopped", str(e), level=logging.ERROR)
+        raise
+    except KeyboardInterrupt:
+        if logger:
+            logger.log_event("interrupted", "interrupted (Ctrl-C); the last checkpoint is kept")
+        raise
     finally:
         if logger:
             logger.close()
@@ -114,6 +140,8 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
         "entropy": learned.get("entropy"), "kl": learned.get("kl"), "clip_frac": learned.get("clip_frac"),
         "grad_norm": learned.get("grad_norm"), "loss": learned.get("loss"), "lr": learned.get("lr"),
         "skipped_nonfinite": bool(learned.get("skipped_nonfinite", False)),
+        # rollout/learner mismatch and IS-correction statistics, as train_on reports them
+        **{k: v for k, v in learned.items() if k.startswith(("mismatch_", "is_weight_", "is_mask_"))},
         "sequences_trained": learned.get("num_sequences", len(data.sequences)),
         "tokens_per_s": sum(c[1] for c in counts) / step_time,  # sampled tokens, all ranks
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
@@ -223,13 +251,13 @@ def _prefixed(d: dict, prefix: str) -> dict:
     return {prefix + k: v for k, v in d.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, CheckpointError, RunDirError)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\n\n" + help_text())
+        print(USAGE + "\n\n" + help_text(argv))  # the values this command line would really use
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:

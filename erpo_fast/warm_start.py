@@ -22,6 +22,7 @@ import torch
 from erpo_fast.config import DataConfig, ModelConfig
 from erpo_fast.kernels import linear_logprobs
 from erpo_fast.learner import RolloutSequence, pack_sequences
+from erpo_fast.logger import Progress
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
 from erpo_fast.prompting import encode_completion
 from erpo_fast.tokenizer import build_char_tokenizer
@@ -52,11 +53,13 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, t
     model = build_tiny_qwen2(tokenizer, model_cfg, seed)
     t0 = time.perf_counter()
     if model_cfg.warm_start_steps > 0:
+        log.info("warm start of the built-in model: %d supervised steps, first use only (cached in %s)",
+                 model_cfg.warm_start_steps, target)
         examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
                     for p in train_problems]
         final_loss = supervised_finetune(model, examples, steps=model_cfg.warm_start_steps,
                                          lr=model_cfg.warm_start_lr, batch_size=model_cfg.warm_start_batch_size,
-                                         seed=seed)
+                                         seed=seed, progress=True)
         log.info("warm start: %d SFT steps in %.1fs, final loss %.3f", model_cfg.warm_start_steps,
                  time.perf_counter() - t0, final_loss)
     _save_atomically(model, tokenizer, target)
@@ -64,7 +67,7 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, t
 
 
 def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-                        batch_size: int, seed: int) -> float:
+                        batch_size: int, seed: int, progress: bool = False) -> float:
     """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -72,6 +75,7 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     loss_value = float("nan")
+    bar = Progress(steps, "warm start", enabled=progress)
     for _ in range(steps):
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
         batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
@@ -84,6 +88,8 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         opt.step()
         schedule.step()
         loss_value = float(loss.detach())
+        bar.update(1, f"loss {loss_value:.3f}")
+    bar.close()
     model.eval()
     return loss_value
 

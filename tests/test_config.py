@@ -93,5 +93,5 @@ def test_parse_cli_separates_sources():
 
 def test_help_lists_every_knob():
     text = help_text()
-    assert "--algorithm.temperature_step (default 0.1)" in text
+    assert "--algorithm.temperature_step 0.1:" in text
     assert text.count("--") >= 60

@@ -1,4 +1,5 @@
-"""Reward verifiers: exact checkers for the built-in task, math-verify for math, and a timeout-enforcing pool.
+"""Reward verifiers: exact checkers for the built-in task, math-verify for math, user functions
+(`module:function`, `path/file.py:function`), and a timeout-enforcing pool.
 
 Verifier modules are imported on demand, so that importing the pool does not pull in sympy.
 """
@@ -13,7 +14,13 @@ __all__ = ["REWARD_NAMES", "RewardFn", "RewardPool", "RewardStats", "get_reward_
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    """The module-level verifier `fn(response, answer) -> float` called `name` ("arithmetic" or "math")."""
+    """The verifier `fn(response, answer) -> float` called `name`: "arithmetic", "math", or a custom one as
+    "module:function" / "path/file.py:function" (raises RewardSpecError, a ConfigError, if it cannot be
+    loaded; see erpo_fast.rewards.custom)."""
+    if ":" in name:
+        from erpo_fast.rewards.custom import CustomReward
+
+        return CustomReward(name)
     if name == "arithmetic":
         from erpo_fast.rewards.arithmetic import arithmetic_reward
 
@@ -22,4 +29,4 @@ def get_reward_fn(name: str) -> RewardFn:
         from erpo_fast.rewards.math import math_reward
 
         return math_reward
-    raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARD_NAMES)}")
+    raise ValueError(f"unknown reward {name!r}; choose from {', '.join(REWARD_NAMES)}, or module:function")

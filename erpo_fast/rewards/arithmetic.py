@@ -23,9 +23,16 @@ def extract_final_integer(response: str) -> str | None:
     return None if last is None else last.group()
 
 
-def arithmetic_reward(response: str, answer: str) -> float:
-    """1.0 when the response's last integer equals the integer `answer` exactly, else 0.0."""
+def _check_gold(answer: str) -> str:
     gold = str(answer).strip()
     if not _GOLD.fullmatch(gold):
         raise ValueError(f"arithmetic_reward needs an integer answer, got {answer!r}")
-    return 1.0 if extract_final_integer(response) == gold else 0.0
+    return gold
+
+
+def arithmetic_reward(response: str, answer: str) -> float:
+    """1.0 when the response's last integer equals the integer `answer` exactly, else 0.0."""
+    return 1.0 if extract_final_integer(response) == _check_gold(answer) else 0.0
+
+
+arithmetic_reward.prepare_answer = _check_gold  # the gold-only stage (see erpo_fast.rewards.pool)

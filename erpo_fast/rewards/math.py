@@ -54,3 +54,13 @@ def math_reward(response: str, answer: str, timeout_s: int | None = None) -> flo
     if not predicted:
         return 0.0
     return 1.0 if verify(gold, predicted, timeout_seconds=timeout_s) else 0.0
+
+
+def _prepare_gold(answer: str) -> None:
+    if str(answer).strip():
+        _parse_gold(str(answer), None)  # cached: math_reward then reuses the parsed gold
+
+
+# The gold-only stage, run and timed apart from the response (see erpo_fast.rewards.pool), so that a gold
+# answer that math-verify chokes on is not blamed on the model's response.
+math_reward.prepare_answer = _prepare_gold

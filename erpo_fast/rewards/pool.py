@@ -17,6 +17,17 @@ a module-level function (picklable by reference), as `get_reward_fn` returns.
 Each worker takes a chunk of items at a time (fewer pipe round trips); the parent times the item at
 the head of each worker's chunk from the moment the previous one came back, which never overstates the
 time the verifier has really spent on it.
+
+Blame for a timeout. A verifier may carry a `prepare_answer(answer)` attribute: the part of the work
+that depends on the gold answer alone (math-verify parsing the gold LaTeX). A worker runs it once per
+distinct gold answer, and tells the parent when it starts and ends, so a timeout is reported with
+`slow="gold"` (the dataset's answer is at fault) or `slow="response"`; a verifier without
+`prepare_answer` gives `slow="unknown"`. A gold answer that timed out once is remembered: the other
+responses to it score 0 at once, instead of each costing another `timeout_s`.
+
+Every timeout and error is also an incident in `last_stats.incidents` (with the item's key, e.g. its
+prompt id, when `score(pairs, keys=...)` is given), and goes to `on_event(kind, message, **details)`
+when that is set (the trainer points it at the run's events.jsonl).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 logger = logging.getLogger(__name__)
@@ -39,6 +50,7 @@ RewardFn = Callable[[str, str], float]
 
 _MAX_CHUNK = 32
 _MAX_LOGGED_CHARS = 80
+_MAX_SLOW_GOLD = 10_000  # gold answers remembered as timing out
 
 
 @dataclass
@@ -50,6 +62,9 @@ class RewardStats:
     num_errors: int = 0
     num_restarts: int = 0  # workers replaced after a timeout or a crash
     elapsed_s: float = 0.0
+    # Timeouts and errors of one score() call: {"kind", "index", "prompt_id", "slow" | "error", "response"}
+    # (not summed into total_stats).
+    incidents: list = field(default_factory=list)
 
     def add(self, other: RewardStats) -> None:
         self.num_scored += other.num_scored
@@ -74,6 +89,8 @@ def _short(text: object) -> str:
 def _worker_main(fn: RewardFn, conn) -> None:
     # Ctrl-C reaches the whole process group; the parent owns shutdown, so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    prepare = getattr(fn, "prepare_answer", None)
+    prepared: set[str] = set()
     conn.send(("ready",))
     while True:
         try:
@@ -84,6 +101,15 @@ def _worker_main(fn: RewardFn, conn) -> None:
             return
         for index, response, answer in chunk:
             try:
+                if prepare is not None and answer not in prepared:
+                    conn.send(("gold", index))  # from here until "response", a hang is the gold answer's
+                    try:
+                        prepare(answer)
+                    finally:
+                        conn.send(("response", index))
+                    if len(prepared) > _MAX_SLOW_GOLD:
+                        prepared.clear()
+                    prepared.add(answer)
                 conn.send((index, True, _call_verifier(fn, response, answer)))
             except Exception as exc:  # any verifier failure is that response's error, never the worker's
                 conn.send((index, False, f"{type(exc).__name__}: {str(exc)[:200]}"))
@@ -102,6 +128,7 @@ class _Worker:
         self.ready = False
         self.pending: deque[int] = deque()
         self.head_since = 0.0  # when the item at pending[0] started (at the latest)
+        self.on_gold = False  # the head item is in the verifier's prepare_answer (gold answer) stage
 
     def stop(self, *, graceful: bool) -> None:
         if graceful and self.process.is_alive():
@@ -136,6 +163,10 @@ class RewardPool:
         if not startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
         self.fn = fn
+        self.has_gold_stage = getattr(fn, "prepare_answer", None) is not None
+        self.on_event: Callable[..., object] | None = None  # e.g. RunLogger.log_event
+        self._slow_gold: set[str] = set()
+        self._keys: list | None = None
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
@@ -160,14 +191,19 @@ class RewardPool:
 
     # -- public API -----------------------------------------------------------------------------------
 
-    def score(self, pairs: Iterable[tuple[str, str]]) -> list[float]:
-        """Rewards for `pairs`, in order; a timed-out or failed verification scores 0.0."""
+    def score(self, pairs: Iterable[tuple[str, str]], keys: Iterable[object] | None = None) -> list[float]:
+        """Rewards for `pairs`, in order; a timed-out or failed verification scores 0.0. `keys` (one per
+        pair, e.g. the prompt id) label the incidents reported for them."""
         if self._closed:
             raise RuntimeError("RewardPool.score called after close()")
         pairs = list(pairs)
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(f"pairs[{i}] must be a (response, answer) pair, got {_short(pair)}")
+        keys = list(keys) if keys is not None else None
+        if keys is not None and len(keys) != len(pairs):
+            raise ValueError(f"keys has {len(keys)} entries for {len(pairs)} pairs")
+        self._keys = keys
         stats = RewardStats(num_scored=len(pairs))
         rewards = [0.0] * len(pairs)
         start = time.monotonic()
@@ -178,6 +214,7 @@ class RewardPool:
         stats.elapsed_s = time.monotonic() - start
         self.last_stats = stats
         self.total_stats.add(stats)
+        self._report(stats)
         return rewards
 
     def close(self) -> None:
@@ -204,10 +241,41 @@ class RewardPool:
             except Exception as exc:
                 self._record_error(stats, index, pairs, f"{type(exc).__name__}: {exc}")
 
+    def _key(self, index: int):
+        return self._keys[index] if self._keys is not None else None
+
     def _record_error(self, stats, index, pairs, message) -> None:
         stats.num_errors += 1
-        logger.warning("reward verification failed (item %d, response %s): %s", index,
-                       _short(pairs[index][0]), message)
+        stats.incidents.append({"kind": "verifier_error", "index": index, "prompt_id": self._key(index),
+                                "error": message, "response": _short(pairs[index][0])})
+
+    def _record_timeout(self, stats, index, pairs, slow: str, *, known: bool = False) -> None:
+        stats.num_timeouts += 1
+        incident = {"kind": "verifier_timeout", "index": index, "prompt_id": self._key(index), "slow": slow,
+                    "timeout_s": self.timeout_s}
+        if slow == "gold":
+            incident["answer"] = _short(pairs[index][1])
+            if known:
+                incident["known_slow_gold"] = True  # not run again: this gold answer timed out before
+        else:
+            incident["response"] = _short(pairs[index][0])
+        stats.incidents.append(incident)
+
+    def _report(self, stats: RewardStats) -> None:
+        for inc in stats.incidents:
+            details = {k: v for k, v in inc.items() if k != "kind"}
+            where = f"prompt {inc['prompt_id']}" if inc["prompt_id"] is not None else f"item {inc['index']}"
+            if inc["kind"] == "verifier_timeout":
+                blame = {"gold": "the gold answer " + inc.get("answer", ""), "response": "the response",
+                         "unknown": "the verifier"}[inc["slow"]]
+                message = (f"verification of {where} timed out after {self.timeout_s:g} s ({blame} was slow); "
+                           "scored 0")
+            else:
+                message = f"verification of {where} failed ({inc['error']}); scored 0"
+            if self.on_event is not None:
+                self.on_event(inc["kind"], message, **details)
+            else:
+                logger.warning("%s (%s)", message, ", ".join(f"{k}={v}" for k, v in details.items()))
 
     def _replace(self, slot: int, stats: RewardStats) -> None:
         self._workers[slot].stop(graceful=False)
@@ -218,7 +286,12 @@ class RewardPool:
         for slot, worker in enumerate(self._workers):
             if worker.pending:  # left by an interrupted call: its late answers must not leak into this one
                 self._replace(slot, stats)
-        queue = deque(range(len(pairs)))
+        queue = deque()
+        for i in range(len(pairs)):
+            if pairs[i][1] in self._slow_gold:
+                self._record_timeout(stats, i, pairs, "gold", known=True)
+            else:
+                queue.append(i)
         # Small enough chunks that every worker gets several (load balance), large enough to amortise IPC.
         chunk = max(1, min(_MAX_CHUNK, len(pairs) // (4 * self.num_workers)))
         while queue or any(w.pending for w in self._workers):
@@ -226,6 +299,12 @@ class RewardPool:
             for slot, worker in enumerate(self._workers):
                 if worker.ready and not worker.pending and queue:
                     items = [queue.popleft() for _ in range(min(chunk, len(queue)))]
+                    # A gold answer found slow while these waited: do not spend another timeout on it.
+                    for i in [i for i in items if pairs[i][1] in self._slow_gold]:
+                        items.remove(i)
+                        self._record_timeout(stats, i, pairs, "gold", known=True)
+                    if not items:
+                        continue
                     try:
                         worker.conn.send([(i, pairs[i][0], pairs[i][1]) for i in items])
                     except (OSError, ValueError):
@@ -248,10 +327,12 @@ class RewardPool:
             for slot, worker in enumerate(self._workers):
                 if worker.pending and now - worker.head_since > self.timeout_s:
                     index = worker.pending.popleft()
-                    stats.num_timeouts += 1
-                    logger.warning("reward verification timed out after %.1f s (item %d, response %s); "
-                                   "scored 0 and its worker replaced", self.timeout_s, index,
-                                   _short(pairs[index][0]))
+                    slow = "gold" if worker.on_gold else "response" if self.has_gold_stage else "unknown"
+                    if slow == "gold":
+                        if len(self._slow_gold) >= _MAX_SLOW_GOLD:
+                            self._slow_gold.clear()
+                        self._slow_gold.add(pairs[index][1])
+                    self._record_timeout(stats, index, pairs, slow)
                     queue.extendleft(reversed(worker.pending))
                     self._replace(slot, stats)
                 elif not worker.ready and now - worker.started_at > self.startup_timeout_s:
@@ -271,9 +352,13 @@ class RewardPool:
             if message == ("ready",):
                 worker.ready = True
                 continue
+            if message[0] in ("gold", "response"):
+                worker.on_gold = message[0] == "gold"
+                continue
             index, ok, value = message
             worker.pending.popleft()  # answers come back in the order the items were sent
             worker.head_since = time.monotonic()
+            worker.on_gold = False
             if ok:
                 rewards[index] = value
             else:
