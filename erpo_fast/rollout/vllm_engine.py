@@ -1,41 +1,49 @@
-"""VLLMEngine: colocated vLLM with sleep mode, for one GPU or torchrun SPMD (GPU only).
+"""VLLMEngine: colocated vLLM, in this process, for one device or torchrun SPMD (CUDA, or vLLM's CPU build).
 
-Life cycle of one training step (what the trainer drives):
+Life cycle (the engine owns it; callers never pass sleep levels):
 
-1. ``update_weights(learner.named_parameters())``: wakes the weight pool (``wake_up(tags=["weights"])``)
-   and copies the learner's tensors, in buckets and straight from memory, into the vLLM model through its
-   own ``load_weights`` (which maps Hugging Face names onto vLLM's fused/sharded parameters).
-   ``verify_sync(...)`` then checks that the engine really samples from the new weights.
-2. ``generate(...)``: wakes the KV-cache pool, samples with one ``SamplingParams`` per prompt (that
-   prompt's temperature), then sleeps at ``sleep_level`` (2 by default: weights and KV cache freed).
+- ``generate(...)`` wakes whatever is asleep (weights, then KV cache) and samples with one
+  ``SamplingParams`` per prompt (that prompt's temperature). It does not go back to sleep: a step may
+  roll out several times (DAPO refill rounds, the sync probe, held-out evaluation).
+- ``sleep()`` hands the device memory to the learner. It sleeps at the engine's ``sleep_level``: 2 (the
+  default) discards the weights, because the learner's update replaces them anyway; 1 offloads them.
+- ``update_weights(learner.named_weights())`` wakes the weight pool and reloads the learner's tensors in
+  place, from memory. After a level-2 sleep it must cover every parameter before the next ``generate``.
+- ``verify_sync(...)`` checks that the engine really scores with the new weights.
 
-A level-2 sleep discards the weights, so the next ``generate`` needs a full ``update_weights`` first.
-The engine never reloads weights from disk once the learner has synced them (that would silently roll
-the policy back to the base checkpoint); before the first sync the disk weights *are* the current ones.
+On a platform without sleep mode (vLLM's CPU build) ``sleep`` and ``wake_up`` keep the weights and only
+track the state, so the same loop runs everywhere.
+
+Weights go in through vLLM's supported in-place reload (the worker's ``reload_weights(weights_iterator=...)``,
+vLLM >= 0.20; it re-runs each layer's post-load processing, e.g. the CPU build's pre-packed GEMMs), and
+through ``model.load_weights`` on older releases. Either way the tensors are streamed, never written to disk.
 
 vLLM runs in this process (``distributed_executor_backend="external_launcher"``, no engine
-sub-process), which is what lets ``load_weights`` read the learner's tensors in place. Under torchrun
-every rank builds its own engine; with ``tensor_parallel_size > 1`` the ranks of one TP group must call
+sub-process), which is what lets the reload read the learner's tensors in place. Under torchrun every
+rank builds its own engine; with ``tensor_parallel_size > 1`` the ranks of one TP group must call
 ``generate``/``update_weights``/``verify_sync`` together (prompts are gathered across the group).
 
 vLLM is imported lazily: this module imports without it, and building an engine without it raises an
-ImportError that says how to install it. Nothing here has been run in this repository's CI (no GPU).
+ImportError that says how to install it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, validate_generate_args
 
-INSTALL_HINT = "VLLMEngine needs vLLM: pip install 'erpo-fast[vllm]'"
+INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'erpo-fast[vllm]' on a CUDA machine, or run "
+                "scripts/vllm_env.sh for vLLM's CPU build")
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+_SEED_SPACE = 1 << 32
 
 
 class WeightSyncError(RuntimeError):
@@ -47,6 +55,8 @@ def vllm_available() -> bool:
 
 
 def _import_vllm():
+    # vLLM logs every request at INFO; a training run wants its warnings only (users can override).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError as e:
@@ -61,8 +71,8 @@ def _free_port() -> int:
 
 
 def _prepare_external_launcher_env() -> None:
-    """external_launcher expects torchrun's variables; a plain single-GPU process gets a 1-rank world."""
-    # The engine core must live in this process, so that load_weights sees our tensors without a copy.
+    """external_launcher expects torchrun's variables; a plain single-device process gets a 1-rank world."""
+    # The engine core must live in this process, so that the reload sees our tensors without a copy.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -70,9 +80,9 @@ def _prepare_external_launcher_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def _hf_parameter_names(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+def _hf_parameter_names(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], list[set[str]], int]:
     """Parameter names/shapes of the checkpoint's HF model, built on the meta device (no memory, no disk
-    weights), and the groups of names that alias one tensor (tied embeddings)."""
+    weights), the groups of names that alias one tensor (tied embeddings), and the model's context length."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -82,7 +92,50 @@ def _hf_parameter_names(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], li
     for name, param in model.named_parameters(remove_duplicate=False):
         shapes[name] = tuple(param.shape)
         by_tensor.setdefault(id(param), set()).add(name)
-    return shapes, list(by_tensor.values())
+    return shapes, list(by_tensor.values()), int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def request_seed(prompt_seed: int, n: int) -> int:
+    """The seed of one vLLM request of n samples.
+
+    vLLM seeds sample j of a request with ``seed + j``. Spacing requests n apart keeps every
+    (prompt, sample) pair of a call on its own stream: prompt seeds that differ modulo 2**32 never share one.
+    """
+    return (int(prompt_seed) % _SEED_SPACE) * n
+
+
+def _worker_reload_takes_iterator(worker) -> bool:
+    """Feature check, run on the worker: does it offer the in-place ``reload_weights(weights_iterator=...)``?"""
+    reload = getattr(worker, "reload_weights", None)
+    runner_reload = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+    for fn in (runner_reload, reload):
+        if fn is not None:
+            try:
+                if "weights_iterator" in inspect.signature(fn).parameters:
+                    return True
+            except (TypeError, ValueError):
+                continue
+    return False
+
+
+def _refresh_tied_layers(worker) -> int:
+    """Re-run post-load processing of layers whose weight is another layer's (a tied LM head).
+
+    The reload loads the embedding, but the tied LM head receives no tensor of its own, so derived state
+    built from it at load time (vLLM's CPU build pre-packs the head's GEMM) would keep the old weights.
+    """
+    model = worker.model_runner.get_model()
+    owners, refreshed = set(), 0
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is None or weight.is_meta:
+            continue
+        method = getattr(module, "quant_method", None)
+        if id(weight) in owners and method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+            refreshed += 1
+        owners.add(id(weight))
+    return refreshed
 
 
 def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int]) -> torch.Tensor:
@@ -100,45 +153,57 @@ class VLLMEngine:
         model: a LOCAL Hugging Face model directory (config, safetensors, tokenizer).
         dtype: vLLM weight/activation dtype.
         gpu_memory_utilization: fraction of the GPU vLLM may take while awake (weights + KV cache); the
-            learner uses the rest while the engine sleeps.
+            learner uses the rest while the engine sleeps. Ignored by the CPU build.
+        cpu_kv_cache_gib: KV-cache size of vLLM's CPU build (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
         max_model_len: longest prompt + response; keeps the KV cache small.
-        tensor_parallel_size: GPUs per engine (torchrun ranks per TP group).
-        sleep_level: 1 offloads weights to CPU (no re-sync needed), 2 discards them (re-sync each step).
-        auto_sleep: sleep after every ``generate`` (the colocated default).
-        bucket_bytes: weights are handed to vLLM in buckets of about this many bytes.
+        tensor_parallel_size: devices per engine (torchrun ranks per TP group).
+        sleep_level: what ``sleep()`` frees: 1 offloads the weights to CPU memory, 2 discards them (the
+            learner's next sync replaces them anyway).
+        bucket_bytes: on vLLM releases without the in-place reload, weights are handed to
+            ``load_weights`` in buckets of about this many bytes.
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``enforce_eager``, ``max_num_seqs``).
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
-                 gpu_memory_utilization: float = 0.3,
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, seed: int = 0,
-                 sleep_level: int = 2, auto_sleep: bool = True, bucket_bytes: int = 256 << 20,
+                 sleep_level: int = 2, bucket_bytes: int = 256 << 20,
                  enable_prefix_caching: bool = True, **llm_kwargs) -> None:
-        vllm = _import_vllm()
         model_dir = Path(model).expanduser()
+        vllm = _import_vllm()
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"VLLMEngine needs a local model directory with config.json, got {str(model)!r}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        from vllm.platforms import current_platform
+
+        self.platform = "cpu" if current_platform.is_cpu() else str(getattr(current_platform, "device_type", "gpu"))
+        # Sleep mode needs the CUDA (or ROCm/XPU) memory allocator; elsewhere vLLM refuses the flag.
+        self.sleep_mode = bool(current_platform.is_sleep_mode_available())
+        if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
         _prepare_external_launcher_env()
         self._vllm = vllm
         self.model_dir = model_dir
         self.tensor_parallel_size = tensor_parallel_size
-        self.sleep_level, self.auto_sleep, self.bucket_bytes = sleep_level, auto_sleep, bucket_bytes
+        self.sleep_level, self.bucket_bytes = sleep_level, bucket_bytes
+        self._param_shapes, self._alias_groups, context = _hf_parameter_names(model_dir)
+        if max_model_len is not None and context:
+            max_model_len = min(max_model_len, context)
         self._tp_group = self._make_tp_group(tensor_parallel_size)
         rank = int(os.environ.get("RANK", "0"))
         self.llm = vllm.LLM(
             model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="external_launcher", enable_sleep_mode=True,
+            distributed_executor_backend="external_launcher", enable_sleep_mode=self.sleep_mode,
             # Sampled-token log-probs after temperature/top-k/top-p: what the learner recomputes.
             logprobs_mode="processed_logprobs",
             # Ranks of one TP group must sample identically; different groups must differ.
             seed=seed + rank // tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
-        self._param_shapes, self._alias_groups = _hf_parameter_names(model_dir)
+        self.reload_in_place = bool(self.llm.collective_rpc(_worker_reload_takes_iterator)[0])
         self.eos_token_id = self._read_eos(model_dir)
         self._awake = {"weights", "kv_cache"}
         self._weights_current = True  # fresh from the checkpoint
@@ -175,22 +240,23 @@ class VLLMEngine:
     # ---- memory ------------------------------------------------------------------------------------
 
     def sleep(self, level: int | None = None) -> None:
-        """Free GPU memory: KV cache always; weights offloaded (level 1) or discarded (level 2).
+        """Free device memory for the learner: the KV cache, and the weights (offloaded at level 1,
+        discarded at level 2). ``level`` defaults to the engine's ``sleep_level``.
 
-        ``level`` defaults to the engine's ``sleep_level``. After a level-2 sleep the next ``generate`` needs
-        a full ``update_weights`` first, so a sleep between a sync and the rollout that should use it must be
-        level 1 (e.g. after a post-sync check).
+        After a level-2 sleep the next ``generate`` needs a full ``update_weights`` first. Without sleep
+        mode (CPU build) nothing is freed and the weights stay valid.
         """
         level = self.sleep_level if level is None else level
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level}")
         if not self._awake:
             return
-        self.llm.sleep(level=level)
+        if self.sleep_mode:
+            self.llm.sleep(level=level)
+            if level == 2:
+                self._weights_current = False
+                self._synced_since_discard.clear()
         self._awake.clear()
-        if level == 2:
-            self._weights_current = False
-            self._synced_since_discard.clear()
 
     def wake_up(self) -> None:
         """Re-allocate weights then KV cache (weights discarded by a level-2 sleep still need a sync)."""
@@ -200,9 +266,10 @@ class VLLMEngine:
     def _wake(self, tag: str) -> None:
         if tag in self._awake:
             return
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the learner's cached blocks back before vLLM maps its pool
-        self.llm.wake_up(tags=[tag])
+        if self.sleep_mode:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the learner's cached blocks back before vLLM maps its pool
+            self.llm.wake_up(tags=[tag])
         self._awake.add(tag)
 
     @property
@@ -212,31 +279,17 @@ class VLLMEngine:
     # ---- weights -----------------------------------------------------------------------------------
 
     def _vllm_model(self) -> torch.nn.Module:
-        """The in-process vLLM model object (the one its forward passes use)."""
-        executor = getattr(getattr(self.llm, "llm_engine", None), "model_executor", None)
-        worker = getattr(executor, "driver_worker", None)
-        worker = getattr(worker, "worker", None) or worker  # WorkerWrapperBase -> Worker
-        runner = getattr(worker, "model_runner", None)
-        if runner is None:
-            # Fallback: ask the worker directly (a direct call with the in-process executor).
-            runner = self.llm.collective_rpc(lambda w: w.model_runner)[0]
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        """The in-process vLLM model object (for releases without the in-place reload)."""
+        model = self.llm.collective_rpc(lambda worker: worker.model_runner.get_model())[0]
         while not hasattr(model, "load_weights") and hasattr(model, "runnable"):
             model = model.runnable  # compilation/CUDA-graph wrappers
         if not hasattr(model, "load_weights"):
             raise RuntimeError(f"cannot find load_weights on vLLM's model ({type(model).__name__})")
         return model
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load the learner's tensors (HF names) into vLLM, bucketed, from memory; returns how many.
-
-        Tensors may be on any device and in any dtype (vLLM casts while copying). After a level-2 sleep the
-        update must cover every parameter before the next ``generate``.
-        """
-        self._wake("weights")
-        model = self._vllm_model()
-        bucket, bucket_size, count = [], 0, 0
-        names = set()
+    def _checked(self, named_tensors: Iterable[tuple[str, torch.Tensor]], names: set[str]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF names and shapes checked one tensor at a time, so a gathered (FSDP) model is never whole."""
         for raw_name, tensor in named_tensors:
             name = _strip_wrappers(raw_name)
             shape = self._param_shapes.get(name)
@@ -244,22 +297,44 @@ class VLLMEngine:
                 raise KeyError(f"update_weights: the checkpoint has no parameter named {raw_name!r}")
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"update_weights: {raw_name!r} has shape {tuple(tensor.shape)}, expected {shape}")
-            bucket.append((name, tensor.detach()))
-            bucket_size += tensor.numel() * tensor.element_size()
             names.add(name)
-            count += 1
-            if bucket_size >= self.bucket_bytes:
-                model.load_weights(weights=bucket)
-                bucket, bucket_size = [], 0
-        if bucket:
-            model.load_weights(weights=bucket)
+            yield name, tensor.detach()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Reload the learner's tensors (HF names) into vLLM in place, from memory; returns how many.
+
+        Tensors may be on any device and in any dtype (vLLM casts while copying). After a level-2 sleep the
+        update must cover every parameter before the next ``generate``. A bad name or shape raises, and the
+        engine then needs a full update.
+        """
+        self._wake("weights")
+        names: set[str] = set()
+        self._weights_current = False  # until this update completes
+        stream = self._checked(named_tensors, names)
+        if self.reload_in_place:
+            self.llm.collective_rpc("reload_weights",
+                                    kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+            self.llm.collective_rpc(_refresh_tied_layers)
+        else:
+            self._load_in_buckets(stream)
         self._ever_synced = True
         self._synced_since_discard |= names
-        if not self._weights_current and not self._missing_after_discard():
-            self._weights_current = True
+        self._weights_current = not self._missing_after_discard()
         # Cached prefixes hold k/v computed with the old weights.
         self.llm.reset_prefix_cache()
-        return count
+        return len(names)
+
+    def _load_in_buckets(self, stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+        model = self._vllm_model()
+        bucket, size = [], 0
+        for name, tensor in stream:
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.bucket_bytes:
+                model.load_weights(weights=bucket)
+                bucket, size = [], 0
+        if bucket:
+            model.load_weights(weights=bucket)
 
     def _missing_after_discard(self) -> list[str]:
         return [sorted(group)[0] for group in self._alias_groups if not group & self._synced_since_discard]
@@ -269,9 +344,10 @@ class VLLMEngine:
         if not self._weights_current:
             if self._ever_synced:
                 missing = self._missing_after_discard()
-                raise RuntimeError(f"vLLM's weights were discarded by sleep(level=2) and {len(missing)} parameters "
-                                   f"(e.g. {missing[0]!r}) have not been re-synced; call update_weights with "
-                                   "the learner's full weights before generate")
+                example = f" (e.g. {missing[0]!r})" if missing else ""
+                raise RuntimeError(f"vLLM's weights were discarded by sleep(level=2) or a failed update, and "
+                                   f"{len(missing)} parameters{example} have not been re-synced; call "
+                                   "update_weights with the learner's full weights before generate")
             # Never synced: the checkpoint on disk is the current policy.
             self.llm.collective_rpc("reload_weights")
             self._weights_current = True
@@ -283,10 +359,11 @@ class VLLMEngine:
                  *, stop_token_ids: Sequence[int] | None = None, top_k: int | Sequence[int] | None = None,
                  top_p: float | Sequence[float] | None = None,
                  seed: int | Sequence[int] | None = None) -> list[list[Sample]]:
-        """Same contract as NativeEngine.generate (see rollout/base.py); sleeps afterwards if auto_sleep.
+        """Same contract as NativeEngine.generate (see rollout/base.py); wakes the engine if it sleeps.
 
-        vLLM seeds each request on its own, so an int seed becomes seed + prompt index and per-prompt seeds
-        are used as given; either way a prompt's samples do not depend on the rest of the batch.
+        Seeds: an int makes the identical call reproducible (prompt i uses seed + i); per-prompt seeds make
+        each prompt's samples independent of the rest of the batch. Either way every (prompt, sample) pair
+        of the call has its own random stream (see ``request_seed``).
         """
         temps, top_ks, top_ps = validate_generate_args(prompts, temperatures, n, max_new_tokens, top_k, top_p)
         stops = None if stop_token_ids is None else resolve_stop_token_ids(stop_token_ids, self.eos_token_id)
@@ -294,7 +371,8 @@ class VLLMEngine:
         if call_seed is not None:
             prompt_seeds = [call_seed + i for i in range(len(prompts))]
         requests = [(list(map(int, p)), t, None if top_ks is None else top_ks[i],
-                     None if top_ps is None else top_ps[i], None if prompt_seeds is None else prompt_seeds[i])
+                     None if top_ps is None else top_ps[i],
+                     None if prompt_seeds is None else request_seed(prompt_seeds[i], n))
                     for i, (p, t) in enumerate(zip(prompts, temps))]
         all_requests, mine = self._gather_tp(requests)
         self._ready_for_generation()
@@ -303,8 +381,6 @@ class VLLMEngine:
                                     use_tqdm=False)
         results = [self._to_samples(out, request[1], n, index)
                    for index, (out, request) in enumerate(zip(outputs, all_requests))]
-        if self.auto_sleep:
-            self.sleep()
         return results[mine]
 
     def _sampling_params(self, temperature, top_k, top_p, n, max_new_tokens, stops, seed):
@@ -387,4 +463,5 @@ def _strip_wrappers(name: str) -> str:
     return name.removeprefix("module.")
 
 
-__all__ = ["INSTALL_HINT", "VLLMEngine", "WeightSyncError", "teacher_forced_logprobs", "vllm_available"]
+__all__ = ["INSTALL_HINT", "VLLMEngine", "WeightSyncError", "request_seed", "teacher_forced_logprobs",
+           "vllm_available"]
