@@ -317,6 +317,8 @@ class RewardPool:
 
             deadlines = [w.head_since + self.timeout_s for w in self._workers if w.pending]
             deadlines += [w.started_at + self.startup_timeout_s for w in self._workers if not w.ready]
+            if not deadlines:
+                continue  # the rest of the queue was skipped (known slow gold answers): nothing to wait for
             watched = [w.conn for w in self._workers if w.pending or not w.ready]
             wait(watched, timeout=max(0.0, min(deadlines) - time.monotonic()))
 
