@@ -124,6 +124,19 @@ class AlgorithmConfig:
     is_level: str = knob("none", "Truncated importance-sampling correction of rollout/learner mismatch.",
                          choices=("none", "token", "sequence"))
     is_clip: float = knob(2.0, "Upper bound of the truncated importance-sampling weight.", gt=0)
+    is_mask: str = knob("none", "Masked importance sampling: zero the loss of tokens (token, IcePop) or of whole "
+                                "sequences (sequence, geometric-mean ratio) whose learner/rollout ratio is outside "
+                                "[is_mask_low, is_mask_high]; combines with is_level.",
+                        choices=("none", "token", "sequence"))
+    is_mask_low: float = knob(0.5, "Lower bound of the masked-IS band.", gt=0, le=1)
+    is_mask_high: float = knob(2.0, "Upper bound of the masked-IS band.", ge=1)
+    loss_type: str = knob("ppo", "Policy-loss family: ppo (clipped surrogate; GRPO/DAPO/GSPO) or cispo (MiniMax-M1: "
+                                 "clipped stop-gradient IS weight times the log-prob).", choices=("ppo", "cispo"))
+    cispo_eps_low: float = knob(1.0, "CISPO: the IS weight is clipped below at 1 - this (>= 1: no lower bound).",
+                                ge=0)
+    cispo_eps_high: float = knob(4.0, "CISPO: the IS weight is clipped above at 1 + this.", ge=0)
+    mismatch_ratio_bound: float = knob(2.0, "Metric mismatch_ratio_outside_frac: fraction of tokens whose "
+                                            "learner/rollout ratio is outside [1/c, c], c = this.", ge=1)
 
 
 @dataclass
@@ -340,6 +353,8 @@ def validate(cfg: Config) -> Config:
     if a.eps_high < a.eps_low:
         raise ConfigError(f"algorithm.eps_high ({a.eps_high}) must be >= algorithm.eps_low ({a.eps_low}) "
                           "(clip-higher)")
+    if a.loss_type == "cispo" and a.dual_clip is not None:
+        raise ConfigError("algorithm.dual_clip belongs to the ppo loss; unset it with algorithm.loss_type=cispo")
     if a.logprob_temperature == "one" and a.is_level == "none":
         raise ConfigError("algorithm.logprob_temperature=one needs a truncated IS correction: set "
                           "algorithm.is_level to token or sequence")

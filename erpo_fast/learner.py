@@ -464,20 +464,24 @@ class Learner:
         Metrics: ``loss`` (the aggregated policy loss, mean over updates), ``grad_norm`` (pre-clip, mean over
         updates), ``clip_frac``, ``kl`` (0 without a reference), ``entropy`` (token means over the batch),
         ``num_tokens`` and ``num_sequences`` (trained, global), ``lr``, ``skipped_nonfinite`` (an update was
-        skipped because its loss or gradient norm was not finite) and ``is_weight_mean`` (when IS is on).
+        skipped because its loss or gradient norm was not finite), ``is_weight_mean`` (when IS is on),
+        ``is_mask_frac`` (tokens rejected by masked IS) and the rollout/learner mismatch of the batch
+        (``mismatch_logp_abs_mean``/``_max``, ``mismatch_kl_k3``, ``mismatch_ratio_outside_frac``; see
+        `algorithms.mismatch_metrics`), both sides at each row's own temperature and before any update.
         """
         sequences = self._check_batch(sequences)
         updates = self.trainer.updates_per_step
         lr = self.optimizer.param_groups[0]["lr"]
-        # No-grad pre-pass: the learner side of the IS weights and, for off-policy updates, the old log-probs.
+        # No-grad pre-pass: old log-probs for off-policy updates (and row-temperature ones for the metrics).
         pre = self._pre_pass(sequences, need_old=updates > 1)
         minis = _split_even(list(range(len(sequences))), updates)
         totals = {"loss": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-        extra = {"num_tokens": 0, "num_sequences": 0, "is_weight_sum": 0.0}
+        extra = {"num_tokens": 0, "num_sequences": 0, "is_weight_sum": 0.0, "is_mask_sum": 0.0,
+                 "mismatch_sums": [0.0] * 4, "mismatch_max": 0.0}
         skipped = False
         for mini in minis:
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self._backward(sequences, mini, old_by_seq=pre["old"], is_by_seq=pre["is"])
+            stats = self._backward(sequences, mini, old_by_seq=pre["old"])
             grad_norm = self._clip_grad_norm()
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -488,7 +492,10 @@ class Learner:
             for key in totals:
                 totals[key] += stats[key] / updates
             for key in extra:
-                extra[key] += stats[key]
+                if key == "mismatch_sums":
+                    extra[key] = [x + y for x, y in zip(extra[key], stats[key])]
+                else:
+                    extra[key] = max(extra[key], stats[key]) if key == "mismatch_max" else extra[key] + stats[key]
         with warnings.catch_warnings():
             # A skipped (non-finite) first update is deliberate; torch would warn that no optimizer step ran.
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
@@ -497,9 +504,35 @@ class Learner:
         metrics: dict[str, float | int | bool] = dict(totals)
         metrics.update(num_tokens=int(extra["num_tokens"]), num_sequences=int(extra["num_sequences"]), lr=lr,
                        skipped_nonfinite=skipped)
-        if self.algo.is_level != "none":
-            metrics["is_weight_mean"] = extra["is_weight_sum"] / max(extra["num_tokens"], 1)
+        metrics.update(self._correction_metrics(extra, sequences, pre["row"]))
         return metrics
+
+    def _correction_metrics(self, stats: dict, sequences: list[RolloutSequence],
+                            row_logprobs: list[Tensor] | None) -> dict[str, float]:
+        """is_weight_mean / is_mask_frac (when on) and the mismatch metrics from summed statistics."""
+        out: dict[str, float] = {}
+        tokens = max(stats["num_tokens"], 1)
+        if self.algo.is_level != "none" or self.algo.is_mask != "none":
+            out["is_weight_mean"] = stats["is_weight_sum"] / tokens
+        if self.algo.is_mask != "none":
+            out["is_mask_frac"] = stats["is_mask_sum"] / tokens
+        sums, mx = stats["mismatch_sums"], stats["mismatch_max"]
+        if row_logprobs is not None:
+            # The loss ran at T=1, so its own log-probs are not comparable with the engine's: use the
+            # row-temperature pre-pass instead (collective: every rank all-reduces).
+            rollout = [torch.tensor(s.rollout_logprobs or [math.nan] * len(s.response_ids), dtype=torch.float32)
+                       for s in sequences]
+            lp = torch.cat([t.cpu() for t in row_logprobs]) if row_logprobs else torch.zeros(0)
+            roll = torch.cat(rollout) if rollout else torch.zeros(0)
+            sums, mx = _mismatch_sums(algorithms.mismatch_metrics(lp, roll, torch.ones_like(lp, dtype=torch.bool),
+                                                                  ratio_bound=self.algo.mismatch_ratio_bound))
+            sums = self._all_reduce(sums)
+            (mx,) = self._all_reduce([mx], op="max")
+        abs_sum, k3_sum, outside, count = sums
+        if count > 0:
+            out.update(mismatch_logp_abs_mean=abs_sum / count, mismatch_logp_abs_max=mx,
+                       mismatch_kl_k3=k3_sum / count, mismatch_ratio_outside_frac=outside / count)
+        return out
 
     def loss_and_grads(self, sequences: Sequence[RolloutSequence], *,
                        old_logprobs: Sequence[Tensor] | None = None) -> dict[str, float]:
@@ -515,13 +548,12 @@ class Learner:
             if len(old_logprobs) != len(sequences) or any(
                     o.shape != (len(s.response_ids),) for o, s in zip(old_logprobs, sequences)):
                 raise ValueError("old_logprobs must hold one [len(response_ids)] tensor per sequence")
-        pre = self._pre_pass(sequences, need_old=False)
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self._backward(sequences, list(range(len(sequences))), old_by_seq=old_logprobs,
-                               is_by_seq=pre["is"])
-        if self.algo.is_level != "none":
-            stats["is_weight_mean"] = stats["is_weight_sum"] / max(stats["num_tokens"], 1)
-        del stats["is_weight_sum"]
+        stats = self._backward(sequences, list(range(len(sequences))), old_by_seq=old_logprobs)
+        stats.update(self._correction_metrics(stats, sequences, None if self._loss_temperature() == "row" else
+                                              self.compute_logprobs(sequences, temperature="row")))
+        for key in ("is_weight_sum", "is_mask_sum", "mismatch_sums", "mismatch_max"):
+            del stats[key]
         return stats
 
     def _check_batch(self, sequences: Sequence[RolloutSequence]) -> list[RolloutSequence]:
@@ -531,34 +563,28 @@ class Learner:
         keys = [s.seq_key for s in sequences]
         if len(set(keys)) != len(keys):
             raise ValueError("seq_key must be unique per sequence in the batch")
-        if self.algo.is_level != "none" and any(len(s.rollout_logprobs) != len(s.response_ids)
-                                                for s in sequences):
-            raise ValueError(f"algorithm.is_level={self.algo.is_level} needs rollout_logprobs for every "
-                             "response token")
+        for knob in ("is_level", "is_mask"):
+            value = getattr(self.algo, knob)
+            if value != "none" and any(len(s.rollout_logprobs) != len(s.response_ids) for s in sequences):
+                raise ValueError(f"algorithm.{knob}={value} needs rollout_logprobs for every response token")
         return sequences
 
     def _pre_pass(self, sequences: list[RolloutSequence], *, need_old: bool) -> dict:
-        """Per-sequence old log-probs (when ``need_old``) and truncated-IS weights (IS on), no grad."""
-        a = self.algo
-        use_is = a.is_level != "none"
-        out: dict = {"old": None, "is": None}
-        if not (need_old or use_is):
-            return out
-        learner_lp = self.compute_logprobs(sequences, temperature=self._loss_temperature())
+        """No-grad log-prob passes: ``old`` (per sequence, at the loss temperature) when ``need_old``; ``row`` (at
+        each row's temperature, for the mismatch metrics) only when the loss runs at T=1.
+
+        IS weights need no pass of their own: ``linear_grpo_loss`` takes them from ``old`` or from the log-probs
+        it computes anyway, and reports the mismatch of the same two.
+        """
+        out: dict = {"old": None, "row": None}
         if need_old:
-            out["old"] = learner_lp
-        if use_is:
-            weights = []
-            for seq, lp in zip(sequences, learner_lp):
-                rollout = torch.tensor(seq.rollout_logprobs, dtype=torch.float32, device=self.device)
-                weights.append(algorithms.truncated_is_weights(
-                    lp, rollout, torch.ones_like(rollout, dtype=torch.bool), level=a.is_level,
-                    clip_max=a.is_clip, seq_ids=torch.zeros_like(rollout, dtype=torch.long)))
-            out["is"] = weights
+            out["old"] = self.compute_logprobs(sequences, temperature=self._loss_temperature())
+        if self._loss_temperature() != "row":
+            out["row"] = self.compute_logprobs(sequences, temperature="row")
         return out
 
     def _backward(self, sequences: list[RolloutSequence], mini: list[int], *,
-                  old_by_seq: list[Tensor] | None, is_by_seq: list[Tensor] | None) -> dict[str, float]:
+                  old_by_seq: list[Tensor] | None) -> dict[str, float]:
         """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences[i], i in mini``).
 
         Each micro-batch's loss is scaled by its share of the GLOBAL normaliser (tokens for token_mean,
@@ -570,12 +596,13 @@ class Learner:
         a = self.algo
         temperature = self._loss_temperature()
         micro = _chunks(mini, self.trainer.micro_batch_size)
-        is_local = sum(float(is_by_seq[i].sum()) for i in mini) if is_by_seq is not None else 0.0
-        tokens, seqs, is_sum = self._all_reduce([
+        tokens, seqs = self._all_reduce([
             sum(len(sequences[i].response_ids) for i in mini),
-            sum(1 for i in mini if sequences[i].response_ids), is_local])
+            sum(1 for i in mini if sequences[i].response_ids)])
         (num_micro,) = self._all_reduce([len(micro)], op="max")
-        stats = [0.0, 0.0, 0.0, 0.0]  # loss, then clip_frac, kl and entropy times tokens (local sums)
+        # loss; clip_frac, kl, entropy, IS weight and IS-mask rejection times tokens; mismatch sums (local)
+        stats = [0.0] * 10
+        mismatch_max = 0.0
         for k in range(int(num_micro)):
             idx = micro[k] if k < len(micro) else []
             batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
@@ -597,8 +624,11 @@ class Learner:
                 torch.ones(n, dtype=torch.bool, device=self.device),
                 old_logprobs=cat(old_by_seq), ref_logprobs=ref, beta=a.kl_beta, kl=a.kl_estimator,
                 eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip, loss_agg=a.loss_agg,
-                seq_ids=batch.seq_ids, max_len=self.max_len, is_weights=cat(is_by_seq),
-                ratio_level=a.ratio_level)
+                seq_ids=batch.seq_ids, max_len=self.max_len, ratio_level=a.ratio_level,
+                loss_type=a.loss_type, cispo_eps_low=a.cispo_eps_low, cispo_eps_high=a.cispo_eps_high,
+                rollout_logprobs=batch.rollout_logprobs, is_level=None if a.is_level == "none" else a.is_level,
+                is_clip=a.is_clip, is_mask=None if a.is_mask == "none" else a.is_mask, is_mask_low=a.is_mask_low,
+                is_mask_high=a.is_mask_high, mismatch_ratio_bound=a.mismatch_ratio_bound)
             # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
             share = n / tokens if a.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
             (loss * (share * self.world_size)).backward()
@@ -606,10 +636,18 @@ class Learner:
             stats[1] += float(m.get("clip_frac", 0.0)) * n
             stats[2] += float(m.get("kl_mean", 0.0)) * n
             stats[3] += float(m.get("entropy_mean", 0.0)) * n
-        loss_sum, clip, kl, ent = self._all_reduce(stats)
+            stats[4] += float(m.get("is_weight_mean", 0.0)) * n
+            stats[5] += float(m.get("is_mask_frac", 0.0)) * n
+            sums, mx = _mismatch_sums(m)
+            stats[6:10] = [a_ + b_ for a_, b_ in zip(stats[6:10], sums)]
+            mismatch_max = max(mismatch_max, mx)
+        reduced = self._all_reduce(stats)
+        (mismatch_max,) = self._all_reduce([mismatch_max], op="max")
+        loss_sum, clip, kl, ent, is_sum, mask_sum = reduced[:6]
         denom = max(tokens, 1.0)
         return {"loss": loss_sum, "clip_frac": clip / denom, "kl": kl / denom, "entropy": ent / denom,
-                "num_tokens": int(tokens), "num_sequences": int(seqs), "is_weight_sum": is_sum}
+                "num_tokens": int(tokens), "num_sequences": int(seqs), "is_weight_sum": is_sum,
+                "is_mask_sum": mask_sum, "mismatch_sums": reduced[6:10], "mismatch_max": mismatch_max}
 
     def _clip_grad_norm(self) -> float:
         """Global pre-clip gradient norm (all ranks, all shards); clips in place when ``grad_clip > 0``."""
@@ -679,6 +717,13 @@ class Learner:
                                  options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+
+def _mismatch_sums(m: dict) -> tuple[list[float], float]:
+    """([|d| sum, k3 sum, outside-band count, token count], max |d|) from `algorithms.mismatch_metrics` values."""
+    count = m.get("mismatch_tokens", 0)
+    keys = ("mismatch_logp_abs_mean", "mismatch_kl_k3", "mismatch_ratio_outside_frac")
+    return [m.get(k, 0.0) * count for k in keys] + [float(count)], m.get("mismatch_logp_abs_max", 0.0)
 
 
 def _to_cpu(obj):
