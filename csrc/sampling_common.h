@@ -5,6 +5,9 @@
 
 #if defined(__CUDACC__)
 #define ERPO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: GCC declined to inline these into the AVX-512 clones of the hot loops, which then ran scalar.
+#define ERPO_HD inline __attribute__((always_inline))
 #else
 #define ERPO_HD inline
 #endif

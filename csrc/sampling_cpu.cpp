@@ -50,19 +50,19 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 #define ERPO_CLONES
 #endif
 
-inline float bits_to_float(uint32_t b) {
+ERPO_HD float bits_to_float(uint32_t b) {
   float f;
   std::memcpy(&f, &b, sizeof f);
   return f;
 }
-inline uint32_t float_to_bits(float f) {
+ERPO_HD uint32_t float_to_bits(float f) {
   uint32_t b;
   std::memcpy(&b, &f, sizeof b);
   return b;
 }
 
 // expf for x <= 88 (Cephes polynomial, ~1 ulp), branch-free so the chunk loops vectorise; exactly 0 below -87.
-inline float exp_approx(float x) {
+ERPO_HD float exp_approx(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = xc * 1.44269504088896341f + 12582912.0f;  // adding 1.5 * 2^23 rounds to an integer
   const float n = t - 12582912.0f;
@@ -80,7 +80,7 @@ inline float exp_approx(float x) {
 }
 
 // logf for normal positive x (Cephes polynomial), branch-free.
-inline float log_approx(float x) {
+ERPO_HD float log_approx(float x) {
   const uint32_t i = float_to_bits(x);
   int32_t e = static_cast<int32_t>((i >> 23) & 0xFF) - 126;
   float m = bits_to_float((i & 0x007FFFFFU) | 0x3F000000U);  // x = m * 2^e, m in [0.5, 1)
