@@ -230,7 +230,8 @@ class _LossInputs:
             if not bool(torch.isfinite(self.rollout[self.mask_bool]).all()):
                 raise ValueError("rollout_logprobs must be finite on every masked (trained) token for is_level / "
                                  "is_mask")
-        algorithms.mismatch_metrics(probe[:0], probe[:0], probe[:0], ratio_bound=mismatch_ratio_bound)
+        empty = torch.zeros(0)  # validates ratio_bound now, on the host
+        algorithms.mismatch_metrics(empty, empty, empty, ratio_bound=mismatch_ratio_bound)
         self.full_loss(probe, probe if self.old is None else self.old)
         self.weights = algorithms.aggregation_weights(self.mask_bool, self.seq_ids, loss_kwargs["loss_agg"],
                                                       loss_kwargs["max_len"], dtype=dtype)

@@ -60,10 +60,14 @@ def correction_metrics(learner_side: Tensor, rollout_logprobs: Tensor | None, ma
     m = mask.to(torch.bool)
     if rollout_logprobs is not None:
         out.update(algorithms.mismatch_metrics(learner_side, rollout_logprobs, m, ratio_bound=ratio_bound))
+    sums = {}
     if is_weights is not None:
-        out["is_weight_mean"] = masked_mean(torch.where(m, is_weights, torch.zeros_like(is_weights)), m)
+        sums["is_weight_mean"] = torch.where(m, is_weights.detach(), torch.zeros_like(is_weights)).double().sum()
     if keep is not None:
-        out["is_mask_frac"] = masked_mean((m & ~keep).to(torch.float32), m)
+        sums["is_mask_frac"] = (m & ~keep).double().sum()
+    if sums:
+        *values, count = torch.stack([*sums.values(), m.double().sum()]).tolist()  # one device->host copy
+        out.update({k: v / max(count, 1.0) for k, v in zip(sums, values)})
     return out
 
 
