@@ -2,8 +2,9 @@
 
 One :meth:`Learner.train_on` call is one training step on this rank's rollout sequences:
 
-1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1``, and the
-   learner side of the truncated importance-sampling (IS) weights;
+1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1`` (and
+   row-temperature log-probs for the mismatch metrics when the loss runs at T=1). IS weights (truncated and/or
+   masked) need no pass: ``linear_grpo_loss`` takes them from the rollout log-probs and the learner side it has;
 2. for each of the ``updates_per_step`` mini-batches: micro-batches of ``micro_batch_size`` sequences are
    packed into ONE row without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs
    per sequence through :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences
