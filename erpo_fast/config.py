@@ -78,7 +78,8 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = knob("native", "Rollout engine: the embedded torch engine or colocated vLLM (GPU).",
+    engine: str = knob("native", "Rollout engine: the embedded torch engine, or colocated vLLM (CUDA, or vLLM's "
+                       "CPU build).",
                        choices=("native", "vllm"))
     n: int = knob(8, "Responses sampled per prompt (the group size).", ge=1)
     max_new_tokens: int = knob(512, "Maximum response length in tokens.", ge=1)
@@ -368,8 +369,6 @@ def validate(cfg: Config) -> Config:
     if reward not in BUILTIN_REWARDS and (":" not in reward or not all(reward.rpartition(":")[::2])):
         raise ConfigError(f"data.reward={reward!r}: use one of {', '.join(BUILTIN_REWARDS)}, or a custom verifier "
                           "as module:function or path/file.py:function")
-    if r.engine == "vllm" and t.device == "cpu":
-        raise ConfigError("rollout.engine=vllm needs a CUDA device; use --rollout native on CPU")
     return cfg
 
 

@@ -62,7 +62,6 @@ def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, d
     else:
         temps = np.full(len(positions), cfg.algorithm.base_temperature, dtype=np.float32)
     t0 = time.perf_counter()
-    s.engine.wake_up()
     # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
     # across ranks samples exactly what one process would.
     samples = generate_or_abort(s, step, [s.train_prompt_ids[p] for p in positions], temps.tolist(),
@@ -70,7 +69,6 @@ def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, d
                                 stop_token_ids=[s.tokenizer.eos_token_id], top_k=cfg.rollout.top_k or None,
                                 top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
                                 seed=[step_seed(cfg.trainer.seed, step, round_, p) for p in positions])
-    s.engine.sleep()
     t1 = time.perf_counter()
     pairs = [(decode_response(s.tokenizer, smp.token_ids), s.train[p].answer)
              for p, group in zip(positions, samples) for smp in group]
@@ -114,6 +112,9 @@ def collect(s, step: int) -> StepData:
         dropped += sum(c[1] for c in counts)
         if not cfg.algorithm.dynamic_sampling or kept_global >= want:
             break
+    # The learner runs next: the engine frees its device memory (at the level it chooses; the sync after
+    # the update brings the new weights back). Refill rounds above reuse the awake engine.
+    s.engine.sleep()
 
     sequences = []
     local_want = s.sampler.local_batch_size  # DAPO trains on a full batch, not on every refilled group

@@ -54,6 +54,9 @@ class Session:
 
     def close(self) -> None:
         self.rewards.close()
+        close_engine = getattr(self.engine, "close", None)  # vLLM: shut down now, not at garbage collection
+        if close_engine is not None:
+            close_engine()
 
 
 def build_session(cfg: Config, rt: Runtime) -> Session:
@@ -117,7 +120,10 @@ def _restore(s: Session, ckpt: dict) -> None:
     tracker.load_state_dict(state["tracker"])
     tracker.grow(max(tracker.num_prompts, len(s.prompt_index)))
     s.tracker = tracker
-    s.sampler.load_state_dict(state["sampler"])
+    try:
+        s.sampler.load_state_dict(state["sampler"])
+    except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
+        raise ConfigError(f"--resume from {ckpt['model_dir'].parent}: {e}") from None
     restore_rng_state(state["rng"])
     s.extra.update(state.get("extra", {}))
     s.start_step = int(ckpt["step"])
@@ -163,13 +169,14 @@ def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
         from erpo_fast.rollout import vllm_available
 
         if not vllm_available():
-            raise ConfigError("--rollout vllm needs vLLM, which is not installed here: pip install "
-                              "'erpo-fast[vllm]' on a CUDA machine, or use --rollout native")
-        if device.type != "cuda":
-            raise ConfigError("--rollout vllm needs a CUDA device; use --rollout native on CPU")
+            raise ConfigError("--rollout vllm needs vLLM, which is not installed in this environment: pip install "
+                              "'erpo-fast[vllm]' on a CUDA machine, bash scripts/vllm_env.sh for vLLM's CPU "
+                              "build, or use --rollout native")
+        # The KV cache only needs room for the longest prompt plus the longest response.
         return make_engine("vllm", str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                           enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed, auto_sleep=False,
+                           enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed,
+                           max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                            dtype=resolve_dtype(cfg.model.dtype, device))
     engine_model = copy.deepcopy(model)
     return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device))

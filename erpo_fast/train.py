@@ -154,10 +154,8 @@ def check_weight_sync(s: Session, step: int) -> float:
     A stale engine (one public trainer kept sampling from the base weights after "syncing") fails loudly.
     """
     probe = encode_prompt(s.tokenizer, s.train[0].prompt, chat_template=s.cfg.data.chat_template)
-    s.engine.wake_up()
     sample = generate_or_abort(s, step, [probe], [1.0], 1, min(16, s.cfg.rollout.max_new_tokens),
                                stop_token_ids=[], seed=[1234 + step])[0][0]
-    s.engine.sleep(level=1)  # level 1 keeps the just-synced weights for the next rollout
     ours = s.learner.compute_logprobs([RolloutSequence(probe, list(sample.token_ids), [], 1.0, 0.0, 0)],
                                       temperature=1.0)[0]
     err = float((ours - torch.tensor(sample.logprobs, dtype=ours.dtype)).abs().max())
@@ -174,11 +172,9 @@ def run_eval(s: Session, step: int) -> dict:
         return {}
     result = None
     if s.rt.is_main:
-        s.engine.wake_up()
         result = evaluate(s.engine, s.tokenizer, s.heldout, reward_pool=s.rewards, ks=(cfg.trainer.eval_k,),
                           temperature=cfg.trainer.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                           seed=cfg.trainer.seed + 7919 * step, chat_template=cfg.data.chat_template)
-        s.engine.sleep(level=1)  # keep the synced weights for the next rollout
     return broadcast_object(result, s.rt)
 
 

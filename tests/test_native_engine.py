@@ -328,9 +328,12 @@ def test_sleep_and_wake_up():
     before = engine.generate(prompts, [0.0], n=1, max_new_tokens=5, stop_token_ids=[])
     engine.sleep()
     assert engine.is_sleeping
-    with pytest.raises(RuntimeError, match="asleep"):
-        engine.generate(prompts, [0.0], n=1, max_new_tokens=5)
+    # generate wakes the engine itself (the engine owns its life cycle), with the weights unchanged.
+    assert engine.generate(prompts, [0.0], n=1, max_new_tokens=5, stop_token_ids=[]) == before
+    assert not engine.is_sleeping
+    engine.sleep()
     engine.wake_up()
+    assert not engine.is_sleeping
     assert engine.generate(prompts, [0.0], n=1, max_new_tokens=5, stop_token_ids=[]) == before
 
 

@@ -454,7 +454,7 @@ class NativeEngine:
         chunked, compacted or split across ranks); both modes make one sampler call per step.
         """
         if self._asleep:
-            raise RuntimeError("NativeEngine is asleep; call wake_up() before generate()")
+            self.wake_up()
         temps, top_ks, top_ps = validate_generate_args(prompts, temperatures, n, max_new_tokens, top_k, top_p,
                                                        vocab_size=self.vocab_size)
         stops = resolve_stop_token_ids(stop_token_ids, self.eos_token_id)
@@ -597,7 +597,7 @@ class NativeEngine:
         return count
 
     def sleep(self, level: int | None = None) -> None:
-        """Free transient buffers (RoPE tables, allocator cache); generate() raises until wake_up().
+        """Free transient buffers (RoPE tables, allocator cache); the next generate() wakes the engine.
 
         ``level`` is accepted for interface parity with VLLMEngine; the weights always stay in place.
         """

@@ -311,12 +311,18 @@ class VLLMEngine:
         names: set[str] = set()
         self._weights_current = False  # until this update completes
         stream = self._checked(named_tensors, names)
-        if self.reload_in_place:
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
-            self.llm.collective_rpc(_refresh_tied_layers)
-        else:
-            self._load_in_buckets(stream)
+        try:
+            if self.reload_in_place:
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+                self.llm.collective_rpc(_refresh_tied_layers)
+            else:
+                self._load_in_buckets(stream)
+        except BaseException:
+            # Some layers may hold new weights and others old ones: only a full update makes it whole again.
+            self._ever_synced = True
+            self._synced_since_discard.clear()
+            raise
         self._ever_synced = True
         self._synced_since_discard |= names
         self._weights_current = not self._missing_after_discard()
@@ -422,6 +428,14 @@ class VLLMEngine:
         rank = dist.get_rank(group=self._tp_group)
         start = sum(len(g) for g in gathered[:rank])
         return [r for g in gathered for r in g], slice(start, start + len(requests))
+
+    def close(self) -> None:
+        """Shut vLLM down now (its engine core and distributed state) rather than at garbage collection, so
+        that another engine can be built in this process."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     # ---- sync check --------------------------------------------------------------------------------
 
