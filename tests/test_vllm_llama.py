@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_vllm_engine import DEVICE, SYNC_ATOL, _check_update, _engine, _probe, _random_model, _save
 
 from erpo_fast.rollout.vllm_engine import teacher_forced_logprobs
-
-from test_vllm_engine import DEVICE, SYNC_ATOL, _check_update, _engine, _probe, _random_model, _save
 
 
 @pytest.mark.vllm
