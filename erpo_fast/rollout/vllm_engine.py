@@ -29,10 +29,12 @@ ImportError that says how to install it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
 import socket
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -138,6 +140,36 @@ def _refresh_tied_layers(worker) -> int:
     return refreshed
 
 
+@contextlib.contextmanager
+def _shield_from_kernel_scan(active: bool):
+    """Hide, while vLLM starts, module attributes that break its CPU build's kernel-override scan.
+
+    vLLM's CPU worker (0.32) rebinds Triton kernels by scanning every module's namespace and calling
+    ``vars(value).get(...)`` on each value that has a ``__dict__``. Some objects answer ``__dict__`` through
+    ``__getattr__`` with something that is not a mapping (numba's llvmlite ``ffi.lib``), and the engine then
+    fails to start with an AttributeError. Such attributes are removed for the duration and put back after.
+    """
+    hidden = []
+    if active:
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for attr, value in list(namespace.items()):
+                try:
+                    breaks_scan = hasattr(value, "__dict__") and not hasattr(vars(value), "get")
+                except Exception:  # objects whose attribute access raises are left as they are
+                    continue
+                if breaks_scan:
+                    hidden.append((namespace, attr, value))
+                    del namespace[attr]
+    try:
+        yield
+    finally:
+        for namespace, attr, value in hidden:
+            namespace.setdefault(attr, value)
+
+
 def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int]) -> torch.Tensor:
     """Reference for ``verify_sync``: log p(token_t | tokens_<t) at T=1 for t = 1..L-1, in fp32 (plain torch)."""
     ids = torch.as_tensor(list(prompt_ids), device=next(model.parameters()).device)[None]
@@ -194,15 +226,16 @@ class VLLMEngine:
             max_model_len = min(max_model_len, context)
         self._tp_group = self._make_tp_group(tensor_parallel_size)
         rank = int(os.environ.get("RANK", "0"))
-        self.llm = vllm.LLM(
-            model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend="external_launcher", enable_sleep_mode=self.sleep_mode,
-            # Sampled-token log-probs after temperature/top-k/top-p: what the learner recomputes.
-            logprobs_mode="processed_logprobs",
-            # Ranks of one TP group must sample identically; different groups must differ.
-            seed=seed + rank // tensor_parallel_size,
-            enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
+        with _shield_from_kernel_scan(current_platform.is_cpu()):
+            self.llm = vllm.LLM(
+                model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                distributed_executor_backend="external_launcher", enable_sleep_mode=self.sleep_mode,
+                # Sampled-token log-probs after temperature/top-k/top-p: what the learner recomputes.
+                logprobs_mode="processed_logprobs",
+                # Ranks of one TP group must sample identically; different groups must differ.
+                seed=seed + rank // tensor_parallel_size,
+                enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
         self.reload_in_place = bool(self.llm.collective_rpc(_worker_reload_takes_iterator)[0])
         self.eos_token_id = self._read_eos(model_dir)
         self._awake = {"weights", "kv_cache"}
