@@ -429,6 +429,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark is not None and cmark is not mark:  # where the unclosed construct began
+            problem += f" ({context} at line {cmark.line + 1})"
         raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")

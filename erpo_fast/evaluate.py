@@ -53,7 +53,8 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
                               stop_token_ids=[tokenizer.eos_token_id], top_k=top_k, top_p=top_p, seed=seed)
     pairs = [(decode_response(tokenizer, s.token_ids), r.answer) for r, group in zip(records, samples)
              for s in group]
-    rewards = np.asarray(reward_pool.score(pairs), dtype=np.float64).reshape(len(records), n)
+    keys = [f"heldout:{r.key}" for r, group in zip(records, samples) for _ in group]  # names verifier incidents
+    rewards = np.asarray(reward_pool.score(pairs, keys=keys), dtype=np.float64).reshape(len(records), n)
     out = summarize(rewards, ks)
     out["num_prompts"] = len(records)
     out["response_tokens_mean"] = float(np.mean([len(s.token_ids) for g in samples for s in g]))

@@ -7,8 +7,9 @@ Files in ``output_dir``:
   tensors and numpy values become plain numbers or lists.
 - ``events.jsonl``: ``log_event`` records, also sent to python logging. Each is one JSON object with ``step``,
   ``time`` (unix seconds), ``kind``, ``message`` and details. The trainer writes the kinds ``nonfinite_loss``
-  (update skipped), ``skipped_step`` (no group left to learn from), ``verifier_timeout`` (with ``prompt_id``
-  and ``slow``: ``response`` or ``gold``), ``verifier_error`` (the verifier raised; ``prompt_id``, ``error``),
+  (update skipped), ``skipped_step`` (no group left to learn from), ``verifier_timeout`` (with ``prompt_id``,
+  ``heldout:<id>`` during held-out evaluation, and ``slow``: ``response``, ``gold`` or ``unknown``),
+  ``verifier_error`` (the verifier raised; ``prompt_id``, ``error``),
   ``stopped`` (the run stopped on purpose: diverged policy, non-finite losses, failed weight sync) and
   ``interrupted`` (Ctrl-C).
 - ``tb/``: TensorBoard scalars when asked for and installed; ``wandb_run_id.txt``: the W&B run id, so that a

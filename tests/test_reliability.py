@@ -184,7 +184,7 @@ def test_fresh_run_over_old_checkpoints_is_refused_unless_resume_or_overwrite(tm
         config_from_cli(["--resume", "--overwrite"])
 
 
-def test_overwrite_run_leaves_only_its_own_checkpoints(tmp_path):
+def test_overwrite_run_leaves_only_its_own_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--trainer.save_every", "3"]) == 0
     assert main([*TINY, "--output-dir", str(out), "--max-steps", "2", "--trainer.save_every", "2",
@@ -193,6 +193,10 @@ def test_overwrite_run_leaves_only_its_own_checkpoints(tmp_path):
     assert load_checkpoint(out / "checkpoints" / "step_00000002")["config"]["trainer"]["seed"] == 5
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert not (out / LOCK_FILENAME).exists()
+    # Resuming it with another seed is a one-line usage error, not a traceback.
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume"]) == 2
+    (line,) = _error_lines(capsys)
+    assert "seed" in line
 
 
 def test_output_dir_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
