@@ -169,6 +169,8 @@ class TrainerConfig:
                                   "them (without it, or --resume, such a run exits with an error).")
     nan_patience: int = knob(3, "Stop after this many consecutive steps with a non-finite loss.", ge=1)
     threads: int = knob(0, "CPU threads for torch (0: torch's default).", ge=0)
+    profile_steps: str | None = knob(None, "Profile steps A..B ('A:B'): a torch.profiler Chrome trace in "
+                                           "output_dir/profile, a per-phase table and the top operators.")
 
 
 @dataclass

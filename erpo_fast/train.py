@@ -30,6 +30,7 @@ from erpo_fast.learner import RolloutSequence
 from erpo_fast.logger import RunLogger
 from erpo_fast.models import ModelLoadError
 from erpo_fast.plots import ascii_histogram, write_plots
+from erpo_fast.profiling import StepProfiler
 from erpo_fast.prompting import encode_prompt
 from erpo_fast.rollout_step import collect, generate_or_abort
 from erpo_fast.run_dir import RunDirError, prepare_run
@@ -58,7 +59,10 @@ def _train(cfg: Config, rt) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     out = Path(cfg.trainer.output_dir)
+    profiler = StepProfiler(cfg.trainer.profile_steps, out, max_steps=cfg.trainer.max_steps, rank=rt.rank,
+                            world_size=rt.world_size, device=rt.device)
     s = build_session(cfg, rt)
+    profiler.attach(s)
     logger = RunLogger(out, total_steps=cfg.trainer.max_steps, start_step=s.start_step,
                        progress=cfg.logging.progress and rt.is_main, tensorboard=cfg.logging.tensorboard and rt.is_main,
                        wandb=cfg.logging.wandb and rt.is_main, wandb_project=cfg.logging.wandb_project,
@@ -69,7 +73,8 @@ def _train(cfg: Config, rt) -> dict:
         if s.start_step == 0:
             s.extra["heldout_before"] = run_eval(s, step=0)
         for step in range(s.start_step + 1, cfg.trainer.max_steps + 1):
-            metrics = train_step(s, step, logger)
+            with profiler.step(step):
+                metrics = train_step(s, step, logger)
             if logger and not metrics.get("sequences_trained") and not metrics.get("skipped_nonfinite"):
                 logger.log_event("skipped_step", f"step {step}: no group left to learn from (all dropped by "
                                  "dynamic sampling); no update", step=step)
