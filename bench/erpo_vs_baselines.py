@@ -88,7 +88,8 @@ def run_job(arm: str, seed: int, overrides: dict, out_dir: str, threads: int) ->
 
     torch.set_num_threads(threads)
     cfg = build_config("tiny-cpu", None, {**overrides, **ARMS[arm], "trainer.seed": seed,
-                                          "trainer.output_dir": out_dir, "trainer.threads": threads})
+                                          "trainer.output_dir": out_dir, "trainer.threads": threads,
+                                          "trainer.overwrite": True})  # a rerun replaces the arm's old run
     t0 = time.perf_counter()
     summary = train(cfg)
     train_s = time.perf_counter() - t0
