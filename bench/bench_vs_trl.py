@@ -1,0 +1,313 @@
+"""erpo-fast's trainer against Hugging Face TRL's ``GRPOTrainer`` on the same model, data and settings (CPU).
+
+Both trainers run the same work per step: 16 prompts x 8 samples, full-length completions forced, fp32, one
+torch thread, no KL (no reference model), DAPO loss (token mean, clip 0.2 / 0.28), micro-batch 32 (TRL:
+``per_device_train_batch_size=32``, 4 gradient-accumulation steps, one generation per optimizer step), the
+same reward function in-process (:func:`parity_reward`: about half the completions score 1, so nearly every
+group has signal and no trainer could skip zero-advantage work), lr 1e-6, AdamW. Models are random-weight
+Qwen2s built from configs and saved with a word-level tokenizer made offline with ``tokenizers`` (no hub):
+
+- ``A``: hidden 128, 4 layers, 4 heads (2 KV), MLP 384, vocabulary 1,024, 32 new tokens;
+- ``B``: hidden 256, 2 layers, 4 heads (2 KV), MLP 768, vocabulary 151,936, 64 new tokens.
+
+Forcing full length: TRL gets ``generation_kwargs={"min_new_tokens": N}`` (transformers then never samples
+EOS early); our engine is called with no stop tokens. Either way every completion has exactly N tokens, so
+the learners see identical shapes (checked: tokens per step are reported).
+
+Each (model, contender) runs in its own subprocess, so that peak RSS (``ru_maxrss``) is that trainer's alone;
+contenders alternate (ours, TRL, TRL, ours, ...) over ``--rounds`` rounds. A subprocess runs
+``--warmup`` untimed steps then ``--steps`` timed ones; s/step is the median over all timed steps of all
+rounds. "generation" is the time inside the engine (ours) or ``model.generate`` (TRL); "score" the verifier
+calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's bookkeeping).
+
+Run: ``python -m bench.bench_vs_trl [--models A B] [--rounds 2] [--steps 2] [--warmup 1]`` from the repository
+root; needs the ``bench`` extra (``pip install trl --no-deps`` plus its light dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make `bench` and `erpo_fast` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODELS = {
+    "A": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=384, vocab_size=1024, new_tokens=32),
+    "B": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=768, vocab_size=151936, new_tokens=64),
+}
+PROMPTS_PER_STEP = 16
+GROUP = 8
+MICRO_BATCH = 32
+NUM_PROMPTS = 256
+LR = 1e-6
+SPECIAL = ["<pad>", "<eos>", "<unk>"]
+
+
+# --- shared model / data / reward (built once per model, in the parent) -------------------------------------
+
+def parity_reward(response: str, answer: str) -> float:
+    """1 for about half of all texts (a hash bit), so groups of 8 are almost never uniform."""
+    return float(zlib.crc32(response.encode()) & 1)
+
+
+def build_assets(name: str, root: Path) -> dict:
+    """Save the model + tokenizer folder and the prompt set for model ``name`` under ``root``."""
+    import torch
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    spec = MODELS[name]
+    vocab_size = spec["vocab_size"]
+    # Letters are single tokens (prompts use them); the rest of the vocabulary is filler the model can sample.
+    # transformers loads any tokenizer saved beside a Qwen2 config as its Qwen2Tokenizer, which keeps a
+    # one-character-per-token split but not a whitespace word split.
+    words = SPECIAL + list(string.ascii_lowercase)
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    config = Qwen2Config(**{k: v for k, v in spec.items() if k != "new_tokens"}, tie_word_embeddings=True,
+                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                         use_cache=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+    model_dir = root / f"model-{name}"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    # Prompts of 16..40 random letters (one token each); the answer is never produced by a random model.
+    g = torch.Generator().manual_seed(1)
+    data = root / f"prompts-{name}.jsonl"
+    with data.open("w") as f:
+        for i in range(NUM_PROMPTS):
+            n = int(torch.randint(16, 41, (1,), generator=g))
+            text = "".join(string.ascii_lowercase[j] for j in torch.randint(0, 26, (n,), generator=g).tolist())
+            f.write(json.dumps({"id": f"p{i}", "prompt": text, "answer": "42"}) + "\n")
+    return {"model": name, "model_dir": str(model_dir), "data": str(data), "new_tokens": spec["new_tokens"]}
+
+
+# --- workers (one per subprocess) ----------------------------------------------------------------------------
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
+    import torch
+
+    from erpo_fast.config import build_config
+    from erpo_fast.distributed import init_runtime
+    from erpo_fast.session import build_session
+    from erpo_fast.train import train_step
+
+    torch.set_num_threads(1)
+    cfg = build_config("none", overrides={
+        "model.path": assets["model_dir"], "model.dtype": "float32",
+        "data.path": assets["data"], "data.reward": f"{Path(__file__).resolve()}:parity_reward",
+        "data.reward_workers": 0, "data.chat_template": False,
+        "rollout.n": GROUP, "rollout.max_new_tokens": assets["new_tokens"], "rollout.sync_check_every": 0,
+        "algorithm.erpo": False, "algorithm.kl_beta": 0.0, "algorithm.loss_agg": "token_mean",
+        "algorithm.eps_low": 0.2, "algorithm.eps_high": 0.28,
+        "trainer.prompts_per_step": PROMPTS_PER_STEP, "trainer.micro_batch_size": MICRO_BATCH, "trainer.lr": LR,
+        "trainer.max_steps": warmup + steps, "trainer.device": "cpu", "trainer.threads": 1,
+        "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.output_dir": str(out_dir),
+        "logging.progress": False, "logging.plots": False})
+    session = build_session(cfg, init_runtime("cpu"))
+    generate = session.engine.generate
+
+    def full_length(*args, **kwargs):  # forced full-length completions: no stop token
+        kwargs["stop_token_ids"] = []
+        return generate(*args, **kwargs)
+
+    session.engine.generate = full_length
+    rows = []
+    try:
+        for step in range(1, warmup + steps + 1):
+            m = train_step(session, step, None)
+            rows.append({"step_s": m["time_step_s"], "generation_s": m["time_rollout_s"], "score_s": m["time_score_s"],
+                         "learner_s": m["time_learn_s"], "sync_s": m["time_sync_s"],
+                         "tokens": round(m["tokens_per_s"] * m["time_step_s"]), "sequences": m["sequences_trained"]})
+    finally:
+        session.close()
+    return {"steps": rows[warmup:], "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from erpo_fast.data import load_prompts
+
+    torch.set_num_threads(1)
+    new_tokens = assets["new_tokens"]
+    records = load_prompts(assets["data"])
+    dataset = Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in records])
+    score_time = [0.0]
+
+    def reward(prompts, completions, answer, **kwargs):  # the function our trainer runs
+        t0 = time.perf_counter()
+        out = [parity_reward(c, a) for c, a in zip(completions, answer)]
+        score_time[0] += time.perf_counter() - t0
+        return out
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model_dir"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(assets["model_dir"], local_files_only=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    args = GRPOConfig(
+        output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH, num_generations=GROUP,
+        max_completion_length=new_tokens, generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, num_iterations=1,
+        use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0, log_completions=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    gen_time = [0.0]
+    generate = model.generate
+
+    def timed_generate(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return generate(*a, **k)
+        finally:
+            gen_time[0] += time.perf_counter() - t0
+
+    model.generate = timed_generate
+    rows = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+            gen_time[0] = score_time[0] = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            rows.append({"step_s": time.perf_counter() - self.t0, "generation_s": gen_time[0],
+                         "score_s": score_time[0],
+                         "tokens": PROMPTS_PER_STEP * GROUP * new_tokens,
+                         "sequences": PROMPTS_PER_STEP * GROUP})
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    return {"steps": rows[warmup:], "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def worker(contender: str, assets: dict, steps: int, warmup: int) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"bench-vs-trl-{contender}-") as tmp:
+        fn = run_ours if contender == "erpo-fast" else run_trl
+        result = fn(assets, steps, warmup, Path(tmp))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+def run_worker(contender: str, assets: dict, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.bench_vs_trl", "--worker", contender, "--assets", json.dumps(assets),
+           "--steps", str(steps), "--warmup", str(warmup)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"bench_vs_trl: the {contender} worker failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def summarise(name: str, contender: str, runs: list[dict]) -> dict:
+    steps = [s for r in runs for s in r["steps"]]
+    step_s = statistics.median(s["step_s"] for s in steps)
+    gen_s = statistics.median(s["generation_s"] for s in steps)
+    score_s = statistics.median(s["score_s"] for s in steps)
+    learn_s = statistics.median(s["step_s"] - s["generation_s"] - s["score_s"] for s in steps)
+    tokens = steps[0]["tokens"]
+    return {"model": name, "contender": contender, "s_per_step": step_s, "generation_s": gen_s, "score_s": score_s,
+            "learning_s": learn_s,
+            "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+            "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9,
+            "step_times": [s["step_s"] for s in steps], "timed_steps": len(steps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two contenders")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per subprocess")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
+    parser.add_argument("--worker", choices=("erpo-fast", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--assets", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    if args.worker:
+        worker(args.worker, json.loads(args.assets), args.steps, args.warmup)
+        return
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        parser.exit(2, "bench_vs_trl: TRL is not installed; pip install trl --no-deps plus accelerate datasets "
+                       "pandas (the 'bench' extra)\n")
+    import trl
+
+    from bench.common import print_table, write_results
+
+    load_start = os.getloadavg()
+    rows, ratios = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
+        for name in args.models:
+            assets = build_assets(name, Path(tmp))
+            runs = {"erpo-fast": [], "trl": []}
+            for r in range(args.rounds):
+                order = ["erpo-fast", "trl"] if r % 2 == 0 else ["trl", "erpo-fast"]
+                for contender in order:
+                    res = run_worker(contender, assets, args.steps, args.warmup)
+                    runs[contender].append(res)
+                    print(f"model {name} round {r + 1} {contender}: steps "
+                          + ", ".join(f"{s['step_s']:.2f}s" for s in res["steps"])
+                          + f", peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            ours, theirs = summarise(name, "erpo-fast", runs["erpo-fast"]), summarise(name, "trl", runs["trl"])
+            ratios[name] = {"s_per_step": ours["s_per_step"] / theirs["s_per_step"],
+                            "generation": ours["generation_s"] / theirs["generation_s"],
+                            "learning": ours["learning_s"] / theirs["learning_s"],
+                            "peak_rss": ours["peak_rss_gb"] / theirs["peak_rss_gb"]}
+            rows += [ours, theirs]
+            print_table([ours, theirs], ["contender", "s_per_step", "generation_s", "score_s", "learning_s",
+                                         "tokens_per_s", "peak_rss_gb", "timed_steps"],
+                        title=f"model {name}: {MODELS[name]} (ratios erpo-fast / TRL: "
+                              + ", ".join(f"{k} {v:.2f}" for k, v in ratios[name].items()) + ")")
+    write_results("vs_trl", {
+        "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
+        "warmup_steps_per_run": args.warmup,
+        "settings": {"prompts_per_step": PROMPTS_PER_STEP, "group": GROUP, "micro_batch": MICRO_BATCH, "lr": LR,
+                     "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": "float32",
+                     "full_length": "TRL min_new_tokens=N; ours no stop tokens"},
+        "models": {name: MODELS[name] for name in args.models},
+        "rows": rows, "ratios_erpo_fast_over_trl": ratios,
+        "notes": f"shared 2-core machine; load average {load_start} at start, {os.getloadavg()} at end; "
+                 "each contender in its own subprocess (peak RSS is its own), alternated",
+    })
+
+
+if __name__ == "__main__":
+    main()
