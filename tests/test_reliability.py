@@ -492,9 +492,12 @@ def test_transformers_bars_are_silenced(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("spec", ["erpo_fast.rewards.example_reward:exact_match",
-                                  str(ROOT / "erpo_fast" / "rewards" / "example_reward.py") + ":exact_match"])
-def test_custom_reward_spec_runs_in_the_worker_pool(spec):
+                                  str(ROOT / "erpo_fast" / "rewards" / "example_reward.py") + ":exact_match",
+                                  "erpo_fast/rewards/example_reward.py:exact_match"])  # the README's example
+def test_custom_reward_spec_runs_in_the_worker_pool(spec, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
     fn = get_reward_fn(spec)
+    monkeypatch.chdir(tmp_path)  # workers load a relative file spec by its absolute path
     pairs = [("The answer is 42.", "42"), ("so: answer: Paris", "paris"), ("no idea", "3")]
     with RewardPool(fn, num_workers=1, timeout_s=30.0) as pool:
         assert pool.score(pairs) == [1.0, 1.0, 0.0]

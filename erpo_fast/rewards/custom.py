@@ -27,11 +27,15 @@ class RewardSpecError(ConfigError):
     """A custom reward spec that does not name an importable function of (response, answer)."""
 
 
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
 def _load(spec: str):
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise RewardSpecError(f"data.reward {spec!r}: expected module:function or path/file.py:function")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file_spec(target):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise RewardSpecError(f"data.reward {spec!r}: file not found: {path}")
@@ -76,6 +80,9 @@ class CustomReward:
     def __init__(self, spec: str):
         self.spec = spec
         self._bind(_load(spec))
+        target, _, name = spec.rpartition(":")
+        # Workers get the absolute path, so that a relative spec does not depend on their working directory.
+        self._portable = f"{Path(target).expanduser().resolve()}:{name}" if _is_file_spec(target) else spec
 
     def _bind(self, fn) -> None:
         self._fn = fn
@@ -88,11 +95,11 @@ class CustomReward:
         return self._fn(response, answer)
 
     def __getstate__(self) -> dict:
-        return {"spec": self.spec}
+        return {"spec": self.spec, "portable": self._portable}
 
     def __setstate__(self, state: dict) -> None:
-        self.spec = state["spec"]
-        self._bind(_load(self.spec))
+        self.spec, self._portable = state["spec"], state["portable"]
+        self._bind(_load(self._portable))
 
     def __repr__(self) -> str:
         return f"CustomReward({self.spec!r})"
