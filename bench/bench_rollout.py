@@ -1,4 +1,7 @@
-"""Rollout throughput on CPU: NativeEngine against Hugging Face `generate(do_sample=True)`.
+"""Rollout throughput on CPU: NativeEngine against Hugging Face `generate(do_sample=True)` and VLLMEngine.
+
+VLLMEngine (vLLM's CPU build, in .venv-vllm) joins when vLLM imports, with its OpenMP threads pinned to the
+same count; its start-up, sleep/wake and weight-sync times are recorded too (`vllm_protocol` in the JSON).
 
 Same random-weight Qwen2 (about 10M parameters, config below), same prompts, same thread count, T=1,
 no top-k/top-p, in one run. Workloads:
@@ -18,7 +21,8 @@ needed, which other jobs on a shared machine do not inflate; both speedups are r
 parameters: a 16k vocabulary (LM head + sampling are ~40% of the FLOPs) and the project's 58-token
 character vocabulary (all FLOPs in the decoder body).
 
-Run: ``python -m bench.bench_rollout [--threads 1] [--iters 3]`` from the repository root.
+Run: ``python -m bench.bench_rollout [--threads 1] [--iters 3]`` from the repository root (with vLLM:
+``.venv-vllm/bin/python -m bench.bench_rollout``, after ``bash scripts/vllm_env.sh``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,35 @@ def native_runner(engine: NativeEngine, prompts, n: int, stops: list[int] | None
     return run
 
 
+def vllm_engine(model, threads: int, workdir: Path) -> tuple[object, dict]:
+    """A VLLMEngine (vLLM's CPU build here) on the same weights, and its start-up and protocol times.
+
+    On the CPU build sleep and wake are no-ops (no sleep mode); they are timed anyway, as our side of the
+    protocol. The sync is a full in-place reload of the model's weights from memory.
+    """
+    from erpo_fast.rollout.vllm_engine import VLLMEngine, teacher_forced_logprobs
+
+    # vLLM's CPU worker pins its OpenMP threads (and then ignores torch.set_num_threads): pin as many as the
+    # other contenders use.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if threads == 1 else f"0-{threads - 1}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model.save_pretrained(workdir)
+    start = time.perf_counter()
+    engine = VLLMEngine(workdir, dtype="float32", max_model_len=256, skip_tokenizer_init=True,
+                        enable_prefix_caching=False)
+    times = {"startup_s": time.perf_counter() - start}
+    for key, call in (("sleep_s", engine.sleep), ("wake_s", engine.wake_up),
+                      ("sync_s", lambda: engine.update_weights(model.named_parameters()))):
+        start = time.perf_counter()
+        call()
+        times[key] = time.perf_counter() - start
+    probe = list(range(3, 35))
+    start = time.perf_counter()
+    times["sync_check_max_abs_diff"] = engine.verify_sync(probe, teacher_forced_logprobs(model, probe))["max_abs_diff"]
+    times["verify_sync_s"] = time.perf_counter() - start
+    return engine, times
+
+
 def measure(name: str, run, iters: int, with_memory: bool) -> dict:
     tokens = run()  # warm-up, and the token count of this workload (seeded: the same in every run)
     cpu_times = []
@@ -125,11 +158,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for every engine)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
+                        help="add VLLMEngine (auto: when vLLM imports, e.g. in .venv-vllm)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from erpo_fast.rollout import vllm_available
 
-    rows = []
+    with_vllm = args.vllm == "on" or (args.vllm == "auto" and vllm_available())
+
+    rows, vllm_protocol = [], {}
     for model_name in args.models:
         model = build_model(MODELS[model_name])
         params = sum(p.numel() for p in model.parameters())
@@ -139,6 +177,12 @@ def main() -> None:
         fused, hf_modules = NativeEngine(model), NativeEngine(model, backend="hf")
         engines = {"native": (fused, 0.5), "native-no-compaction": (fused, 0.0),
                    "native-compact-always": (fused, 1.0), "native-hf-modules": (hf_modules, 0.5)}
+        vllm = None
+        if with_vllm:
+            import tempfile
+
+            vllm, vllm_protocol[model_name] = vllm_engine(model, args.threads, Path(tempfile.mkdtemp()))
+            print(f"vLLM on {model_name}: " + ", ".join(f"{k} {v:.3g}" for k, v in vllm_protocol[model_name].items()))
         workloads = [("32x1", make_prompts(32, vocab), 1, None), ("4x8", make_prompts(4, vocab), 8, None),
                      ("32x1-stop", make_prompts(32, vocab), 1, stops)]
         for workload, prompts, n, stop in workloads:
@@ -149,6 +193,8 @@ def main() -> None:
                 contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below)))
             # What the trainer uses: one seed per prompt (one batched sampler call per step with per-row seeds).
             contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True)))
+            if vllm is not None:  # as the trainer calls it: per-prompt seeds
+                contenders.append(("vllm-per-prompt-seeds", native_runner(vllm, prompts, n, stop, 0.5, True)))
             results = [measure(name, run, args.iters, with_memory=workload == "32x1") for name, run in contenders]
             hf = results[0]
             for r in results:
@@ -159,6 +205,8 @@ def main() -> None:
             print_table(results, ["engine", "median_s", "cpu_s", "new_tokens", "tok_per_s", "speedup_vs_hf",
                                   "cpu_speedup_vs_hf", "extra_peak_mib"],
                         title=f"{model_name} ({params:,} params), workload {workload}, threads={args.threads}")
+        if vllm is not None:
+            vllm.close()  # one vLLM engine per process at a time
 
     write_results("rollout", {
         "threads": args.threads,
@@ -167,6 +215,9 @@ def main() -> None:
         "load_average_at_end": os.getloadavg(),
         "models": {name: {**MODELS[name], "tie_word_embeddings": True} for name in args.models},
         "rows": rows,
+        # vLLM's CPU build (when run): engine start-up, sleep/wake (no-ops without sleep mode), full weight
+        # sync from memory and the probe check, in seconds. Not GPU figures.
+        "vllm_protocol": vllm_protocol,
     })
 
 

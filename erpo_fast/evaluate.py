@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from erpo_fast.data import DataError, load_prompts
-    from erpo_fast.models import ModelLoadError, load_model
+    from erpo_fast.models import ModelLoadError, load_model, resolve_dtype
     from erpo_fast.rewards import get_reward_fn
     from erpo_fast.rewards.pool import RewardPool
     from erpo_fast.rollout import make_engine
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         records = load_prompts(args.data)
         model, tokenizer = load_model(args.model)
         engine = make_engine(args.rollout, model) if args.rollout == "native" else make_engine(
-            "vllm", args.model)
+            "vllm", args.model, dtype=resolve_dtype("auto"))
         reward_fn = get_reward_fn("math" if args.reward == "auto" else args.reward)
         with RewardPool(reward_fn, num_workers=args.workers, timeout_s=args.timeout) as pool:
             result = evaluate(engine, tokenizer, records, reward_pool=pool, ks=args.k,

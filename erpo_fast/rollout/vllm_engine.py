@@ -32,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
+import logging
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -140,6 +142,23 @@ def _refresh_tied_layers(worker) -> int:
     return refreshed
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's per-sync "<Layer>: Failed to load weights" warnings for layers that never receive a
+    checkpoint tensor: rotary embeddings, and a tied LM head (its weight is the embedding's, refreshed by
+    ``_refresh_tied_layers``). Any other layer's warning still shows."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.endswith(": Failed to load weights"):
+            return True
+        layer = message.split(":", 1)[0]
+        return not (layer.endswith("RotaryEmbedding") or (self.tied and layer == "ParallelLMHead"))
+
+
 @contextlib.contextmanager
 def _shield_from_kernel_scan(active: bool):
     """Hide, while vLLM starts, module attributes that break its CPU build's kernel-override scan.
@@ -151,23 +170,29 @@ def _shield_from_kernel_scan(active: bool):
     """
     hidden = []
     if active:
-        for module in list(sys.modules.values()):
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
-                continue
-            for attr, value in list(namespace.items()):
-                try:
-                    breaks_scan = hasattr(value, "__dict__") and not hasattr(vars(value), "get")
-                except Exception:  # objects whose attribute access raises are left as they are
-                    continue
-                if breaks_scan:
-                    hidden.append((namespace, attr, value))
-                    del namespace[attr]
+        with warnings.catch_warnings():  # probing deprecated module attributes warns
+            warnings.simplefilter("ignore")
+            _find_scan_breakers(hidden)
     try:
         yield
     finally:
         for namespace, attr, value in hidden:
             namespace.setdefault(attr, value)
+
+
+def _find_scan_breakers(hidden: list) -> None:
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            try:
+                breaks_scan = hasattr(value, "__dict__") and not hasattr(vars(value), "get")
+            except Exception:  # objects whose attribute access raises are left as they are
+                continue
+            if breaks_scan:
+                hidden.append((namespace, attr, value))
+                del namespace[attr]
 
 
 def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int]) -> torch.Tensor:
@@ -237,6 +262,9 @@ class VLLMEngine:
                 seed=seed + rank // tensor_parallel_size,
                 enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
         self.reload_in_place = bool(self.llm.collective_rpc(_worker_reload_takes_iterator)[0])
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if not any(isinstance(f, _ExpectedReloadWarnings) for f in reload_log.filters):
+            reload_log.addFilter(_ExpectedReloadWarnings(tied=any(len(g) > 1 for g in self._alias_groups)))
         self.eos_token_id = self._read_eos(model_dir)
         self._awake = {"weights", "kv_cache"}
         self._weights_current = True  # fresh from the checkpoint
