@@ -214,7 +214,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "none": {},
 }
 DEFAULT_PRESET = "tiny-cpu"
-BUILTIN_REWARDS = ("auto", "arithmetic", "math")
 
 # Top-level flags kept short for everyday use; each is an alias of exactly one dotted knob.
 ALIASES = {
@@ -367,9 +366,11 @@ def validate(cfg: Config) -> Config:
     if t.resume and t.overwrite:
         raise ConfigError("trainer.resume and trainer.overwrite contradict each other: --resume continues the run "
                           "in output_dir, --overwrite deletes it")
-    reward = cfg.data.reward
-    if reward not in BUILTIN_REWARDS and (":" not in reward or not all(reward.rpartition(":")[::2])):
-        raise ConfigError(f"data.reward={reward!r}: use one of {', '.join(BUILTIN_REWARDS)}, or a custom verifier "
+    from erpo_fast.rewards import REWARD_NAMES  # here: rewards.custom imports this module
+
+    reward, builtin = cfg.data.reward, ("auto", *REWARD_NAMES)
+    if reward not in builtin and (":" not in reward or not all(reward.rpartition(":")[::2])):
+        raise ConfigError(f"data.reward={reward!r}: use one of {', '.join(builtin)}, or a custom verifier "
                           "as module:function or path/file.py:function")
     return cfg
 
