@@ -65,6 +65,11 @@ class DataConfig:
     reward: str = knob("auto", "Verifier: auto (arithmetic for the built-in task, math-verify otherwise), "
                                "arithmetic, math, or your own function as module:function or path/file.py:function "
                                "(see Custom rewards).")
+    task: str = knob("arithmetic", "Built-in task (when data.path is None): arithmetic (answer-only integer "
+                                   "arithmetic) or digits (reversed-digit addition, see erpo_fast/tasks/digits.py).",
+                     choices=("arithmetic", "digits"))
+    task_levels: str | None = knob(None, "Built-in task: comma-separated levels to draw problems from (e.g. 2,3,4); "
+                                         "None: the task's default levels.")
     seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
                         "apart from trainer.seed so that RL seeds share one warm-started model.", ge=0)
     num_train: int = knob(2000, "Built-in task: number of training prompts.", ge=1)

@@ -15,7 +15,7 @@ import torch
 
 from erpo_fast.checkpoint import capture_rng_state, latest_intact_checkpoint, load_checkpoint, restore_rng_state
 from erpo_fast.config import Config, ConfigError
-from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, builtin_arithmetic, load_prompts
+from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, load_prompts
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.learner import Learner
 from erpo_fast.models import load_model, resolve_dtype
@@ -96,7 +96,11 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
                                           chat_template=cfg.data.chat_template, max_length=cfg.data.max_prompt_length)
     except ValueError as e:  # a prompt over data.max_prompt_length is bad input, not a crash
         raise DataError(str(e)) from None
-    reward_name = cfg.data.reward if cfg.data.reward != "auto" else ("math" if cfg.data.path else "arithmetic")
+    from erpo_fast.tasks.builtin import reward_name as builtin_reward
+
+    reward_name = cfg.data.reward
+    if reward_name == "auto":
+        reward_name = "math" if cfg.data.path else builtin_reward(cfg.data)
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s)
     session = Session(cfg, rt, base_dir, tokenizer, learner, engine, train, heldout, train_prompt_ids,
@@ -131,8 +135,10 @@ def _restore(s: Session, ckpt: dict) -> None:
 
 def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     if cfg.data.path is None:
-        train, heldout = builtin_arithmetic(seed=cfg.data.seed, num_train=cfg.data.num_train,
-                                            num_heldout=cfg.data.num_heldout)
+        from erpo_fast.tasks.builtin import splits
+
+        as_records = lambda problems: [PromptRecord(key=p.id, prompt=p.prompt, answer=p.answer) for p in problems]
+        train, heldout = map(as_records, splits(cfg.data))
     else:
         train = load_prompts(cfg.data.path)
         heldout = load_prompts(cfg.data.heldout_path) if cfg.data.heldout_path else []
@@ -146,16 +152,12 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     """The user's model folder, or the warm-started built-in model (rank 0 builds it; the others wait)."""
     if cfg.model.path is not None:
         return Path(cfg.model.path)
-    from erpo_fast.tasks.arithmetic import make_splits
+    from erpo_fast.tasks.builtin import splits
     from erpo_fast.warm_start import builtin_model_dir
 
     # The warm start imitates worked solutions of problems that are neither RL prompts nor held-out ones, so
     # RL starts from a policy that has learnt some arithmetic rather than one that memorised its prompts.
-    rl_ids = {p.id for p in make_splits(seed=cfg.data.seed, num_train=cfg.data.num_train,
-                                        num_heldout=cfg.data.num_heldout)[0]}
-    pool, _ = make_splits(seed=cfg.data.seed, num_train=cfg.data.num_train + cfg.model.warm_start_problems,
-                          num_heldout=cfg.data.num_heldout)
-    problems = [p for p in pool if p.id not in rl_ids][:cfg.model.warm_start_problems]
+    problems = splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2]
     if rt.is_main:
         path = builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)
     barrier(rt)
@@ -177,6 +179,7 @@ def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
                            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed,
                            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                           cpu_threads=cfg.trainer.threads or None,
                            dtype=resolve_dtype(cfg.model.dtype, device))
     engine_model = copy.deepcopy(model)
     return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device))

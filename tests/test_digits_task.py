@@ -1,0 +1,117 @@
+"""The built-in digits task: reversed-digit sums checked against plain integer addition, disjoint splits."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from itertools import combinations_with_replacement
+
+import pytest
+
+from erpo_fast.config import ConfigError, build_config
+from erpo_fast.tasks import builtin
+from erpo_fast.tasks.arithmetic import make_splits as arithmetic_splits
+from erpo_fast.tasks.digits import digits_reward, iter_level, level_size, make_problem, make_splits
+
+
+def parse(prompt: str) -> tuple[int, int]:
+    """Operands of a prompt, read back independently: "743+582=" -> (347, 285)."""
+    match = re.fullmatch(r"([0-9]+)\+([0-9]+)=", prompt)
+    assert match, prompt
+    return int(match[1][::-1]), int(match[2][::-1])
+
+
+def digit_count(n: int) -> int:
+    return len(str(n))
+
+
+def test_answers_are_the_reversed_sums():
+    train, heldout, warm = make_splits(seed=1, num_train=300, num_heldout=60, levels=(1, 2, 3, 4, 5),
+                                       num_warm_start=300)
+    for p in train + heldout + warm:
+        a, b = parse(p.prompt)
+        # Level d: both operands have d digits (level 1: 0..9), so the reversed text has no trailing zero.
+        assert digit_count(a) == digit_count(b) == p.level or (p.level == 1 and a < 10 and b < 10)
+        assert int(p.answer[::-1]) == a + b and p.answer == str(a + b)[::-1]
+        assert p.solution == p.answer and p.id == f"D{p.level}:{p.prompt[:-1]}"
+        assert digits_reward(p.solution, p.answer) == 1.0
+
+
+def test_worked_examples():
+    assert (make_problem(347, 285, 3).prompt, make_problem(347, 285, 3).answer) == ("743+582=", "236")
+    assert make_problem(315, 315, 3).answer == "036"  # 630: the units digit 0 comes first
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_iter_level_enumerates_each_unordered_pair_once(level):
+    lo, hi = (0, 9) if level == 1 else (10, 99)
+    expected = {(a, b) for a, b in combinations_with_replacement(range(lo, hi + 1), 2)}
+    problems = list(iter_level(level, seed=5))
+    pairs = [tuple(sorted(parse(p.prompt))) for p in problems]
+    assert len(pairs) == len(set(pairs)) == level_size(level) == len(expected)
+    assert set(pairs) == expected
+
+
+def test_splits_are_disjoint_also_under_mirroring():
+    train, heldout, warm = make_splits(seed=0, num_train=1500, num_heldout=300, levels=(2, 3, 4),
+                                       num_warm_start=3000)
+    assert (len(train), len(heldout), len(warm)) == (1500, 300, 3000)
+    unordered = [tuple(sorted(parse(p.prompt))) for p in train + heldout + warm]
+    assert len(set(unordered)) == len(unordered)  # no problem twice, nor as b+a of another
+    assert Counter(p.level for p in heldout) == {2: 100, 3: 100, 4: 100}
+
+
+def test_level_one_is_capped_and_the_rest_spread():
+    train, heldout = make_splits(seed=0, num_train=100, num_heldout=50, levels=(1, 2))
+    assert Counter(p.level for p in heldout) == {1: 11, 2: 39}  # level 1 holds 55 problems: a fifth is 11
+    assert Counter(p.level for p in train) == {1: 44, 2: 56}
+
+
+def test_deterministic_in_seed_and_heldout_ignores_num_train():
+    a = make_splits(seed=7, num_train=300, num_heldout=50)
+    assert a == make_splits(seed=7, num_train=300, num_heldout=50)
+    assert make_splits(seed=7, num_train=900, num_heldout=50)[1] == a[1]
+    assert [p.prompt for p in make_splits(seed=8, num_train=300, num_heldout=50)[1]] != [p.prompt for p in a[1]]
+
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("236", "236", 1.0),
+    ("236", "632", 0.0),
+    ("the sum is 236", "236", 1.0),
+    ("36", "036", 0.0),  # text, not value: the leading units digit 0 is part of the answer
+    ("036", "036", 1.0),
+    ("2 3 6", "236", 0.0),  # the last digit run is "6"
+    ("236x", "236", 1.0),
+    ("", "236", 0.0),
+    ("٢٣٦", "236", 0.0),  # other scripts' digits are not ASCII digits
+])
+def test_reward(response, answer, expected):
+    assert digits_reward(response, answer) == expected
+
+
+def test_reward_rejects_a_non_digit_answer():
+    with pytest.raises(ValueError, match="digit-string"):
+        digits_reward("1", "-1")
+
+
+def test_config_selects_the_task_and_levels():
+    cfg = build_config(overrides={"data.task": "digits", "data.task_levels": "3,4", "data.num_train": 40,
+                                  "data.num_heldout": 10})
+    train, heldout, warm = builtin.splits(cfg.data, num_warm_start=20)
+    assert {p.level for p in train + heldout + warm} == {3, 4}
+    assert builtin.reward_name(cfg.data) == "erpo_fast.tasks.digits:digits_reward"
+    assert builtin.reward_name(build_config().data) == "arithmetic"
+    for bad in ("3,x", "3,3", "9"):
+        with pytest.raises(ConfigError, match="task_levels"):
+            builtin.levels(build_config(overrides={"data.task": "digits", "data.task_levels": bad}).data)
+    with pytest.raises(ConfigError, match="data.task"):
+        build_config(overrides={"data.task": "nope"})
+
+
+def test_arithmetic_warm_start_examples_are_the_problems_a_larger_train_split_adds():
+    cfg = build_config(overrides={"data.num_train": 100, "data.num_heldout": 20})
+    train, heldout, warm = builtin.splits(cfg.data, num_warm_start=50)
+    assert (train, heldout) == arithmetic_splits(seed=0, num_train=100, num_heldout=20)
+    bigger, _ = arithmetic_splits(seed=0, num_train=150, num_heldout=20)
+    assert warm == [p for p in bigger if p not in train][:50]
+    assert not {p.prompt for p in warm} & {p.prompt for p in train + heldout}
