@@ -112,13 +112,10 @@ def vllm_engine(model, threads: int, workdir: Path) -> tuple[object, dict]:
     """
     from erpo_fast.rollout.vllm_engine import VLLMEngine, teacher_forced_logprobs
 
-    # vLLM's CPU worker pins its OpenMP threads (and then ignores torch.set_num_threads): pin as many as the
-    # other contenders use.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if threads == 1 else f"0-{threads - 1}")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model.save_pretrained(workdir)
     start = time.perf_counter()
-    engine = VLLMEngine(workdir, dtype="float32", max_model_len=256, skip_tokenizer_init=True,
+    # vLLM's CPU worker pins its OpenMP threads (and then ignores torch.set_num_threads): as many as the others.
+    engine = VLLMEngine(workdir, dtype="float32", max_model_len=256, cpu_threads=threads, skip_tokenizer_init=True,
                         enable_prefix_caching=False)
     times = {"startup_s": time.perf_counter() - start}
     for key, call in (("sleep_s", engine.sleep), ("wake_s", engine.wake_up),

@@ -212,6 +212,9 @@ class VLLMEngine:
         gpu_memory_utilization: fraction of the GPU vLLM may take while awake (weights + KV cache); the
             learner uses the rest while the engine sleeps. Ignored by the CPU build.
         cpu_kv_cache_gib: KV-cache size of vLLM's CPU build (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
+        cpu_threads: threads vLLM's CPU build pins (cores 0..k-1, ``VLLM_CPU_OMP_THREADS_BIND``, unless already
+            set). It pins every core by default and then ignores ``torch.set_num_threads`` in this process,
+            so the learner's thread count (``trainer.threads``) is passed here.
         max_model_len: longest prompt + response; keeps the KV cache small.
         tensor_parallel_size: devices per engine (torchrun ranks per TP group).
         sleep_level: what ``sleep()`` frees: 1 offloads the weights to CPU memory, 2 discards them (the
@@ -222,7 +225,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model: str | os.PathLike, *, dtype: str | torch.dtype = "bfloat16",
-                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0, cpu_threads: int | None = None,
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, seed: int = 0,
                  sleep_level: int = 2, bucket_bytes: int = 256 << 20,
                  enable_prefix_caching: bool = True, **llm_kwargs) -> None:
@@ -241,6 +244,8 @@ class VLLMEngine:
         self.sleep_mode = bool(current_platform.is_sleep_mode_available())
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
+            if cpu_threads:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if cpu_threads == 1 else f"0-{cpu_threads - 1}")
         _prepare_external_launcher_env()
         self._vllm = vllm
         self.model_dir = model_dir
