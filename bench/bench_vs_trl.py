@@ -21,7 +21,8 @@ rounds. "generation" is the time inside the engine (ours) or ``model.generate`` 
 calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's bookkeeping).
 
 Run: ``python -m bench.bench_vs_trl [--models A B] [--rounds 2] [--steps 2] [--warmup 1]`` from the repository
-root; needs the ``bench`` extra (``pip install trl --no-deps`` plus its light dependencies).
+root (results: ``bench/results/vs_trl_<models>-cpu.json``); needs the ``bench`` extra (``pip install trl
+--no-deps`` plus its light dependencies).
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def main() -> None:
                                          "tokens_per_s", "peak_rss_gb", "timed_steps"],
                         title=f"model {name}: {MODELS[name]} (ratios erpo-fast / TRL: "
                               + ", ".join(f"{k} {v:.2f}" for k, v in ratios[name].items()) + ")")
-    write_results("vs_trl", {
+    write_results("vs_trl_" + "".join(args.models), {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
         "settings": {"prompts_per_step": PROMPTS_PER_STEP, "group": GROUP, "micro_batch": MICRO_BATCH, "lr": LR,
