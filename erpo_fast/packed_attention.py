@@ -126,7 +126,7 @@ def _register() -> None:
 
 
 def _full_attention_only(config) -> bool:
-    if getattr(config, "use_sliding_window", False):
+    if getattr(config, "use_sliding_window", False) or getattr(config, "attn_logit_softcapping", None):
         return False
     layer_types = getattr(config, "layer_types", None)
     return not layer_types or all(t == "full_attention" for t in layer_types)
@@ -136,7 +136,7 @@ def enable_packed_attention(model: nn.Module) -> bool:
     """Switch ``model`` from ``sdpa`` to ``PACKED_SDPA``; returns whether packed attention is now on.
 
     Left alone (False): other implementations (flash-attn's varlen path is already linear; eager is a deliberate
-    choice), sliding-window models, and models without transformers' attention interface.
+    choice), sliding-window or logit-softcapping models, and models without transformers' attention interface.
     """
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)

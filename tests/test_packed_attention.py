@@ -143,6 +143,9 @@ def test_enable_leaves_other_implementations_and_saves_a_plain_config(tmp_path):
     windowed = qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=0)
     assert not enable_packed_attention(windowed)
     assert windowed.config._attn_implementation == "sdpa"
+    capped = qwen2()
+    capped.config.attn_logit_softcapping = 50.0  # Gemma-2 style; sdpa cannot apply it either
+    assert not enable_packed_attention(capped)
 
     model = qwen2(seed=10)
     assert enable_packed_attention(model)
