@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from torch.autograd.profiler_util import EventList
 from erpo_fast.config import ConfigError
 
 __all__ = ["PHASES", "StepProfiler", "parse_profile_steps"]
+
+log = logging.getLogger("erpo_fast")
 
 # Phase name -> (session attribute, method) whose calls make up that phase.
 PHASES = {"rollout": ("engine", "generate"), "score": ("rewards", "score"), "learn": ("learner", "train_on"),
@@ -84,6 +87,9 @@ class StepProfiler:
         """Mark the session's phases: wrap its phase methods (timed and named only while recording)."""
         if not self.enabled:
             return
+        if self.range[1] <= getattr(session, "start_step", 0):
+            log.warning("trainer.profile_steps %d:%d: the run resumes after step %d, so nothing will be profiled",
+                        *self.range, session.start_step)
         for phase, (attr, method) in PHASES.items():
             owner = getattr(session, attr, None)
             fn = getattr(owner, method, None)

@@ -62,3 +62,17 @@ def test_profile_steps_bad_value_is_a_usage_error(tmp_path, capsys):
     assert main([*TINY, "--output-dir", str(tmp_path), "--max-steps", "2", "--trainer.profile_steps", "2:3"]) == 2
     assert "profile_steps '2:3' ends after trainer.max_steps=2" in capsys.readouterr().err
     assert not (tmp_path / "profile").exists()
+
+
+def test_profile_range_before_a_resumed_start_warns(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from erpo_fast.profiling import StepProfiler
+
+    with caplog.at_level("WARNING", logger="erpo_fast"):
+        StepProfiler("2:3", tmp_path).attach(SimpleNamespace(start_step=3))
+    assert "nothing will be profiled" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="erpo_fast"):
+        StepProfiler("2:4", tmp_path).attach(SimpleNamespace(start_step=3))
+    assert "nothing will be profiled" not in caplog.text
