@@ -85,11 +85,14 @@ class RolloutSequence:
 class PackedBatch:
     """Sequences packed into one row (no padding) plus the per-token loss inputs at the TRAINED positions.
 
-    Full-row tensors (length L = sum of prompt + response lengths): ``input_ids``/``position_ids`` [1, L],
-    ``labels`` [L] (the next token at positions that predict a response token, ``-100`` elsewhere) and
-    ``row_seq`` [L] (index of each position's sequence). Trained positions only (N = total response tokens, in
-    sequence order, response order): ``positions`` [N] (their indices in the row), ``target_ids``,
-    ``temperature``, ``advantages``, ``seq_ids``, ``rollout_logprobs`` (NaN where the engine gave none).
+    Full-row tensors (length L = sum of prompt + response lengths, or less with shared prompts):
+    ``input_ids``/``position_ids`` [1, L], ``labels`` [L] (the next token at positions that predict a response
+    token, ``-100`` elsewhere; at a shared prompt's last position, the first response token of the last sample
+    sharing it) and ``row_seq`` [L] (index of each position's sequence; the first sample's for a shared prompt).
+    Trained positions only (N = total response tokens, in sequence order, response order): ``positions`` [N]
+    (their indices in the row), ``target_ids``, ``temperature``, ``advantages``, ``seq_ids``,
+    ``rollout_logprobs`` (NaN where the engine gave none). ``segments``: per sequence, ``(prompt start, prompt
+    length, response start, response length)`` in the row, for packed attention.
     """
 
     input_ids: Tensor
@@ -103,14 +106,20 @@ class PackedBatch:
     seq_ids: Tensor
     rollout_logprobs: Tensor
     response_lengths: list[int] = field(default_factory=list)
-    sequence_lengths: list[int] = field(default_factory=list)
+    segments: list[tuple[int, int, int, int]] = field(default_factory=list)
     _layout: PackedLayout | None = field(default=None, repr=False)
 
     def layout(self) -> PackedLayout:
         """Where each sequence sits in the row, for packed attention (built on first use, then cached)."""
         if self._layout is None:
-            self._layout = PackedLayout.from_lengths(self.sequence_lengths, self.input_ids.device)
+            self._layout = PackedLayout.from_segments(self.segments, int(self.input_ids.shape[1]),
+                                                      self.input_ids.device)
         return self._layout
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether some prompt is stored once for several sequences (only packed attention can run that)."""
+        return len({seg[0] for seg in self.segments}) < len(self.segments)
 
     @property
     def num_tokens(self) -> int:
@@ -123,12 +132,18 @@ class PackedBatch:
 
 
 def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | float = "row",
-                   vocab_size: int | None = None, device: torch.device | str = "cpu") -> PackedBatch:
+                   vocab_size: int | None = None, device: torch.device | str = "cpu",
+                   share_prompts: bool = False) -> PackedBatch:
     """Pack ``sequences`` (prompt + response each) into one padding-free row; see :class:`PackedBatch`.
 
     Response token j of a sequence with prompt length P sits at row offset P + j and is predicted from offset
     P + j - 1, which therefore carries label ``response_ids[j]``. ``temperature="row"`` uses each sequence's
     own sampling temperature, a float uses that value for every token.
+
+    ``share_prompts``: consecutive sequences with the same prompt (a GRPO group's samples) store it once; each
+    response follows in the row with positions continuing from the prompt, and its first token is predicted
+    from the shared prompt's last position. The decoder then runs each prompt once per group instead of n
+    times; only packed attention (:meth:`PackedBatch.layout`) can run such a row.
     """
     is_number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if temperature != "row" and not (is_number and temperature > 0 and math.isfinite(temperature)):
@@ -142,17 +157,30 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
     seq_ids: list[int] = []
     rollout: list[float] = []
     lengths: list[int] = []
+    targets: list[int] = []
+    segments: list[tuple[int, int, int, int]] = []
+    last_prompt, prompt_start = None, -1
     for s, seq in enumerate(sequences):
-        tokens = list(seq.prompt_ids) + list(seq.response_ids)
-        if vocab_size is not None and tokens and not all(0 <= t < vocab_size for t in tokens):
-            bad = next(t for t in tokens if not 0 <= t < vocab_size)
+        prompt, response = list(seq.prompt_ids), list(seq.response_ids)
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in prompt + response):
+            bad = next(t for t in prompt + response if not 0 <= t < vocab_size)
             raise ValueError(f"sequence {seq.seq_key}: token id {bad} is outside the model vocabulary "
                              f"[0, {vocab_size})")
-        start, p, r = len(ids), len(seq.prompt_ids), len(seq.response_ids)
-        ids.extend(tokens)
-        pos.extend(range(p + r))
-        row_seq.extend([s] * (p + r))
-        positions.extend(range(start + p - 1, start + p + r - 1))
+        p, r = len(prompt), len(response)
+        if not (share_prompts and prompt == last_prompt):
+            prompt_start, last_prompt = len(ids), prompt
+            ids.extend(prompt)
+            pos.extend(range(p))
+            row_seq.extend([s] * p)
+        start = len(ids)  # of the response
+        ids.extend(response)
+        pos.extend(range(p, p + r))
+        row_seq.extend([s] * r)
+        if r:  # token j is predicted from the token before it: the prompt's last one for j = 0
+            positions.append(prompt_start + p - 1)
+            positions.extend(range(start, start + r - 1))
+        targets.extend(response)
+        segments.append((prompt_start, p, start, r))
         temps.extend([float(seq.temperature if temperature == "row" else temperature)] * r)
         advs.extend([float(seq.advantage)] * r)
         seq_ids.extend([s] * r)
@@ -161,21 +189,22 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
     dev = torch.device(device)
     input_ids = torch.tensor(ids, dtype=torch.long)
     positions_t = torch.tensor(positions, dtype=torch.long)
+    targets_t = torch.tensor(targets, dtype=torch.long)
     labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
-    labels[positions_t] = input_ids[positions_t + 1]
+    labels[positions_t] = targets_t
     return PackedBatch(
         input_ids=input_ids[None].to(dev),
         position_ids=torch.tensor(pos, dtype=torch.long)[None].to(dev),
         labels=labels.to(dev),
         row_seq=torch.tensor(row_seq, dtype=torch.long, device=dev),
         positions=positions_t.to(dev),
-        target_ids=labels[positions_t].to(dev),
+        target_ids=targets_t.to(dev),
         temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
         advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
         seq_ids=torch.tensor(seq_ids, dtype=torch.long, device=dev),
         rollout_logprobs=torch.tensor(rollout, dtype=torch.float32, device=dev),
         response_lengths=lengths,
-        sequence_lengths=[len(seq.prompt_ids) + len(seq.response_ids) for seq in sequences],
+        segments=segments,
     )
 
 
@@ -245,7 +274,7 @@ class _HiddenAndHead(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: PackedLayout | None = None
                 ) -> tuple[Tensor, Tensor]:
-        if layout is not None and self.lm.config._attn_implementation == PACKED_SDPA:
+        if layout is not None:
             hidden = packed_hidden_state(decoder(self.lm), input_ids, position_ids, layout)
         else:  # flash-attn (varlen from position_ids) or eager: transformers' own packed handling
             hidden = last_hidden_state(self.lm, input_ids, position_ids)
@@ -330,6 +359,9 @@ class Learner:
         use_ref = ref_model is not None and algo.kl_beta > 0  # without a KL term the reference is not needed
         self.ref_model = self._prepare(ref_model, trainable=False) if use_ref else None
         self._ref = None if self.ref_model is None else self._wrap(self.ref_model)
+        # Packed attention (sdpa models): attention per sequence, and a group's prompt runs once for its samples.
+        self._packed = all(m.config._attn_implementation == PACKED_SDPA
+                           for m in (self.model, self.ref_model) if m is not None)
 
         # Parameters are collected after sharding: fully_shard replaces them with DTensor parameters.
         decay, no_decay = [], []
@@ -419,7 +451,7 @@ class Learner:
     def _hidden(self, root: nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the compute dtype."""
         with self._autocast():
-            hidden, weight = root(batch.input_ids, batch.position_ids, batch.layout())
+            hidden, weight = root(batch.input_ids, batch.position_ids, batch.layout() if self._packed else None)
         return hidden[0, batch.positions].to(self.compute_dtype), weight.to(self.compute_dtype)
 
     @torch.no_grad()
@@ -441,6 +473,7 @@ class Learner:
         Micro-batched like training. Collective under FSDP (all ranks call it, with their own sequences).
         """
         batches = [pack_sequences(chunk, temperature=temperature, vocab_size=self.vocab_size,
+                                  share_prompts=self._packed,
                                   device=self.device)
                    for chunk in _chunks(list(sequences), self.trainer.micro_batch_size)]
         (num,) = self._all_reduce([len(batches)], op="max")
@@ -607,7 +640,7 @@ class Learner:
         for k in range(int(num_micro)):
             idx = micro[k] if k < len(micro) else []
             batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
-                                    vocab_size=self.vocab_size, device=self.device)
+                                    vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
                      if idx else _placeholder_batch(self.device))
 
             def cat(per_seq, idx=idx):

@@ -58,6 +58,21 @@ class PackedLayout:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
+        return cls.from_segments([(s, n, s + n, 0) for s, n in zip(starts, lengths)], sum(lengths), device)
+
+    @classmethod
+    def from_segments(cls, segments: Sequence[tuple[int, int, int, int]], total: int,
+                      device: torch.device | str = "cpu") -> PackedLayout:
+        """Layout of attention sequences that are each two ranges of a row of ``total`` tokens.
+
+        Sequence i is row tokens ``a0 .. a0+alen-1`` then ``b0 .. b0+blen-1`` for ``segments[i] = (a0, alen,
+        b0, blen)``. Ranges may be shared: a group's samples all name the one copy of their prompt as their
+        first range (the row holds it once; each sample attends to it). Every row token must belong to some
+        sequence; a shared token's output is taken from the first sequence that holds it (all are equal).
+        """
+        lengths = [int(al) + int(bl) for _, al, _, bl in segments]
+        if not lengths or min(lengths) <= 0:
+            raise ValueError(f"a packed layout needs sequences of positive length, got {lengths}")
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         groups: list[list[int]] = []
         for i in order:
@@ -65,8 +80,7 @@ class PackedLayout:
                 groups[-1].append(i)
             else:
                 groups.append([i])
-        total = sum(lengths)
-        scatter = torch.empty(total, dtype=torch.long)
+        base = [0] * len(lengths)  # first output slot of each sequence
         blocks = []
         offset = 0
         for group in groups:
@@ -74,11 +88,19 @@ class PackedLayout:
             slot = torch.arange(width)
             gather = []
             for b, i in enumerate(group):
-                n, s = lengths[i], starts[i]
-                gather.append(torch.where(slot < n, s + slot, s))
-                scatter[s: s + n] = offset + b * width + torch.arange(n)
+                a0, al, b0, bl = segments[i]
+                # Padding slots (after the sequence) point at its first token: finite, and masked by causality.
+                gather.append(torch.where(slot < al, a0 + slot, torch.where(slot < al + bl, b0 + slot - al, a0)))
+                base[i] = offset + b * width
             blocks.append((torch.cat(gather).to(device), len(group), width))
             offset += len(group) * width
+        scatter = torch.full((total,), -1, dtype=torch.long)
+        for i in reversed(range(len(segments))):  # the lowest-numbered sequence holding a token writes last
+            a0, al, b0, bl = segments[i]
+            scatter[a0: a0 + al] = base[i] + torch.arange(al)
+            scatter[b0: b0 + bl] = base[i] + al + torch.arange(bl)
+        if bool((scatter < 0).any()):
+            raise ValueError("every row token must belong to a sequence of the packed layout")
         return cls(blocks=blocks, scatter=scatter.to(device), total=total)
 
 

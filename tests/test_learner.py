@@ -205,6 +205,59 @@ def test_pack_layout_labels_and_mask():
     assert pack_sequences(seqs, temperature=1.0).temperature.tolist() == [1.0] * 5
 
 
+def test_pack_shared_prompts_layout():
+    seqs = [
+        RolloutSequence([10, 11], [20, 21, 22], [], 0.5, 1.5, 7),
+        RolloutSequence([10, 11], [], [], 0.5, 1.5, 8),
+        RolloutSequence([10, 11], [25, 26], [], 0.5, -1.0, 9),
+        RolloutSequence([15], [23, 24], [], 1.25, -0.5, 10),
+    ]
+    b = pack_sequences(seqs, share_prompts=True)
+    # Each prompt once; responses continue its positions; a response's first token is predicted from the
+    # prompt's last position (row index 1 for the group, 8 for the last sequence).
+    assert b.input_ids.tolist() == [[10, 11, 20, 21, 22, 25, 26, 15, 23, 24]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2]]
+    assert b.positions.tolist() == [1, 2, 3, 1, 5, 7, 8]
+    assert b.target_ids.tolist() == [20, 21, 22, 25, 26, 23, 24]
+    assert b.seq_ids.tolist() == [0, 0, 0, 2, 2, 3, 3]
+    assert b.segments == [(0, 2, 2, 3), (0, 2, 5, 0), (0, 2, 5, 2), (7, 1, 8, 2)]
+    assert b.shares_prompts and not pack_sequences(seqs).shares_prompts
+    assert pack_sequences(seqs).input_ids.shape[1] == 14
+
+
+def group_sequences(groups, n, seed=0, vocab=58):
+    """GRPO-shaped batches: ``groups`` prompts, ``n`` samples each (one of them empty), in group order."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(groups):
+        prompt = torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+        temperature = float(0.6 + 0.8 * torch.rand(1, generator=g))
+        for j in range(n):
+            r = 0 if (i, j) == (1, 2) else int(torch.randint(1, 7, (1,), generator=g))
+            out.append(RolloutSequence(prompt, torch.randint(3, vocab, (r,), generator=g).tolist(),
+                                       (-4.0 + 0.5 * torch.randn(r, generator=g)).tolist(), temperature,
+                                       float(torch.randn(1, generator=g)), len(out)))
+    return out
+
+
+@pytest.mark.parametrize("micro", [5, 16])  # 5: groups of 4 straddle micro-batches
+def test_shared_prompt_groups_match_full_logits_reference(tokenizer, micro):
+    model = tiny_model(tokenizer)
+    model64 = copy.deepcopy(model).double()
+    algo = AlgorithmConfig()
+    learner = make_learner(model, algo, TrainerConfig(micro_batch_size=micro))
+    assert learner._packed  # sdpa model: packed attention, prompts shared inside each micro-batch
+    seqs = group_sequences(4, 4, seed=11)
+    metrics = learner.loss_and_grads(seqs)
+    ref_loss, *_ = reference_loss(model64, seqs, algo)
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-7)
+    assert_grads_close(learner.model, model64)
+    with torch.no_grad():
+        expected = reference_logprobs(model64, seqs)
+    for got, want in zip(learner.compute_logprobs(seqs), expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_pack_and_sequence_validation():
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         RolloutSequence([], [1], [0.0], 1.0, 0.0, 0)
