@@ -34,7 +34,10 @@ of its problems to the held-out split).
 The verifier (`digits_reward`) reads the response's last run of digits and compares it with the gold answer
 as text ("036" is not "36").
 
-Learning-demo trials on this task are recorded in bench/NOTES.md ("Learning demo trials (issue 13)").
+Default levels: 4 alone. In the issue-13 trials (bench/NOTES.md, "Learning demo trials (issue 13)") a
+level-2 mix was memorised (4,095 problems: GRPO raised its training prompts, not held-out ones), and the
+tiny model's warm start learnt the digit alignment of one operand width but not the other in a 3,4 mix,
+depending on the seed; with level 4 alone, GRPO raised held-out mean@4 from 0.398 to 0.670 (one seed).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from collections.abc import Iterator, Sequence
 from erpo_fast.tasks.arithmetic import MAX_HELDOUT_FRACTION, Problem, _spread
 
 LEVELS = (1, 2, 3, 4, 5)
-DEFAULT_LEVELS = (2, 3, 4)
+DEFAULT_LEVELS = (4,)  # see the module docstring: one operand width, nothing small enough to memorise
 DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_HELDOUT = 200
 
