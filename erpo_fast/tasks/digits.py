@@ -37,7 +37,8 @@ as text ("036" is not "36").
 Default levels: 4 alone. In the issue-13 trials (bench/NOTES.md, "Learning demo trials (issue 13)") a
 level-2 mix was memorised (4,095 problems: GRPO raised its training prompts, not held-out ones), and the
 tiny model's warm start learnt the digit alignment of one operand width but not the other in a 3,4 mix,
-depending on the seed; with level 4 alone, GRPO raised held-out mean@4 from 0.398 to 0.670 (one seed).
+depending on the seed; with level 4 alone, GRPO raised held-out mean@4 from 0.398 to 0.670 on one seed,
+while on another the 1500-step warm start had not learnt the alignment yet (0.02) and GRPO had nothing.
 """
 
 from __future__ import annotations
