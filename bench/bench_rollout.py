@@ -91,12 +91,14 @@ def hf_runner(model, prompts, n: int, stops: list[int] | None):
     return run
 
 
-def native_runner(engine: NativeEngine, prompts, n: int, stops: list[int] | None, compact_below: float,
+def native_runner(engine, prompts, n: int, stops: list[int] | None, compact_below: float | None,
                   per_prompt_seeds: bool = False):
+    """Any engine's generate; ``compact_below`` (NativeEngine only) is set before each run, None leaves it."""
     seed = list(range(len(prompts))) if per_prompt_seeds else 0
 
     def run() -> int:
-        engine.compact_below = compact_below
+        if compact_below is not None:
+            engine.compact_below = compact_below
         out = engine.generate(prompts, [1.0] * len(prompts), n=n, max_new_tokens=NEW_TOKENS,
                               stop_token_ids=stops or [], seed=seed)
         return sum(len(s.token_ids) for group in out for s in group)
@@ -191,7 +193,7 @@ def main() -> None:
             # What the trainer uses: one seed per prompt (one batched sampler call per step with per-row seeds).
             contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True)))
             if vllm is not None:  # as the trainer calls it: per-prompt seeds
-                contenders.append(("vllm-per-prompt-seeds", native_runner(vllm, prompts, n, stop, 0.5, True)))
+                contenders.append(("vllm-per-prompt-seeds", native_runner(vllm, prompts, n, stop, None, True)))
             results = [measure(name, run, args.iters, with_memory=workload == "32x1") for name, run in contenders]
             hf = results[0]
             for r in results:

@@ -151,8 +151,12 @@ def builtin_arithmetic(seed: int = 0, num_train: int | None = None, num_heldout:
     kwargs = {k: v for k, v in (("num_train", num_train), ("num_heldout", num_heldout), ("levels", levels))
               if v is not None}
     train, heldout = make_splits(seed=seed, **kwargs)
-    as_records = lambda problems: [PromptRecord(key=p.id, prompt=p.prompt, answer=p.answer) for p in problems]
-    return as_records(train), as_records(heldout)
+    return problem_records(train), problem_records(heldout)
+
+
+def problem_records(problems) -> list[PromptRecord]:
+    """Prompt records of built-in task problems (anything with id, prompt and answer); keys are the ids."""
+    return [PromptRecord(key=p.id, prompt=p.prompt, answer=p.answer) for p in problems]
 
 
 # -- stable integer ids ----------------------------------------------------------------------------------

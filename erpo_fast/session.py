@@ -15,7 +15,7 @@ import torch
 
 from erpo_fast.checkpoint import capture_rng_state, latest_intact_checkpoint, load_checkpoint, restore_rng_state
 from erpo_fast.config import Config, ConfigError
-from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, load_prompts
+from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.learner import Learner
 from erpo_fast.models import load_model, resolve_dtype
@@ -137,8 +137,7 @@ def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     if cfg.data.path is None:
         from erpo_fast.tasks.builtin import splits
 
-        as_records = lambda problems: [PromptRecord(key=p.id, prompt=p.prompt, answer=p.answer) for p in problems]
-        train, heldout = map(as_records, splits(cfg.data))
+        train, heldout = map(problem_records, splits(cfg.data))
     else:
         train = load_prompts(cfg.data.path)
         heldout = load_prompts(cfg.data.heldout_path) if cfg.data.heldout_path else []

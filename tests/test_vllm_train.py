@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -69,10 +70,9 @@ def test_vllm_trains_20_steps_with_the_sync_probe_passing_like_native(vllm_run, 
     native = _train(tmp_path / "native", "--max-steps", "20", engine="native")
     a = [r["reward_mean"] for r in records]
     b = [r["reward_mean"] for r in native]
-    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    mean_a, mean_b = statistics.mean(a), statistics.mean(b)
     assert 0.02 < mean_b < 0.98, "the warm-started model should be neither hopeless nor perfect"
-    var = lambda xs, m: sum((x - m) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
-    se = math.sqrt(var(a, mean_a) / len(a) + var(b, mean_b) / len(b))
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     assert abs(mean_a - mean_b) <= 4 * se + 1e-9, (mean_a, mean_b, se)
 
 
