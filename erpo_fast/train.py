@@ -11,7 +11,6 @@ One step: pick prompts -> the tracker gives each its temperature -> roll out n s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -29,11 +28,11 @@ from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence
 from erpo_fast.logger import RunLogger
 from erpo_fast.models import ModelLoadError
-from erpo_fast.plots import ascii_histogram, write_plots
 from erpo_fast.profiling import StepProfiler
 from erpo_fast.prompting import encode_prompt
 from erpo_fast.rollout_step import collect, generate_or_abort
 from erpo_fast.run_dir import RunDirError, prepare_run
+from erpo_fast.run_summary import finish
 from erpo_fast.session import Session, build_session
 
 log = logging.getLogger("erpo_fast")
@@ -87,7 +86,7 @@ def _train(cfg: Config, rt) -> dict:
         # The final evaluation goes to summary.json, not to the last step's record, so that a run cut short
         # and resumed logs exactly the steps an uninterrupted run logs.
         s.extra["heldout_after"] = run_eval(s, cfg.trainer.max_steps)
-        summary = finish(s, logger)
+        summary = finish(s)
         # Leave together: a rank tearing gloo down while rank 0 still writes plots was seen to abort at exit.
         # (Only on success: after an error on one rank, a barrier would hang the others.)
         barrier(rt)
@@ -195,52 +194,6 @@ def checkpoint(s: Session, step: int) -> None:
 
         save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, state=state,
                         config=s.cfg.to_dict(), keep_last=s.cfg.trainer.keep_last)
-
-
-def finish(s: Session, logger: RunLogger | None) -> dict:
-    """End-of-run summary (held-out before/after, residual fractions, temperatures) and plots."""
-    out = Path(s.cfg.trainer.output_dir)
-    temps = s.tracker.temperatures(s.tracker_ids)
-    seen = s.tracker.times_seen[s.tracker_ids] > 0
-    summary = {"heldout_before": s.extra.get("heldout_before", {}), "heldout_after": s.extra.get("heldout_after", {}),
-               "output_dir": str(out), "temperature_counts": s.tracker.temperature_counts()}
-    if not s.rt.is_main:
-        return summary
-    from erpo_fast.logger import read_metrics
-
-    metrics = read_metrics(out)
-    plots = write_plots(metrics, out / "plots", temperatures=temps[seen]) if s.cfg.logging.plots else []
-    summary["plots"] = [str(p) for p in plots]
-    summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
-                           for m in metrics]
-    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "residual"},
-                                                 indent=2, default=str) + "\n")
-    print(format_summary(summary, temps[seen]), file=sys.stderr)
-    return summary
-
-
-def format_summary(summary: dict, seen_temps) -> str:
-    lines = ["", "=== erpo-fast run summary ==="]
-    before, after = summary["heldout_before"], summary["heldout_after"]
-    for key in sorted(set(before) | set(after)):
-        if key.startswith(("mean_at", "pass_at")):
-            lines.append(f"held-out {key:<10s} before {before.get(key, float('nan')):.3f}   "
-                         f"after {after.get(key, float('nan')):.3f}")
-    res = [r for r in summary["residual"] if r.get("frac_all_correct") is not None]
-    if res:
-        marks = sorted({0, len(res) // 2, len(res) - 1})
-        lines.append("residual prompts (all-correct / all-wrong / mixed):")
-        for i in marks:
-            r = res[i]
-            lines.append(f"  step {r['step']:>5}: {r['frac_all_correct']:.2f} / {r['frac_all_wrong']:.2f} / "
-                         f"{r['frac_mixed']:.2f}")
-    if len(seen_temps):
-        lines.append("per-prompt temperatures (prompts seen so far):")
-        lines.append(ascii_histogram(seen_temps, bins=min(10, max(1, len(set(seen_temps.tolist()))))))
-    lines.append(f"run directory: {summary['output_dir']}  (metrics.jsonl, checkpoints/, plots/)")
-    for p in summary.get("plots", []):
-        lines.append(f"  plot: {p}")
-    return "\n".join(lines)
 
 
 def _phase(logger: RunLogger | None, name: str) -> None:

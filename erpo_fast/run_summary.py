@@ -1,0 +1,54 @@
+"""The end of a run: the summary printed to the terminal and written to summary.json, and the plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from erpo_fast.logger import read_metrics
+from erpo_fast.plots import ascii_histogram, write_plots
+
+
+def finish(s) -> dict:
+    """End-of-run summary (held-out before/after, residual fractions, temperatures) and plots."""
+    out = Path(s.cfg.trainer.output_dir)
+    temps = s.tracker.temperatures(s.tracker_ids)
+    seen = s.tracker.times_seen[s.tracker_ids] > 0
+    summary = {"heldout_before": s.extra.get("heldout_before", {}), "heldout_after": s.extra.get("heldout_after", {}),
+               "output_dir": str(out), "temperature_counts": s.tracker.temperature_counts()}
+    if not s.rt.is_main:
+        return summary
+    metrics = read_metrics(out)
+    plots = write_plots(metrics, out / "plots", temperatures=temps[seen]) if s.cfg.logging.plots else []
+    summary["plots"] = [str(p) for p in plots]
+    summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
+                           for m in metrics]
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "residual"},
+                                                 indent=2, default=str) + "\n")
+    print(format_summary(summary, temps[seen]), file=sys.stderr)
+    return summary
+
+
+def format_summary(summary: dict, seen_temps) -> str:
+    lines = ["", "=== erpo-fast run summary ==="]
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    for key in sorted(set(before) | set(after)):
+        if key.startswith(("mean_at", "pass_at")):
+            lines.append(f"held-out {key:<10s} before {before.get(key, float('nan')):.3f}   "
+                         f"after {after.get(key, float('nan')):.3f}")
+    res = [r for r in summary["residual"] if r.get("frac_all_correct") is not None]
+    if res:
+        marks = sorted({0, len(res) // 2, len(res) - 1})
+        lines.append("residual prompts (all-correct / all-wrong / mixed):")
+        for i in marks:
+            r = res[i]
+            lines.append(f"  step {r['step']:>5}: {r['frac_all_correct']:.2f} / {r['frac_all_wrong']:.2f} / "
+                         f"{r['frac_mixed']:.2f}")
+    if len(seen_temps):
+        lines.append("per-prompt temperatures (prompts seen so far):")
+        lines.append(ascii_histogram(seen_temps, bins=min(10, max(1, len(set(seen_temps.tolist()))))))
+    lines.append(f"run directory: {summary['output_dir']}  (metrics.jsonl, checkpoints/, plots/)")
+    for p in summary.get("plots", []):
+        lines.append(f"  plot: {p}")
+    return "\n".join(lines)
