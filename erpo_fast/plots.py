@@ -1,7 +1,9 @@
 """Training curves as PNG files, and a text histogram for the terminal summary.
 
 ``write_plots`` draws one PNG per panel from ``metrics.jsonl`` records (``PANELS`` lists the keys each
-reads) and skips a panel whose keys are all missing or null. It uses matplotlib's Agg canvas directly, never
+reads) and skips a panel whose keys are all missing or null. Held-out scores of the model before RL (step 0)
+come first on their curves, so a reader sees where RL started; per-step series that are noisy (a fraction
+of 16 groups) get a running mean drawn over the faded raw line. It uses matplotlib's Agg canvas directly, never
 pyplot, so it needs no display and leaves the caller's matplotlib backend alone.
 """
 
@@ -23,6 +25,16 @@ PANELS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     "entropy": ("Policy entropy", "nats / token", ("entropy",), ("entropy_",)),
 }
 TEMPERATURE_HIST = "temperature_hist"
+SMOOTH_MIN_POINTS = 20  # shorter series are drawn raw only: a running mean of a few points says nothing new
+
+
+def running_mean(values: list[float], window: int) -> np.ndarray:
+    """Mean of the last `window` values at each point (fewer at the start, so the line starts at step 1)."""
+    x = np.asarray(values, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
 
 
 def _is_number(v) -> bool:
@@ -62,11 +74,14 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_plots(metrics: list[dict], out_dir: str | os.PathLike, *,
-                temperatures: np.ndarray | None = None) -> list[Path]:
+                temperatures: np.ndarray | None = None, heldout_before: dict | None = None) -> list[Path]:
     """Write the PNG panels that ``metrics`` has data for, and a histogram of ``temperatures`` when given
-    (e.g. the final per-prompt temperatures); returns the paths written."""
+    (e.g. the final per-prompt temperatures); ``heldout_before`` (the held-out evaluation before RL, keys like
+    ``mean_at_4``) becomes the step-0 point of the held-out curves. Returns the paths written."""
     if not isinstance(metrics, (list, tuple)) or not all(isinstance(r, dict) for r in metrics):
         raise ValueError("metrics must be a list of dicts (the records of metrics.jsonl)")
+    if heldout_before:
+        metrics = [{"step": 0, **{f"heldout_{k}": v for k, v in heldout_before.items()}}, *metrics]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -80,7 +95,13 @@ def write_plots(metrics: list[dict], out_dir: str | os.PathLike, *,
         longest = max(len(s) for s, _ in series.values())
         for key, (steps, values) in series.items():
             sparse = len(steps) < longest or len(steps) == 1
-            ax.plot(steps, values, marker="o" if sparse else None, markersize=4, label=key)
+            if sparse or len(steps) < SMOOTH_MIN_POINTS:
+                ax.plot(steps, values, marker="o" if sparse else None, markersize=4, label=key)
+                continue
+            window = max(5, len(steps) // 20)
+            (raw,) = ax.plot(steps, values, alpha=0.3, linewidth=0.8, label=f"{key} (per step)")
+            ax.plot(steps, running_mean(values, window), color=raw.get_color(), linewidth=2,
+                    label=f"{key} (running mean of {window})")
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

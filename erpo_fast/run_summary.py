@@ -20,7 +20,8 @@ def finish(s) -> dict:
     if not s.rt.is_main:
         return summary
     metrics = read_metrics(out)
-    plots = write_plots(metrics, out / "plots", temperatures=temps[seen]) if s.cfg.logging.plots else []
+    plots = write_plots(metrics, out / "plots", temperatures=temps[seen],
+                        heldout_before=summary["heldout_before"]) if s.cfg.logging.plots else []
     summary["plots"] = [str(p) for p in plots]
     summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
                            for m in metrics]
@@ -33,6 +34,8 @@ def finish(s) -> dict:
 def format_summary(summary: dict, seen_temps) -> str:
     lines = ["", "=== erpo-fast run summary ==="]
     before, after = summary["heldout_before"], summary["heldout_after"]
+    if verdict := heldout_verdict(before, after):
+        lines.append(verdict)
     for key in sorted(set(before) | set(after)):
         if key.startswith(("mean_at", "pass_at")):
             lines.append(f"held-out {key:<10s} before {before.get(key, float('nan')):.3f}   "
@@ -52,3 +55,23 @@ def format_summary(summary: dict, seen_temps) -> str:
     for p in summary.get("plots", []):
         lines.append(f"  plot: {p}")
     return "\n".join(lines)
+
+
+def heldout_verdict(before: dict, after: dict) -> str | None:
+    """One line: did RL raise held-out accuracy? mean@k at the eval temperature, before -> after (and pass@k).
+
+    A change within +-0.01 is called no change: at the default 200 prompts x 4 samples that is 8 samples."""
+    keys = sorted((k for k in before if k.startswith("mean_at_") and k in after),
+                  key=lambda k: int(k.removeprefix("mean_at_")))
+    if not keys:
+        return None
+    key = keys[0]
+    k = key.removeprefix("mean_at_")
+    delta = after[key] - before[key]
+    word = "improved" if delta > 0.01 else "lowered" if delta < -0.01 else "did not change"
+    line = (f"RL {word} held-out accuracy: mean@{k} {before[key]:.3f} -> {after[key]:.3f} ({delta:+.3f})")
+    if f"pass_at_{k}" in before and f"pass_at_{k}" in after:
+        line += f", pass@{k} {before[f'pass_at_{k}']:.3f} -> {after[f'pass_at_{k}']:.3f}"
+    if before.get("num_prompts"):
+        line += f", on {int(before['num_prompts'])} held-out prompts"
+    return line

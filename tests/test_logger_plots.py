@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from erpo_fast import plots
 from erpo_fast.logger import RunLogger, read_metrics
 from erpo_fast.plots import ascii_histogram, write_plots
 
@@ -222,3 +223,52 @@ def test_ascii_histogram_counts_match_numpy(tmp_path):
     assert ascii_histogram([]) == "(no finite values)"
     with pytest.raises(ValueError, match="bins"):
         ascii_histogram([1.0], bins=0)
+
+
+def test_running_mean_matches_a_loop():
+    rng = np.random.default_rng(0)
+    values = rng.random(57).tolist()
+    for window in (1, 5, 20, 100):
+        expect = [np.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+        np.testing.assert_allclose(plots.running_mean(values, window), expect, rtol=1e-12)
+
+
+def test_reward_plot_starts_at_the_heldout_score_before_rl_and_smooths_the_training_reward(tmp_path, monkeypatch):
+    drawn = {}
+
+    def capture(fig, path):
+        drawn[path.stem] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                            for line in fig.axes[0].lines}
+        return path
+
+    monkeypatch.setattr(plots, "_save", capture)
+    rng = np.random.default_rng(1)
+    metrics = [{"step": s, "reward_mean": float(rng.random())} for s in range(1, 101)]
+    for s in (50, 100):
+        metrics[s - 1].update(heldout_mean_at_4=0.5 + s / 1000, heldout_pass_at_4=0.8)
+    write_plots(metrics, tmp_path, heldout_before={"mean_at_4": 0.4, "pass_at_4": 0.7, "num_prompts": 200})
+    reward = drawn["reward"]
+    assert reward["heldout_mean_at_4"] == ([0, 50, 100], [0.4, 0.55, 0.6])
+    assert reward["heldout_pass_at_4"] == ([0, 50, 100], [0.7, 0.8, 0.8])
+    assert "heldout_num_prompts" not in reward  # a count, not a score
+    raw = [m["reward_mean"] for m in metrics]
+    assert reward["reward_mean (per step)"] == (list(range(1, 101)), raw)
+    steps, smooth = reward["reward_mean (running mean of 5)"]
+    assert steps == list(range(1, 101))
+    np.testing.assert_allclose(smooth[10], np.mean(raw[6:11]))
+    # Without a before-RL score (e.g. a resumed run's plot), the curves start at the first evaluation.
+    drawn.clear()
+    write_plots(metrics, tmp_path)
+    assert drawn["reward"]["heldout_mean_at_4"][0] == [50, 100]
+
+
+def test_heldout_verdict_line():
+    from erpo_fast.run_summary import heldout_verdict
+
+    before = {"mean_at_4": 0.398, "pass_at_4": 0.805, "mean_at_16": 0.2, "num_prompts": 200}
+    after = {"mean_at_4": 0.670, "pass_at_4": 0.920, "mean_at_16": 0.1, "num_prompts": 200}
+    assert heldout_verdict(before, after) == ("RL improved held-out accuracy: mean@4 0.398 -> 0.670 (+0.272), "
+                                              "pass@4 0.805 -> 0.920, on 200 held-out prompts")
+    assert heldout_verdict(after, before).startswith("RL lowered held-out accuracy: mean@4 0.670 -> 0.398 (-0.272)")
+    assert heldout_verdict(before, {**before, "mean_at_4": 0.405}).startswith("RL did not change")
+    assert heldout_verdict({}, after) is None
