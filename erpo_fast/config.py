@@ -54,6 +54,11 @@ class ModelConfig:
                                           "from the RL prompts and the held-out split).", ge=1)
     warm_start_lr: float = knob(3e-3, "Built-in model: warm-start learning rate.", gt=0)
     warm_start_batch_size: int = knob(64, "Built-in model: warm-start batch size.", ge=1)
+    warm_start_weight_decay: float = knob(0.1, "Built-in model: warm-start AdamW weight decay (matrices only).",
+                                          ge=0)
+    warm_start_target_loss: float = knob(0.0, "Built-in model: stop the warm start early once its loss (mean of "
+                                              "the last 50 steps) is below this, leaving RL a policy that knows the "
+                                              "procedure but still errs (0: run all warm_start_steps).", ge=0)
 
 
 @dataclass
@@ -209,12 +214,14 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 # Named starting points. `tiny-cpu` (the default) is the embedded job: built-in model and task, on a CPU laptop.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
+    # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
     "tiny-cpu": {
-        "model": {"warm_start_steps": 1500},
-        "data": {"num_train": 500, "num_heldout": 200},
-        "rollout": {"n": 8, "max_new_tokens": 12},
-        "trainer": {"max_steps": 400, "prompts_per_step": 16, "micro_batch_size": 128, "lr": 1e-4,
-                    "eval_every": 100, "save_every": 100, "output_dir": "runs/tiny-cpu", "threads": 1},
+        "model": {"warm_start_steps": 2000, "warm_start_problems": 20000, "warm_start_target_loss": 0.25},
+        "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
+        "rollout": {"n": 8, "max_new_tokens": 8},
+        "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,
+                    "eval_every": 150, "save_every": 150, "output_dir": "runs/tiny-cpu", "threads": 1},
     },
     "none": {},
 }

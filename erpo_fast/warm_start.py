@@ -29,7 +29,8 @@ from erpo_fast.tokenizer import build_char_tokenizer
 
 log = logging.getLogger("erpo_fast")
 
-CACHE_VERSION = 1  # bump when the warm-start recipe changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when the warm-start recipe changes, so stale caches are not reused
+LOSS_WINDOW = 50  # steps averaged for warm_start_target_loss: one batch's loss is too noisy to stop on
 
 
 def cache_root() -> Path:
@@ -46,6 +47,15 @@ def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> s
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def builtin_model_for(cfg) -> Path:
+    """The warm-started built-in model of a config (its model.tiny_*/warm_start_* knobs and data task, seed
+    and split sizes), trained on first use. Single-process; the trainer's ranks go through `builtin_model_dir`."""
+    from erpo_fast.tasks.builtin import splits
+
+    problems = splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2]
+    return builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)
+
+
 def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, train_problems) -> Path:
     """The warm-started built-in model's folder, training it first if the cache does not have it."""
     target = cache_root() / "warm_start" / warm_start_key(model_cfg, data_cfg, seed)
@@ -59,26 +69,46 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, t
                  model_cfg.warm_start_steps, target)
         examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
                     for p in train_problems]
-        final_loss = supervised_finetune(model, examples, steps=model_cfg.warm_start_steps,
-                                         lr=model_cfg.warm_start_lr, batch_size=model_cfg.warm_start_batch_size,
-                                         seed=seed, progress=True)
-        log.info("warm start: %d SFT steps in %.1fs, final loss %.3f", model_cfg.warm_start_steps,
-                 time.perf_counter() - t0, final_loss)
+        final_loss, steps = supervised_finetune(
+            model, examples, steps=model_cfg.warm_start_steps, lr=model_cfg.warm_start_lr,
+            batch_size=model_cfg.warm_start_batch_size, weight_decay=model_cfg.warm_start_weight_decay,
+            target_loss=model_cfg.warm_start_target_loss, seed=seed, progress=True)
+        log.info("warm start: %d SFT steps in %.1fs, final loss %.3f%s", steps, time.perf_counter() - t0,
+                 final_loss, " (target reached)" if steps < model_cfg.warm_start_steps else "")
     _save_atomically(model, tokenizer, target)
     return target
 
 
 def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
-                        batch_size: int, seed: int, progress: bool = False) -> float:
-    """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits)."""
+                        batch_size: int, seed: int, weight_decay: float = 0.0, target_loss: float = 0.0,
+                        progress: bool = False) -> tuple[float, int]:
+    """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits).
+
+    Returns (mean loss of the last steps, steps run). Schedule: linear warm-up over the first tenth, the full
+    rate until half-way, then a cosine to zero. Weight decay applies to matrices, not to norms and embeddings.
+    On the digits task the loss sits on a plateau until the model finds the digit alignment; decay and the
+    flat first half got every seed tried off that plateau, where a cosine from the start left some on it
+    (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean loss of the last
+    LOSS_WINDOW steps is below it, so RL starts from comparable competence whenever the alignment was found.
+    """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    matrices = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embed" not in name]
+    others = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in name)]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                             {"params": others, "weight_decay": 0.0}], lr=lr)
+    warmup, flat = max(1, steps // 10), steps // 2
+
+    def rate(s: int) -> float:
+        ramp = min(1.0, (s + 1) / warmup)
+        return ramp if s < flat else ramp * 0.5 * (1 + math.cos(math.pi * (s - flat) / max(1, steps - flat)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     model.train()
-    loss_value = float("nan")
+    recent: list[float] = []
     bar = Progress(steps, "warm start", enabled=progress)
+    done = 0
     for _ in range(steps):
+        done += 1
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
         batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
                                temperature=1.0)
@@ -89,11 +119,14 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
-        loss_value = float(loss.detach())
-        bar.update(1, f"loss {loss_value:.3f}")
+        recent = [*recent[-(LOSS_WINDOW - 1):], float(loss.detach())]
+        mean_loss = sum(recent) / len(recent)
+        bar.update(1, f"loss {mean_loss:.3f}")
+        if target_loss > 0 and len(recent) == LOSS_WINDOW and mean_loss < target_loss:
+            break
     bar.close()
     model.eval()
-    return loss_value
+    return (sum(recent) / len(recent) if recent else float("nan")), done
 
 
 def _save_atomically(model, tokenizer, target: Path) -> None:

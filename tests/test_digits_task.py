@@ -100,7 +100,8 @@ def test_config_selects_the_task_and_levels():
     train, heldout, warm = builtin.splits(cfg.data, num_warm_start=20)
     assert {p.level for p in train + heldout + warm} == {3, 4}
     assert builtin.reward_name(cfg.data) == "erpo_fast.tasks.digits:digits_reward"
-    assert builtin.reward_name(build_config().data) == "arithmetic"
+    assert builtin.reward_name(build_config(overrides={"data.task": "arithmetic"}).data) == "arithmetic"
+    assert build_config().data.task == "digits"  # the embedded default job's task (preset tiny-cpu)
     for bad in ("3,x", "3,3", "9"):
         with pytest.raises(ConfigError, match="task_levels"):
             builtin.levels(build_config(overrides={"data.task": "digits", "data.task_levels": bad}).data)
@@ -109,9 +110,60 @@ def test_config_selects_the_task_and_levels():
 
 
 def test_arithmetic_warm_start_examples_are_the_problems_a_larger_train_split_adds():
-    cfg = build_config(overrides={"data.num_train": 100, "data.num_heldout": 20})
+    cfg = build_config(overrides={"data.task": "arithmetic", "data.num_train": 100, "data.num_heldout": 20})
     train, heldout, warm = builtin.splits(cfg.data, num_warm_start=50)
     assert (train, heldout) == arithmetic_splits(seed=0, num_train=100, num_heldout=20)
     bigger, _ = arithmetic_splits(seed=0, num_train=150, num_heldout=20)
     assert warm == [p for p in bigger if p not in train][:50]
     assert not {p.prompt for p in warm} & {p.prompt for p in train + heldout}
+
+
+def _tiny_model(seed=0):
+    from erpo_fast.config import ModelConfig
+    from erpo_fast.models import build_tiny_qwen2
+    from erpo_fast.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64)
+    return tok, build_tiny_qwen2(tok, cfg, seed=seed)
+
+
+def test_warm_start_stops_at_the_target_loss():
+    import torch
+
+    from erpo_fast.kernels import linear_logprobs
+    from erpo_fast.learner import RolloutSequence, pack_sequences
+    from erpo_fast.models import last_hidden_state, lm_head_weight
+    from erpo_fast.warm_start import LOSS_WINDOW, supervised_finetune
+
+    tok, model = _tiny_model()
+    examples = [([5, 6, 7], [8, 9, tok.eos_token_id]), ([6, 5, 7], [9, 8, tok.eos_token_id])]
+    loss, steps = supervised_finetune(model, examples, steps=2000, lr=1e-2, batch_size=4, seed=0, target_loss=0.5)
+    assert LOSS_WINDOW <= steps < 2000 and loss < 0.5
+    # The reported loss is the model's: an independent forward pass on the examples agrees it learnt them.
+    batch = pack_sequences([RolloutSequence(*e, [], 1.0, 0.0, i) for i, e in enumerate(examples)], temperature=1.0)
+    with torch.no_grad():
+        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.positions]
+        assert -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean() < 0.5
+    # Without a target every step runs.
+    _, model = _tiny_model()
+    assert supervised_finetune(model, examples, steps=60, lr=1e-2, batch_size=4, seed=0)[1] == 60
+
+
+def test_warm_start_decays_matrices_only():
+    """AdamW's decay shrinks the projection matrices, never the norms or the (tied) embedding."""
+    import torch
+
+    from erpo_fast.warm_start import supervised_finetune
+
+    tok, model = _tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples = [([5, 6, 7], [8, 9, tok.eos_token_id])]
+    # lr tiny, decay huge: the update is the decay alone, p *= (1 - lr * wd) per step, to within Adam's step.
+    supervised_finetune(model, examples, steps=10, lr=1e-6, batch_size=1, seed=0, weight_decay=1e4)
+    for n, p in model.named_parameters():
+        if p.ndim >= 2 and "embed" not in n:
+            assert p.detach().norm() < 0.95 * before[n].norm(), n
+        else:  # Adam moves each entry by at most ~lr per step
+            torch.testing.assert_close(p.detach(), before[n], atol=1e-4, rtol=0, msg=n)
+    assert torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all()
