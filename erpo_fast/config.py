@@ -64,14 +64,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = knob(None, ".jsonl or .parquet with `prompt` and `answer` fields (optional `id`). "
-                                  "None: the built-in arithmetic task.")
+                                  "None: the built-in task (data.task).")
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
     reward: str = knob("auto", "Verifier: auto (arithmetic for the built-in task, math-verify otherwise), "
                                "arithmetic, math, or your own function as module:function or path/file.py:function "
                                "(see Custom rewards).")
     task: str = knob("arithmetic", "Built-in task (when data.path is None): arithmetic (answer-only integer "
-                                   "arithmetic) or digits (reversed-digit addition, see erpo_fast/tasks/digits.py).",
+                                   "arithmetic) or digits (reversed-digit addition, see erpo_fast/tasks/digits.py; "
+                                   "the tiny-cpu preset's task).",
                      choices=("arithmetic", "digits"))
     task_levels: str | None = knob(None, "Built-in task: comma-separated levels to draw problems from (e.g. 2,3,4); "
                                          "None: the task's default levels.")

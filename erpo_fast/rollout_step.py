@@ -48,9 +48,13 @@ def generate_or_abort(s, step: int, *args, **kwargs):
     try:
         return s.engine.generate(*args, **kwargs)
     except NonFiniteLogitsError as e:
-        raise TrainingAborted(f"step {step}: the policy produced non-finite logits while sampling ({e}); it has "
-                              f"diverged (learning rate too high?). The last checkpoint is kept in "
-                              f"{s.cfg.trainer.output_dir}/checkpoints") from None
+        raise diverged(s, step, e) from None
+
+
+def diverged(s, step: int, error: Exception) -> TrainingAborted:
+    return TrainingAborted(f"step {step}: the policy produced non-finite logits while sampling ({error}); it has "
+                           f"diverged (learning rate too high?). The last checkpoint is kept in "
+                           f"{s.cfg.trainer.output_dir}/checkpoints")
 
 
 def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, dict]:

@@ -25,12 +25,13 @@ from erpo_fast.data import DataError
 from erpo_fast.distributed import all_gather_objects, barrier, broadcast_object, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted
 from erpo_fast.evaluate import evaluate
+from erpo_fast.kernels import NonFiniteLogitsError
 from erpo_fast.learner import RolloutSequence
 from erpo_fast.logger import RunLogger
 from erpo_fast.models import ModelLoadError
 from erpo_fast.profiling import StepProfiler
 from erpo_fast.prompting import encode_prompt
-from erpo_fast.rollout_step import collect, generate_or_abort
+from erpo_fast.rollout_step import collect, diverged, generate_or_abort
 from erpo_fast.run_dir import RunDirError, prepare_run
 from erpo_fast.run_summary import finish
 from erpo_fast.session import Session, build_session
@@ -176,10 +177,16 @@ def run_eval(s: Session, step: int) -> dict:
         return {}
     result = None
     if s.rt.is_main:
-        result = evaluate(s.engine, s.tokenizer, s.heldout, reward_pool=s.rewards, ks=(cfg.trainer.eval_k,),
-                          temperature=cfg.trainer.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                          seed=cfg.trainer.seed + 7919 * step, chat_template=cfg.data.chat_template)
-    return broadcast_object(result, s.rt)
+        try:
+            result = evaluate(s.engine, s.tokenizer, s.heldout, reward_pool=s.rewards, ks=(cfg.trainer.eval_k,),
+                              temperature=cfg.trainer.eval_temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                              seed=cfg.trainer.seed + 7919 * step, chat_template=cfg.data.chat_template)
+        except NonFiniteLogitsError as e:  # a policy that diverged in this step's update: stop every rank cleanly
+            result = {"aborted": str(diverged(s, step, e))}
+    result = broadcast_object(result, s.rt)
+    if "aborted" in result:
+        raise TrainingAborted(result["aborted"])
+    return result
 
 
 def checkpoint(s: Session, step: int) -> None:

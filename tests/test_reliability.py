@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
     "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
-    "--data.task", "arithmetic",  # easy levels: a barely trained model gets rewards
+    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
     "--model.warm_start_batch_size", "16", "--data.num_train", "64", "--data.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
@@ -376,7 +376,7 @@ def test_divergence_stop_is_an_event(tmp_path, capsys):
     out = tmp_path / "run"
     # An absurd learning rate without clipping: the policy diverges and the run stops (exit 1).
     code = main([*TINY, "--output-dir", str(out), "--max-steps", "8", "--trainer.lr", "1e30",
-                 "--trainer.grad_clip", "0", "--trainer.nan_patience", "1"])
+                 "--trainer.grad_clip", "0", "--trainer.nan_patience", "1", "--trainer.prompts_per_step", "16"])
     assert code == 1
     assert "stopped:" in capsys.readouterr().err
     (stop,) = [e for e in _events(out) if e["kind"] == "stopped"]

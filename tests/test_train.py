@@ -13,7 +13,7 @@ from erpo_fast.train import main
 TINY = [
     "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
     "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
-    "--data.task", "arithmetic",  # easy levels: a barely trained model gets rewards
+    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
     "--model.warm_start_batch_size", "16", "--data.num_train", "64", "--data.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "2", "--trainer.eval_k", "2", "--data.reward_workers", "0",
@@ -139,9 +139,10 @@ def test_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
 def test_diverged_policy_stops_cleanly_and_keeps_checkpoints(tmp_path, capsys):
     # A huge learning rate makes the first update blow the weights up; the next sampling sees non-finite
     # logits. The run must stop with exit 1 and a message, not a traceback, and keep what it had written.
+    # 16 prompts: the first step has a group with signal, so its update is the one that diverges.
     code = _run(tmp_path, "--max-steps", "5", "--trainer.lr", "1e30", "--trainer.save_every", "1",
                 "--model.warm_start_steps", "200", "--model.warm_start_batch_size", "32",
-                "--rollout.sync_check_every", "0")
+                "--rollout.sync_check_every", "0", "--trainer.prompts_per_step", "16")
     err = capsys.readouterr().err
     assert code == 1
     assert "non-finite logits" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ from erpo_fast.logger import read_metrics
 ARGS = [
     "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
     "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "200",
-    "--data.task", "arithmetic",  # easy levels: a barely trained model gets rewards
+    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
     "--model.warm_start_batch_size", "32", "--data.num_train", "64", "--data.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",

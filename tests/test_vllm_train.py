@@ -23,7 +23,7 @@ SMALL = [
     "--model.tiny_hidden_size", "64", "--model.tiny_layers", "2", "--model.tiny_heads", "2",
     "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "192",
     "--model.warm_start_steps", "400", "--model.warm_start_batch_size", "32",
-    "--data.task", "arithmetic",  # easy levels: a barely trained model gets rewards
+    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
     "--data.num_train", "128", "--data.num_heldout", "16", "--trainer.prompts_per_step", "8", "--rollout.n", "4",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--logging.plots", "false", "--trainer.threads", "1", "--trainer.lr", "1e-4", "--rollout.sync_check_every", "1",
