@@ -145,6 +145,7 @@ def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_emb
         num_attention_heads=cfg.tiny_heads,
         num_key_value_heads=cfg.tiny_kv_heads,
         max_position_embeddings=max_position_embeddings,
+        rope_theta=cfg.tiny_rope_theta,
         tie_word_embeddings=True,
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
         bos_token_id=getattr(tokenizer, "bos_token_id", None),
