@@ -131,13 +131,13 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.output_dir": str(out_dir),
         "logging.progress": False, "logging.plots": False})
     session = build_session(cfg, init_runtime("cpu"))
-    generate = session.engine.generate
+    generate = session.rollout.engine.generate
 
     def full_length(*args, **kwargs):  # forced full-length completions: no stop token
         kwargs["stop_token_ids"] = []
         return generate(*args, **kwargs)
 
-    session.engine.generate = full_length
+    session.rollout.engine.generate = full_length
     rows = []
     try:
         for step in range(1, warmup + steps + 1):

@@ -78,18 +78,16 @@ def group_kinds(rewards: Tensor, success_threshold: float = 1.0) -> tuple[Tensor
     return correct.all(dim=1), (~correct).all(dim=1)
 
 
-def dynamic_sampling_filter(rewards: Tensor) -> tuple[Tensor, int]:
-    """DAPO dynamic sampling: keep only groups whose rewards are not all equal.
+def dynamic_sampling_filter(advantages: Tensor) -> tuple[Tensor, int]:
+    """DAPO dynamic sampling: keep only groups with some non-zero advantage.
 
-    A group whose rewards are all identical has zero variance, hence zero GRPO advantage everywhere: it costs
-    a forward/backward and teaches nothing. The test is exact (`max == min`), not a variance threshold, so
-    rewards that differ by any amount are kept. Returns `(keep [B] bool, num_dropped)`.
-
-    Note: with RA on, all-correct groups do carry signal; callers that use RA filter before or instead of it
-    as they see fit: this function looks only at the rewards.
+    A group whose rewards are all identical gets zero GRPO advantage everywhere: it costs a forward/backward
+    and teaches nothing. The test is on the advantages of `compute_advantages` [B, G], not on reward variance,
+    so that RA's all-correct groups (which keep a positive advantage) are kept, and it is exact (`!= 0`), not
+    a threshold. Returns `(keep [B] bool, num_dropped)`.
     """
-    _check_rewards(rewards)
-    keep = rewards.amax(dim=1) != rewards.amin(dim=1)
+    _check_rewards(advantages)
+    keep = advantages.abs().amax(dim=1) > 0
     return keep, int((~keep).sum().item())
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import yaml
 
+from erpo_fast.errors import CheckpointError, first_line
+
 FORMAT_VERSION = 2
 _READABLE_FORMATS = (1, 2)  # 1: sizes only in the manifest
 _HASH_CHUNK = 1 << 20
@@ -64,10 +66,6 @@ _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
 _PLAIN_LEAVES = (bool, int, float, complex, str, bytes, bytearray, type(None),
                  torch.dtype, torch.device, torch.Size)
 _DICT_TYPES = (dict, OrderedDict, Counter)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or corrupted."""
 
 
 def _tensor_types() -> tuple[type, ...]:
@@ -401,8 +399,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     step, _ = verify_checkpoint(path)
 
     def corrupted(name: str, e: BaseException) -> CheckpointError:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return CheckpointError(f"corrupted checkpoint file {path / name}: {first}")
+        return CheckpointError(f"corrupted checkpoint file {path / name}: {first_line(e)}")
 
     try:
         torch_state = torch.load(path / STATE_FILENAME, map_location="cpu", weights_only=True)

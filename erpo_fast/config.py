@@ -22,9 +22,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, malformed value, out-of-range or contradictory settings."""
+from erpo_fast.errors import ConfigError
 
 
 def knob(default, help: str, *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -220,7 +218,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
     # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
     "tiny-cpu": {
-        "model": {"tiny_rope_theta": 100.0, "warm_start_steps": 2000, "warm_start_problems": 20000,
+        "model": {"tiny_rope_theta": 100.0, "warm_start_steps": 3000, "warm_start_problems": 20000,
                   "warm_start_target_loss": 0.25},
         "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 8},

@@ -24,13 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from erpo_fast.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet")
-
-
-class DataError(ValueError):
-    """A dataset file that cannot be used; the message names the file and, where it can, the line or row."""
 
 
 @dataclass(frozen=True)

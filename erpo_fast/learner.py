@@ -45,7 +45,7 @@ from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
-__all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "lr_factor", "pack_sequences"]
+__all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "StepBatch", "lr_factor", "pack_sequences"]
 
 IGNORE_INDEX = -100
 
@@ -79,6 +79,21 @@ class RolloutSequence:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"sequence {self.seq_key}: temperature must be > 0 and finite, "
                              f"got {self.temperature}")
+
+
+@dataclass
+class StepBatch:
+    """What crosses from the rollout side to the learner in one step (see `erpo_fast.rollout_step.Rollout`).
+
+    ``sequences``: this rank's kept samples; ``metrics``: the rollout side's step metrics (rewards, residual
+    fractions, temperatures, phase times); ``global_sequences`` / ``global_response_tokens``: the counts over
+    every rank (0 sequences everywhere: every group was dropped by dynamic sampling, and no rank updates).
+    """
+
+    sequences: list[RolloutSequence]
+    metrics: dict
+    global_sequences: int
+    global_response_tokens: int
 
 
 @dataclass
@@ -488,8 +503,11 @@ class Learner:
 
     # ---- training -----------------------------------------------------------------------------------------
 
-    def train_on(self, sequences: Sequence[RolloutSequence]) -> dict[str, float | int | bool]:
+    def train_on(self, sequences: StepBatch | Sequence[RolloutSequence]) -> dict[str, float | int | bool]:
         """One training step on this rank's ``sequences``; returns global metrics (identical on every rank).
+
+        Given a :class:`StepBatch` whose ``global_sequences`` is 0 (no rank has anything to learn from), every
+        rank skips the step and gets ``{}``; otherwise every rank must call this, also one with no sequences.
 
         With ``updates_per_step = K > 1`` the local sequences are split into K contiguous mini-batches (global
         mini-batch k = the union of every rank's k-th slice), old log-probs are computed once before the first
@@ -503,6 +521,10 @@ class Learner:
         (``mismatch_logp_abs_mean``/``_max``, ``mismatch_kl_k3``, ``mismatch_ratio_outside_frac``; see
         `algorithms.mismatch_metrics`), both sides at each row's own temperature and before any update.
         """
+        if isinstance(sequences, StepBatch):
+            if sequences.global_sequences == 0:
+                return {}
+            sequences = sequences.sequences
         sequences = self._check_batch(sequences)
         updates = self.trainer.updates_per_step
         lr = self.optimizer.param_groups[0]["lr"]

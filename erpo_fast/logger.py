@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from erpo_fast.errors import first_line
+
 log = logging.getLogger("erpo_fast")
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -189,7 +191,7 @@ class RunLogger:
             id_path.write_text(run_id)
             return run
         except Exception as e:  # network, auth, anything: the run must go on without W&B
-            log.warning("W&B init failed (%s); continuing without W&B", _first_line(e))
+            log.warning("W&B init failed (%s); continuing without W&B", first_line(e))
             return None
 
     def _send(self, step: int, record: dict) -> None:
@@ -202,7 +204,7 @@ class RunLogger:
             try:
                 self._wandb.log(scalars, step=step)
             except Exception as e:
-                log.warning("W&B log failed (%s); continuing without W&B", _first_line(e))
+                log.warning("W&B log failed (%s); continuing without W&B", first_line(e))
                 self._wandb = None
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ class RunLogger:
             try:
                 self._wandb.finish()
             except Exception as e:
-                log.warning("W&B finish failed (%s)", _first_line(e))
+                log.warning("W&B finish failed (%s)", first_line(e))
 
     def __enter__(self) -> RunLogger:
         return self
@@ -360,7 +362,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

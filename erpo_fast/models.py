@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from erpo_fast.errors import ModelLoadError, first_line
+
 from .config import ModelConfig
 
 __all__ = [
@@ -39,10 +41,6 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-
-class ModelLoadError(ValueError):
-    """A model directory that cannot be loaded: missing, not a directory, no config or no tokenizer."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -101,18 +99,13 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_impl
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises many types; the caller needs one clear line
-        raise ModelLoadError(f"cannot load the tokenizer from {p}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the tokenizer from {p}: {first_line(e)}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype,
                                                      attn_implementation=attn)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the model from {p}: {_first_line(e)}") from e
+        raise ModelLoadError(f"cannot load the model from {p}: {first_line(e)}") from e
     return model.to(dev), tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_embeddings: int = 512,

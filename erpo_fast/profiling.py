@@ -33,8 +33,8 @@ __all__ = ["PHASES", "StepProfiler", "parse_profile_steps"]
 log = logging.getLogger("erpo_fast")
 
 # Phase name -> (session attribute, method) whose calls make up that phase.
-PHASES = {"rollout": ("engine", "generate"), "score": ("rewards", "score"), "learn": ("learner", "train_on"),
-          "sync": ("engine", "update_weights")}
+PHASES = {"rollout": ("rollout.engine", "generate"), "score": ("rollout.rewards", "score"),
+          "learn": ("learner", "train_on"), "sync": ("rollout.engine", "update_weights")}
 TOP_OPERATORS = 15
 
 
@@ -91,7 +91,9 @@ class StepProfiler:
             log.warning("trainer.profile_steps %d:%d: the run resumes after step %d, so nothing will be profiled",
                         *self.range, session.start_step)
         for phase, (attr, method) in PHASES.items():
-            owner = getattr(session, attr, None)
+            owner = session
+            for name in attr.split("."):
+                owner = getattr(owner, name, None)
             fn = getattr(owner, method, None)
             if fn is None:
                 continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from erpo_fast.errors import DataError
+
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -26,7 +28,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat_template: bool = T
     if max_length is not None:
         for text, ids in zip(prompts, out):
             if len(ids) > max_length:
-                raise ValueError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_length={max_length}: "
+                raise DataError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_length={max_length}: "
                                  f"{text[:60]!r}...")
     return out
 
@@ -37,7 +39,7 @@ def encode_completion(tokenizer, prompt: str, response: str, *, chat_template: b
     prompt_ids = encode_prompt(tokenizer, prompt, chat_template=chat_template)
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; responses could never stop")
+        raise DataError("the tokenizer has no EOS token; responses could never stop")
     return prompt_ids, response_ids + [tokenizer.eos_token_id]
 
 

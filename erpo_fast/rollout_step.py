@@ -1,179 +1,259 @@
-"""One step's data side: pick prompts, roll them out at their temperatures, score, update the tracker,
-compute advantages (with RA), and apply DAPO dynamic sampling. The output is the learner's input.
+"""The data side of a step: :class:`Rollout` turns a step number into the learner's :class:`StepBatch`.
+
+It owns the prompt sampler, the ERPO history tracker, the rollout engine (and its sleep/wake life cycle) and
+the verifier pool. ``collect(step)``: pick prompts -> the tracker gives each its temperature -> roll out n
+samples per prompt -> score -> update the tracker -> advantages (+RA) -> DAPO dynamic sampling.
 
 Every rank rolls out its own slice of the global batch, but the tracker sees the whole batch in the same
 order on every rank (rewards are all-gathered), so it stays identical everywhere.
+
+Index spaces, one name each: a prompt's ``row`` is its index in the training records (what the sampler
+draws); its ``key`` is its stable string identity; its ``tracker_id`` is the dense integer the
+:class:`~erpo_fast.data.PromptIndex` gives that key (the tracker's array row, stable across resumes);
+``prompt_tokens[row]`` are its token ids. In the learner, a sequence's ``seq_key`` is its index in the batch.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from erpo_fast.algorithms import compute_advantages
-from erpo_fast.distributed import all_gather_objects
-from erpo_fast.errors import TrainingAborted
-from erpo_fast.kernels import NonFiniteLogitsError
-from erpo_fast.learner import RolloutSequence
-from erpo_fast.prompting import decode_response
+from erpo_fast.algorithms import compute_advantages, dynamic_sampling_filter
+from erpo_fast.config import Config
+from erpo_fast.data import PromptIndex, PromptRecord, PromptSampler
+from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
+from erpo_fast.errors import NonFiniteLogitsError, TrainingAborted
+from erpo_fast.evaluate import evaluate
+from erpo_fast.learner import RolloutSequence, StepBatch
+from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts
+from erpo_fast.rollout.base import verify_sync
+from erpo_fast.tracker import HistoryTracker
 
 
 @dataclass
 class Groups:
     """Rolled-out, scored groups of this rank (B local groups of n samples)."""
 
-    positions: list[int]  # dataset positions
+    rows: list[int]  # dataset rows
     temperatures: np.ndarray  # [B] float32
     samples: list  # [B][n] Sample
     rewards: np.ndarray  # [B, n]
 
 
-@dataclass
-class StepData:
-    sequences: list[RolloutSequence]
-    metrics: dict = field(default_factory=dict)
-
-
-def step_seed(seed: int, step: int, round_: int, position: int) -> int:
+def step_seed(seed: int, step: int, round_: int, row: int) -> int:
     """Sampling seed of one prompt at one step: independent of batch layout and of the number of ranks."""
-    return zlib.crc32(f"{seed}/{step}/{round_}/{position}".encode())
+    return zlib.crc32(f"{seed}/{step}/{round_}/{row}".encode())
 
 
-def generate_or_abort(s, step: int, *args, **kwargs):
-    """engine.generate, turning a diverged policy (non-finite logits) into a clean stop of the run."""
-    try:
-        return s.engine.generate(*args, **kwargs)
-    except NonFiniteLogitsError as e:
-        raise diverged(s, step, e) from None
+class Rollout:
+    """Sampler, tracker, engine and verifiers behind one object; see the module docstring."""
 
+    def __init__(self, cfg: Config, rt: Runtime, *, tokenizer, engine, rewards, train: list[PromptRecord],
+                 heldout: list[PromptRecord]):
+        self.cfg, self.rt, self.tokenizer, self.engine, self.rewards = cfg, rt, tokenizer, engine, rewards
+        self.train, self.heldout = train, heldout
+        self.prompt_tokens = encode_prompts(tokenizer, [r.prompt for r in train],
+                                            chat_template=cfg.data.chat_template,
+                                            max_length=cfg.data.max_prompt_length)
+        self.prompt_index = PromptIndex()
+        self.tracker_ids = self.prompt_index.add([r.key for r in train])  # tracker id of each dataset row
+        self.tracker = self._new_tracker(len(self.prompt_index))
+        self.sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank,
+                                     rt.world_size)
 
-def diverged(s, step: int, error: Exception) -> TrainingAborted:
-    return TrainingAborted(f"step {step}: the policy produced non-finite logits while sampling ({error}); it has "
-                           f"diverged (learning rate too high?). The last checkpoint is kept in "
-                           f"{s.cfg.trainer.output_dir}/checkpoints")
+    def _new_tracker(self, num_prompts: int) -> HistoryTracker:
+        a = self.cfg.algorithm
+        return HistoryTracker(num_prompts, base_temperature=a.base_temperature, temperature_step=a.temperature_step,
+                              max_temperature=a.max_temperature, success_threshold=a.success_threshold,
+                              history=a.history)
 
+    # ---- one step ------------------------------------------------------------------------------------------
 
-def roll_out(s, positions: list[int], step: int, round_: int) -> tuple[Groups, dict]:
-    """Generate n samples per prompt at the tracker's temperature (or the base one without ERPO), and score."""
-    cfg = s.cfg
-    ids = s.tracker_ids[positions]
-    if cfg.algorithm.erpo:
-        temps = s.tracker.temperatures(ids)
-    else:
-        temps = np.full(len(positions), cfg.algorithm.base_temperature, dtype=np.float32)
-    t0 = time.perf_counter()
-    # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
-    # across ranks samples exactly what one process would.
-    samples = generate_or_abort(s, step, [s.train_prompt_ids[p] for p in positions], temps.tolist(),
-                                cfg.rollout.n, cfg.rollout.max_new_tokens,
-                                stop_token_ids=[s.tokenizer.eos_token_id], top_k=cfg.rollout.top_k or None,
-                                top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
-                                seed=[step_seed(cfg.trainer.seed, step, round_, p) for p in positions])
-    t1 = time.perf_counter()
-    pairs = [(decode_response(s.tokenizer, smp.token_ids), s.train[p].answer)
-             for p, group in zip(positions, samples) for smp in group]
-    keys = [s.train[p].key for p, group in zip(positions, samples) for _ in group]  # prompt ids, for events
-    rewards = np.asarray(s.rewards.score(pairs, keys=keys), dtype=np.float64).reshape(len(positions), cfg.rollout.n)
-    t2 = time.perf_counter()
-    stats = s.rewards.last_stats
-    timing = {"time_rollout_s": t1 - t0, "time_score_s": t2 - t1,
-              "reward_timeouts": stats.num_timeouts, "reward_errors": stats.num_errors,
-              "response_tokens": sum(len(smp.token_ids) for g in samples for smp in g)}
-    return Groups(positions, temps, samples, rewards), timing
-
-
-def collect(s, step: int) -> StepData:
-    """Roll out this step's prompts, update the tracker, and turn groups into learner sequences."""
-    cfg, rt = s.cfg, s.rt
-    kept_groups: list[tuple[Groups, np.ndarray]] = []
-    totals = {"time_rollout_s": 0.0, "time_score_s": 0.0, "reward_timeouts": 0, "reward_errors": 0,
-              "response_tokens": 0}
-    first_round_stats = None  # residual fractions are reported for the regular batch, comparable across arms
-    dropped = 0
-    kept_global = 0
-    want = cfg.trainer.prompts_per_step
-    for round_ in range(1 + (cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 0)):
-        positions = s.sampler.next_batch()
-        groups, timing = roll_out(s, positions, step, round_)
-        for k in totals:
-            totals[k] += timing[k]
-        stats, adv = _update_tracker_and_advantages(s, groups, step)
-        if first_round_stats is None:
-            first_round_stats = stats
-        if cfg.algorithm.dynamic_sampling:
-            # DAPO drops groups whose advantages are all zero. With RA, all-correct groups keep a positive
-            # advantage, so the test is on advantages, not on reward variance.
-            keep = np.abs(adv).max(axis=1) > 0
-        else:
-            keep = np.ones(len(positions), dtype=bool)
-        kept_groups.append((groups, adv * keep[:, None]))
-        counts = all_gather_objects((int(keep.sum()), int((~keep).sum())), rt)
-        kept_global += sum(c[0] for c in counts)
-        dropped += sum(c[1] for c in counts)
-        if not cfg.algorithm.dynamic_sampling or kept_global >= want:
-            break
-    # The learner runs next: the engine frees its device memory (at the level it chooses; the sync after
-    # the update brings the new weights back). Refill rounds above reuse the awake engine.
-    s.engine.sleep()
-
-    sequences = []
-    local_want = s.sampler.local_batch_size  # DAPO trains on a full batch, not on every refilled group
-    kept_local = 0
-    for groups, adv in kept_groups:
-        for b, (p, group) in enumerate(zip(groups.positions, groups.samples)):
-            if cfg.algorithm.dynamic_sampling and not np.abs(adv[b]).max() > 0:
-                continue  # dropped by dynamic sampling
-            if kept_local == local_want:
+    def collect(self, step: int) -> StepBatch:
+        """Roll out this step's prompts, update the tracker, and turn the kept groups into learner sequences."""
+        cfg = self.cfg
+        kept: list[tuple[Groups, np.ndarray, np.ndarray]] = []
+        totals = {"time_rollout_s": 0.0, "time_score_s": 0.0, "reward_timeouts": 0, "reward_errors": 0,
+                  "response_tokens": 0}
+        first_round_stats = None  # residual fractions are reported for the regular batch, comparable across arms
+        dropped = kept_global = 0
+        rounds = 1 + (cfg.algorithm.max_refill_rounds if cfg.algorithm.dynamic_sampling else 0)
+        for round_ in range(rounds):
+            groups, timing = self._roll_out(self.sampler.next_batch(), step, round_)
+            for k in totals:
+                totals[k] += timing[k]
+            stats, adv = self._update_tracker_and_advantages(groups, step)
+            first_round_stats = first_round_stats or stats
+            # DAPO drops groups whose advantages are all zero (with RA, all-correct groups keep a positive one).
+            keep = (dynamic_sampling_filter(torch.as_tensor(adv))[0].numpy() if cfg.algorithm.dynamic_sampling
+                    else np.ones(len(groups.rows), dtype=bool))
+            kept.append((groups, adv * keep[:, None], keep))
+            counts = all_gather_objects((int(keep.sum()), int((~keep).sum())), self.rt)
+            kept_global += sum(c[0] for c in counts)
+            dropped += sum(c[1] for c in counts)
+            if not cfg.algorithm.dynamic_sampling or kept_global >= cfg.trainer.prompts_per_step:
                 break
-            kept_local += 1
-            for j, smp in enumerate(group):
-                sequences.append(RolloutSequence(
-                    prompt_ids=s.train_prompt_ids[p], response_ids=list(smp.token_ids),
-                    rollout_logprobs=list(smp.logprobs), temperature=float(groups.temperatures[b]),
-                    advantage=float(adv[b, j]), seq_key=len(sequences)))
+        # The learner runs next: the engine frees its device memory (at the level it chooses; the weight sync
+        # after the update brings the new weights back). Refill rounds above reuse the awake engine.
+        self.engine.sleep()
+        sequences = self._sequences(kept)
+        counts = all_gather_objects((len(sequences), totals.pop("response_tokens")), self.rt)
+        s, n_groups = first_round_stats, max(1, first_round_stats["groups"])
+        metrics = {
+            "reward_mean": s["reward_mean"], "frac_all_correct": s["all_correct"] / n_groups,
+            "frac_all_wrong": s["all_wrong"] / n_groups, "frac_mixed": s["mixed"] / n_groups,
+            "revived": s["revived"], "groups_above_base": s["groups_above_base"],
+            "temperature_mean": s["temperature_mean"], "temperature_max": s["temperature_max"],
+            "groups_dropped": dropped, "rollout_rounds": len(kept), "response_len_mean": s["response_len_mean"],
+            **totals,
+        }
+        return StepBatch(sequences, metrics, global_sequences=sum(c[0] for c in counts),
+                         global_response_tokens=sum(c[1] for c in counts))
 
-    stats = first_round_stats
-    n_groups = max(1, stats["groups"])
-    metrics = {
-        "reward_mean": stats["reward_mean"],
-        "frac_all_correct": stats["all_correct"] / n_groups,
-        "frac_all_wrong": stats["all_wrong"] / n_groups,
-        "frac_mixed": stats["mixed"] / n_groups,
-        "revived": stats["revived"],
-        "groups_above_base": stats["groups_above_base"],
-        "temperature_mean": stats["temperature_mean"],
-        "temperature_max": stats["temperature_max"],
-        "groups_dropped": dropped,
-        "rollout_rounds": len(kept_groups),
-        "response_len_mean": stats["response_len_mean"],
-        **totals,
-    }
-    return StepData(sequences, metrics)
+    def _sequences(self, kept: list[tuple[Groups, np.ndarray, np.ndarray]]) -> list[RolloutSequence]:
+        """This rank's kept groups as learner sequences; DAPO trains on a full batch, not every refilled group."""
+        sequences: list[RolloutSequence] = []
+        groups_left = self.sampler.local_batch_size
+        for groups, adv, keep in kept:
+            for b, (row, group) in enumerate(zip(groups.rows, groups.samples)):
+                if not keep[b]:
+                    continue
+                if groups_left == 0:
+                    break
+                groups_left -= 1
+                for j, smp in enumerate(group):
+                    sequences.append(RolloutSequence(
+                        prompt_ids=self.prompt_tokens[row], response_ids=list(smp.token_ids),
+                        rollout_logprobs=list(smp.logprobs), temperature=float(groups.temperatures[b]),
+                        advantage=float(adv[b, j]), seq_key=len(sequences)))
+        return sequences
 
+    def _roll_out(self, rows: list[int], step: int, round_: int) -> tuple[Groups, dict]:
+        """Generate n samples per prompt at the tracker's temperature (or the base one without ERPO), and score."""
+        cfg = self.cfg
+        if cfg.algorithm.erpo:
+            temps = self.tracker.temperatures(self.tracker_ids[rows])
+        else:
+            temps = np.full(len(rows), cfg.algorithm.base_temperature, dtype=np.float32)
+        t0 = time.perf_counter()
+        # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
+        # across ranks samples exactly what one process would.
+        samples = self._generate(step, [self.prompt_tokens[r] for r in rows], temps.tolist(), cfg.rollout.n,
+                                 cfg.rollout.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
+                                 top_k=cfg.rollout.top_k or None,
+                                 top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
+                                 seed=[step_seed(cfg.trainer.seed, step, round_, r) for r in rows])
+        t1 = time.perf_counter()
+        pairs = [(decode_response(self.tokenizer, smp.token_ids), self.train[r].answer)
+                 for r, group in zip(rows, samples) for smp in group]
+        keys = [self.train[r].key for r, group in zip(rows, samples) for _ in group]  # names verifier incidents
+        rewards = np.asarray(self.rewards.score(pairs, keys=keys), dtype=np.float64).reshape(len(rows),
+                                                                                               cfg.rollout.n)
+        t2 = time.perf_counter()
+        stats = self.rewards.last_stats
+        timing = {"time_rollout_s": t1 - t0, "time_score_s": t2 - t1,
+                  "reward_timeouts": stats.num_timeouts, "reward_errors": stats.num_errors,
+                  "response_tokens": sum(len(smp.token_ids) for g in samples for smp in g)}
+        return Groups(rows, temps, samples, rewards), timing
 
-def _update_tracker_and_advantages(s, groups: Groups, step: int) -> tuple[dict, np.ndarray]:
-    """Global tracker update (identical on every rank) and this rank's group advantages."""
-    cfg = s.cfg
-    local = (s.tracker_ids[groups.positions], groups.rewards, groups.temperatures,
-             [len(smp.token_ids) for g in groups.samples for smp in g])
-    gathered = all_gather_objects(local, s.rt)
-    ids = np.concatenate([g[0] for g in gathered])
-    rewards = np.concatenate([g[1] for g in gathered])
-    temps = np.concatenate([g[2] for g in gathered])
-    lengths = [n for g in gathered for n in g[3]]
-    # Groups whose prompt sat above base before this update: the denominator of the revival rate.
-    above_base = int((s.tracker.temperatures(ids) > cfg.algorithm.base_temperature).sum())
-    tstats = s.tracker.update(ids, rewards, step=step)
-    adv = compute_advantages(torch.as_tensor(groups.rewards), cfg.algorithm.advantage, eps=cfg.algorithm.adv_eps,
-                             ra=cfg.algorithm.ra, ra_negative_reward=cfg.algorithm.ra_negative_reward,
-                             success_threshold=cfg.algorithm.success_threshold).numpy()
-    stats = {"groups": len(ids), "all_correct": tstats.all_correct, "all_wrong": tstats.all_wrong,
-             "mixed": tstats.mixed, "revived": tstats.revived, "groups_above_base": above_base,
-             "reward_mean": float(rewards.mean()),
-             "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
-             "response_len_mean": float(np.mean(lengths)) if lengths else 0.0}
-    return stats, adv
+    def _update_tracker_and_advantages(self, groups: Groups, step: int) -> tuple[dict, np.ndarray]:
+        """Global tracker update (identical on every rank) and this rank's group advantages."""
+        a = self.cfg.algorithm
+        local = (self.tracker_ids[groups.rows], groups.rewards, groups.temperatures,
+                 [len(smp.token_ids) for g in groups.samples for smp in g])
+        gathered = all_gather_objects(local, self.rt)
+        ids = np.concatenate([g[0] for g in gathered])
+        rewards = np.concatenate([g[1] for g in gathered])
+        temps = np.concatenate([g[2] for g in gathered])
+        lengths = [n for g in gathered for n in g[3]]
+        # Groups whose prompt sat above base before this update: the denominator of the revival rate.
+        above_base = int((self.tracker.temperatures(ids) > a.base_temperature).sum())
+        tstats = self.tracker.update(ids, rewards, step=step)
+        adv = compute_advantages(torch.as_tensor(groups.rewards), a.advantage, eps=a.adv_eps, ra=a.ra,
+                                 ra_negative_reward=a.ra_negative_reward,
+                                 success_threshold=a.success_threshold).numpy()
+        stats = {"groups": len(ids), "all_correct": tstats.all_correct, "all_wrong": tstats.all_wrong,
+                 "mixed": tstats.mixed, "revived": tstats.revived, "groups_above_base": above_base,
+                 "reward_mean": float(rewards.mean()),
+                 "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
+                 "response_len_mean": float(np.mean(lengths)) if lengths else 0.0}
+        return stats, adv
+
+    def _generate(self, step: int, *args, **kwargs):
+        """engine.generate, turning a diverged policy (non-finite logits) into a clean stop of the run."""
+        try:
+            return self.engine.generate(*args, **kwargs)
+        except NonFiniteLogitsError as e:
+            raise self._diverged(step, e) from None
+
+    def _diverged(self, step: int, error: Exception) -> TrainingAborted:
+        return TrainingAborted(f"step {step}: the policy produced non-finite logits while sampling ({error}); it "
+                               f"has diverged (learning rate too high?). The last checkpoint is kept in "
+                               f"{self.cfg.trainer.output_dir}/checkpoints")
+
+    # ---- weights, evaluation, state -------------------------------------------------------------------------
+
+    def load_weights(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Sync the learner's weights into the engine (in memory; the engine wakes as it needs)."""
+        self.engine.update_weights(named_weights)
+
+    def check_sync(self, learner, step: int) -> dict:
+        """The engine must sample from the learner's weights: it samples a fixed probe at T=1, and the learner's
+        log-probs of that sample must match the engine's (see `erpo_fast.rollout.base.verify_sync`).
+
+        A stale engine (one public trainer kept sampling from the base weights after "syncing") stops the run.
+        """
+        cfg = self.cfg
+        probe = encode_prompt(self.tokenizer, self.train[0].prompt, chat_template=cfg.data.chat_template)
+        sample = self._generate(step, [probe], [1.0], 1, min(16, cfg.rollout.max_new_tokens), stop_token_ids=[],
+                                seed=[1234 + step])[0][0]
+        ours = learner.compute_logprobs([RolloutSequence(probe, list(sample.token_ids), [], 1.0, 0.0, 0)],
+                                        temperature=1.0)[0]
+        return verify_sync(sample.logprobs, ours, atol=cfg.rollout.sync_check_atol,
+                           what=f"weight sync check at step {step} (rollout.sync_check_atol)")
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out mean@k / pass@k (rank 0 samples; the result is shared with every rank)."""
+        cfg = self.cfg
+        if not self.heldout or not cfg.trainer.eval_every:
+            return {}
+        result = None
+        if self.rt.is_main:
+            try:
+                result = evaluate(self.engine, self.tokenizer, self.heldout, reward_pool=self.rewards,
+                                  ks=(cfg.trainer.eval_k,), temperature=cfg.trainer.eval_temperature,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.trainer.seed + 7919 * step,
+                                  chat_template=cfg.data.chat_template)
+            except NonFiniteLogitsError as e:  # a policy diverged in this step's update: stop every rank cleanly
+                result = {"aborted": str(self._diverged(step, e))}
+        result = broadcast_object(result, self.rt)
+        if "aborted" in result:
+            raise TrainingAborted(result["aborted"])
+        return result
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict(), "sampler": self.sampler.state_dict(),
+                "prompt_index": self.prompt_index.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Prompt ids are stable by key: the saved index first, then any prompt new
+        to this dataset appended (the tracker grows to match). Raises ValueError for a mismatched sampler."""
+        self.prompt_index.load_state_dict(state["prompt_index"])
+        self.tracker_ids = self.prompt_index.add([r.key for r in self.train])
+        tracker = self._new_tracker(int(state["tracker"]["num_prompts"]))
+        tracker.load_state_dict(state["tracker"])
+        tracker.grow(max(tracker.num_prompts, len(self.prompt_index)))
+        self.tracker = tracker
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        """Stop the verifier workers and shut the engine down (vLLM: now, not at garbage collection)."""
+        self.rewards.close()
+        close_engine = getattr(self.engine, "close", None)
+        if close_engine is not None:
+            close_engine()

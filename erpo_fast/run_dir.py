@@ -26,16 +26,13 @@ import time
 from pathlib import Path
 
 from erpo_fast.checkpoint import CHECKPOINTS_DIRNAME, checkpoint_steps
+from erpo_fast.errors import RunDirError
 
 log = logging.getLogger("erpo_fast")
 
 LOCK_FILENAME = "run.lock"
 # What --overwrite removes besides checkpoints/ (metrics.jsonl and events.jsonl are restarted by RunLogger).
 _RUN_OUTPUTS = ("summary.json", "plots", "tb", "wandb_run_id.txt")
-
-
-class RunDirError(ValueError):
-    """The output directory cannot be used for this run (a usage error: exit code 2)."""
 
 
 def process_start_time(pid: int) -> str | None:

@@ -13,10 +13,10 @@ from erpo_fast.plots import ascii_histogram, write_plots
 def finish(s) -> dict:
     """End-of-run summary (held-out before/after, residual fractions, temperatures) and plots."""
     out = Path(s.cfg.trainer.output_dir)
-    temps = s.tracker.temperatures(s.tracker_ids)
-    seen = s.tracker.times_seen[s.tracker_ids] > 0
-    summary = {"heldout_before": s.extra.get("heldout_before", {}), "heldout_after": s.extra.get("heldout_after", {}),
-               "output_dir": str(out), "temperature_counts": s.tracker.temperature_counts()}
+    temps = s.rollout.tracker.temperatures(s.rollout.tracker_ids)
+    seen = s.rollout.tracker.times_seen[s.rollout.tracker_ids] > 0
+    summary = {"heldout_before": s.heldout_before, "heldout_after": s.heldout_after,
+               "output_dir": str(out), "temperature_counts": s.rollout.tracker.temperature_counts()}
     if not s.rt.is_main:
         return summary
     metrics = read_metrics(out)

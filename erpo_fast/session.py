@@ -1,7 +1,7 @@
 """Everything one training run holds, built from a Config: model, data, tracker, engine, learner, verifiers.
 
 Kept apart from train.py so that the loop there reads top to bottom. `Session.state_dict()` is what a
-checkpoint holds besides the model weights; `Session.resume()` restores it for an exact continuation.
+checkpoint holds besides the model weights; `Session.load_state_dict()` restores it for an exact continuation.
 """
 
 from __future__ import annotations
@@ -15,48 +15,53 @@ import torch
 
 from erpo_fast.checkpoint import capture_rng_state, latest_intact_checkpoint, load_checkpoint, restore_rng_state
 from erpo_fast.config import Config, ConfigError
-from erpo_fast.data import DataError, PromptIndex, PromptRecord, PromptSampler, load_prompts, problem_records
+from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
+from erpo_fast.errors import DataError
 from erpo_fast.learner import Learner
 from erpo_fast.models import load_model, resolve_dtype
-from erpo_fast.prompting import encode_prompts
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
 from erpo_fast.rollout import make_engine
-from erpo_fast.tracker import HistoryTracker
+from erpo_fast.rollout_step import Rollout
 
 log = logging.getLogger("erpo_fast")
 
 
 @dataclass
 class Session:
+    """The run's parts and the loop's own state. ``state_dict()`` is what a checkpoint holds besides the model
+    weights and the learner's sharded optimizer state."""
+
     cfg: Config
     rt: Runtime
-    model_dir: Path
+    model_dir: Path  # the run's starting model (the KL reference)
     tokenizer: object
     learner: Learner
-    engine: object
-    train: list[PromptRecord]
-    heldout: list[PromptRecord]
-    train_prompt_ids: list[list[int]]  # token ids of every training prompt, encoded once
-    prompt_index: PromptIndex
-    tracker_ids: object  # numpy int64: tracker id of each training record
-    tracker: HistoryTracker
-    sampler: PromptSampler
-    rewards: RewardPool
+    rollout: Rollout
     start_step: int = 0
-    extra: dict = field(default_factory=dict)  # loop counters that must survive a resume
+    nan_streak: int = 0  # consecutive steps whose update was skipped for a non-finite loss
+    heldout_before: dict = field(default_factory=dict)  # held-out metrics of the starting policy
+    heldout_after: dict = field(default_factory=dict)  # ... and of the final one (not checkpointed)
 
     def state_dict(self) -> dict:
-        return {"learner": self.learner.state_dict(), "tracker": self.tracker.state_dict(),
-                "sampler": self.sampler.state_dict(), "prompt_index": self.prompt_index.state_dict(),
-                "rng": capture_rng_state(), "extra": dict(self.extra)}
+        return {**self.rollout.state_dict(), "learner": self.learner.state_dict(),
+                "rng": capture_rng_state(),
+                "loop": {"nan_streak": self.nan_streak, "heldout_before": dict(self.heldout_before)}}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        try:
+            self.rollout.load_state_dict(state)
+        except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
+            raise ConfigError(f"--resume from step {step}: {e}") from None
+        self.learner.load_state_dict(state["learner"])
+        restore_rng_state(state["rng"])
+        self.nan_streak = int(state["loop"]["nan_streak"])
+        self.heldout_before = dict(state["loop"]["heldout_before"])
+        self.start_step = step
 
     def close(self) -> None:
-        self.rewards.close()
-        close_engine = getattr(self.engine, "close", None)  # vLLM: shut down now, not at garbage collection
-        if close_engine is not None:
-            close_engine()
+        self.rollout.close()
 
 
 def build_session(cfg: Config, rt: Runtime) -> Session:
@@ -83,19 +88,6 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     engine = _make_engine(cfg, model, model_dir, device)
     learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
                       max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
-
-    prompt_index = PromptIndex()
-    tracker_ids = prompt_index.add([r.key for r in train])
-    tracker = HistoryTracker(len(prompt_index), base_temperature=cfg.algorithm.base_temperature,
-                             temperature_step=cfg.algorithm.temperature_step,
-                             max_temperature=cfg.algorithm.max_temperature,
-                             success_threshold=cfg.algorithm.success_threshold, history=cfg.algorithm.history)
-    sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank, rt.world_size)
-    try:
-        train_prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
-                                          chat_template=cfg.data.chat_template, max_length=cfg.data.max_prompt_length)
-    except ValueError as e:  # a prompt over data.max_prompt_length is bad input, not a crash
-        raise DataError(str(e)) from None
     from erpo_fast.tasks.builtin import reward_name as builtin_reward
 
     reward_name = cfg.data.reward
@@ -103,34 +95,12 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
         reward_name = "math" if cfg.data.path else builtin_reward(cfg.data)
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s)
-    session = Session(cfg, rt, base_dir, tokenizer, learner, engine, train, heldout, train_prompt_ids,
-                      prompt_index, tracker_ids, tracker, sampler, rewards)
+    rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
+    session = Session(cfg, rt, base_dir, tokenizer, learner, rollout)
     if ckpt is not None:
-        _restore(session, ckpt)
+        session.load_state_dict(ckpt["state"], int(ckpt["step"]))
         log.info("resumed from %s (step %d)", resume_from, session.start_step)
     return session
-
-
-def _restore(s: Session, ckpt: dict) -> None:
-    state = ckpt["state"]
-    s.learner.load_state_dict(state["learner"])
-    # Prompt ids are stable by key: the saved index first, then any prompt new to this dataset appended.
-    s.prompt_index.load_state_dict(state["prompt_index"])
-    s.tracker_ids = s.prompt_index.add([r.key for r in s.train])
-    a = s.cfg.algorithm
-    tracker = HistoryTracker(int(state["tracker"]["num_prompts"]), base_temperature=a.base_temperature,
-                             temperature_step=a.temperature_step, max_temperature=a.max_temperature,
-                             success_threshold=a.success_threshold, history=a.history)
-    tracker.load_state_dict(state["tracker"])
-    tracker.grow(max(tracker.num_prompts, len(s.prompt_index)))
-    s.tracker = tracker
-    try:
-        s.sampler.load_state_dict(state["sampler"])
-    except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
-        raise ConfigError(f"--resume from {ckpt['model_dir'].parent}: {e}") from None
-    restore_rng_state(state["rng"])
-    s.extra.update(state.get("extra", {}))
-    s.start_step = int(ckpt["step"])
 
 
 def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:

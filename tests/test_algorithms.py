@@ -130,9 +130,13 @@ def test_group_kinds_and_dynamic_sampling_filter():
     all_correct, all_wrong = group_kinds(rewards)
     assert all_correct.tolist() == [True, False, False, False, False]
     assert all_wrong.tolist() == [False, True, False, True, True]
-    keep, dropped = dynamic_sampling_filter(rewards)
+    keep, dropped = dynamic_sampling_filter(compute_advantages(rewards, "grpo"))
     assert keep.tolist() == [False, False, True, True, False]
     assert dropped == 3
+    # RA: an all-correct group keeps a positive advantage, so dynamic sampling keeps it
+    keep, dropped = dynamic_sampling_filter(compute_advantages(rewards, "grpo", ra=True))
+    assert keep.tolist() == [True, False, True, True, False]
+    assert dropped == 2
 
 
 def test_advantage_input_validation():

@@ -20,11 +20,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from erpo_fast.config import ConfigError
-
-
-class RewardSpecError(ConfigError):
-    """A custom reward spec that does not name an importable function of (response, answer)."""
+from erpo_fast.errors import RewardSpecError, first_line
 
 
 def _is_file_spec(target: str) -> bool:
@@ -48,14 +44,14 @@ def _load(spec: str):
                 loader_spec.loader.exec_module(module)
             except Exception as e:
                 raise RewardSpecError(f"data.reward {spec!r}: importing {path} failed: "
-                                      f"{type(e).__name__}: {_first_line(e)}") from None
+                                      f"{type(e).__name__}: {first_line(e)}") from None
             sys.modules[mod_name] = module
     else:
         try:
             module = importlib.import_module(target)
         except Exception as e:
             raise RewardSpecError(f"data.reward {spec!r}: cannot import module {target!r}: "
-                                  f"{type(e).__name__}: {_first_line(e)}") from None
+                                  f"{type(e).__name__}: {first_line(e)}") from None
     fn = getattr(module, name, None)
     if fn is None:
         raise RewardSpecError(f"data.reward {spec!r}: {target} has no attribute {name!r}")
@@ -68,10 +64,6 @@ def _load(spec: str):
     except ValueError:
         pass  # no signature to inspect (some builtins): let the call decide
     return fn
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 class CustomReward:

@@ -26,6 +26,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from erpo_fast.errors import WeightSyncError
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -145,3 +147,34 @@ def resolve_stop_token_ids(stop_token_ids: Sequence[int] | None, eos_token_id) -
             return []
         return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
     return [int(t) for t in stop_token_ids]
+
+
+# Prefixes torch.compile, activation checkpointing, FSDP1 and DDP put into parameter names.
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter name without wrapper prefixes, as the engine's own (Hugging Face) model names it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name.removeprefix("module.")
+
+
+def verify_sync(engine_logprobs, learner_logprobs, *, atol: float, what: str = "weight sync check") -> dict:
+    """The one weight-sync statistic: the mean |engine - learner| log-prob over a probe's tokens must be <= atol.
+
+    A mean, not a max, because bf16 kernels differ by a few hundredths on single tokens, while an engine that
+    still samples from stale weights differs everywhere. Returns ``{"mean_abs_diff", "max_abs_diff"}``; raises
+    WeightSyncError (a TrainingAborted) when the check fails.
+    """
+    got = torch.as_tensor(engine_logprobs, dtype=torch.float32).flatten().cpu()
+    want = torch.as_tensor(learner_logprobs, dtype=torch.float32).flatten().cpu()
+    if got.shape != want.shape or got.numel() == 0:
+        raise ValueError(f"{what}: {got.numel()} engine log-probs vs {want.numel()} learner log-probs")
+    diff = (got - want).abs()
+    stats = {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
+    if not stats["mean_abs_diff"] <= atol:
+        raise WeightSyncError(f"{what} failed: the engine's log-probs differ from the learner's by "
+                              f"{stats['mean_abs_diff']:.4g} on average (> atol {atol}, max "
+                              f"{stats['max_abs_diff']:.4g}); the engine is not sampling from the synced weights")
+    return stats

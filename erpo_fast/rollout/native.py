@@ -36,11 +36,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from erpo_fast.kernels import sample_tokens
 from erpo_fast.kernels.sampling import derive_seeds
 
-from .base import Sample, resolve_seeds, resolve_stop_token_ids, validate_generate_args
+from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
 
 FUSED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # Transformers prefixes that name the same parameter: torch.compile wrappers and DDP/FSDP1 containers.
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 class RaggedKVCache:
@@ -586,7 +585,7 @@ class NativeEngine:
         count = 0
         with torch.no_grad():
             for name, tensor in named_tensors:
-                param = self._param_by_name.get(_strip_wrappers(name))
+                param = self._param_by_name.get(strip_wrappers(name))
                 if param is None:
                     raise KeyError(f"update_weights: the model has no parameter named {name!r}")
                 if tuple(tensor.shape) != tuple(param.shape):
@@ -670,12 +669,6 @@ def _length_buckets(lengths: list[int]) -> list[list[int]]:
         else:
             buckets.append([i])
     return buckets
-
-
-def _strip_wrappers(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "") if prefix == "_orig_mod." else name.removeprefix(prefix)
-    return name
 
 
 __all__ = ["NativeEngine", "RaggedKVCache", "FusedLlamaRunner", "HFModuleRunner", "FUSED_MODEL_TYPES"]

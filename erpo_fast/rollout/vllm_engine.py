@@ -42,16 +42,13 @@ from pathlib import Path
 
 import torch
 
-from .base import Sample, resolve_seeds, resolve_stop_token_ids, validate_generate_args
+from erpo_fast.errors import WeightSyncError
+
+from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args, verify_sync
 
 INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'erpo-fast[vllm]' on a CUDA machine, or run "
                 "scripts/vllm_env.sh for vLLM's CPU build")
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 _SEED_SPACE = 1 << 32
-
-
-class WeightSyncError(RuntimeError):
-    """The engine's log-probs on the probe prompt do not match the learner's: the weight sync failed."""
 
 
 def vllm_available() -> bool:
@@ -357,7 +354,7 @@ class VLLMEngine:
                  ) -> Iterator[tuple[str, torch.Tensor]]:
         """HF names and shapes checked one tensor at a time, so a gathered (FSDP) model is never whole."""
         for raw_name, tensor in named_tensors:
-            name = _strip_wrappers(raw_name)
+            name = strip_wrappers(raw_name)
             shape = self._param_shapes.get(name)
             if shape is None:
                 raise KeyError(f"update_weights: the checkpoint has no parameter named {raw_name!r}")
@@ -523,24 +520,8 @@ class VLLMEngine:
         ``teacher_forced_logprobs``). The mean absolute difference must be <= atol (a mean, because bf16
         kernels differ by a few hundredths on single tokens; a stale-weight engine differs everywhere).
         """
-        got = self.prompt_logprobs(probe_prompt_ids)
-        reference = torch.as_tensor(reference_logprobs, dtype=torch.float32).flatten().cpu()
-        if reference.shape != got.shape:
-            raise ValueError(f"reference_logprobs has {reference.numel()} values; the probe needs {got.numel()} "
-                             "(one per prompt token after the first)")
-        diff = (got - reference).abs()
-        stats = {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
-        if stats["mean_abs_diff"] > atol:
-            raise WeightSyncError(f"vLLM does not match the learner on the probe prompt: mean |diff| = "
-                                  f"{stats['mean_abs_diff']:.4f} > atol {atol} (max {stats['max_abs_diff']:.4f}); "
-                                  "the engine is not sampling from the synced weights")
-        return stats
-
-
-def _strip_wrappers(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name.removeprefix("module.")
+        return verify_sync(self.prompt_logprobs(probe_prompt_ids), reference_logprobs, atol=atol,
+                           what="vLLM's log-probs on the probe prompt (verify_sync)")
 
 
 __all__ = ["INSTALL_HINT", "VLLMEngine", "WeightSyncError", "request_seed", "teacher_forced_logprobs",

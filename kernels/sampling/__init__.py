@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from erpo_fast.errors import NonFiniteLogitsError
+
 from .counter_rng import derive_seeds
 from .naive import kept_mask_reference, processed_logprobs_reference, sample_tokens_reference
 
 __all__ = ["NonFiniteLogitsError", "sample_tokens", "derive_seeds", "processed_logprobs_reference",
            "kept_mask_reference", "sample_tokens_reference"]
 
-
-class NonFiniteLogitsError(ValueError):
-    """Some rows' logits hold NaN/+inf or no finite value: the policy has diverged (or the input is broken)."""
 
 BACKENDS = ("auto", "reference", "torch", "triton", "csrc")
 
