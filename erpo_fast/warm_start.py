@@ -84,19 +84,19 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
                         progress: bool = False) -> tuple[float, int]:
     """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits).
 
-    Returns (mean loss of the last steps, steps run). Schedule: linear warm-up over the first tenth, the full
-    rate until half-way, then a cosine to zero. Weight decay applies to matrices, not to norms and embeddings.
-    On the digits task the loss sits on a plateau until the model finds the digit alignment; decay and the
-    flat first half got every seed tried off that plateau, where a cosine from the start left some on it
-    (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean loss of the last
-    LOSS_WINDOW steps is below it, so RL starts from comparable competence whenever the alignment was found.
+    Returns (mean loss of the last steps, steps run). Schedule: linear warm-up over the first 100 steps (or
+    tenth, if shorter), the full rate until half-way, then a cosine to zero. Weight decay applies to matrices,
+    not to norms and embeddings. On the digits task the loss sits on a plateau until the model finds the digit
+    alignment, after a seed-dependent number of steps; decay and the flat first half got seeds off it that a
+    plain cosine left there (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean
+    loss of the last LOSS_WINDOW steps is below it, so RL starts from comparable competence on every seed.
     """
     gen = torch.Generator().manual_seed(seed)
     matrices = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embed" not in name]
     others = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in name)]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
                              {"params": others, "weight_decay": 0.0}], lr=lr)
-    warmup, flat = max(1, steps // 10), steps // 2
+    warmup, flat = max(1, min(100, steps // 10)), steps // 2
 
     def rate(s: int) -> float:
         ramp = min(1.0, (s + 1) / warmup)
