@@ -3,6 +3,8 @@
 Layout of one checkpoint (``output_dir/checkpoints/step_00000010/``)::
 
     model/              filled by the caller's ``save_model(dir)`` (HF ``save_pretrained`` + tokenizer)
+    optimizer/          filled by ``save_shards(dir)`` on EVERY rank (``torch.distributed.checkpoint``: one
+                        ``__<rank>_0.distcp`` file per rank plus ``.metadata``); absent without ``save_shards``
     trainer_state.pt    ``state`` with every numpy array swapped for a small marker; ``torch.save``
     arrays.npz          those numpy arrays (exact dtype and values), loaded with ``allow_pickle=False``
     config.yaml         ``yaml.safe_dump(config)``
@@ -21,7 +23,9 @@ renames it into place. A same-step checkpoint is first renamed aside to ``.repla
 deleted only after the new one is in place; if the process dies between the two renames,
 ``latest_checkpoint`` still finds the aside copy and the next save moves it back. Pruned checkpoints are
 renamed to ``.trash-*`` before deletion, so a half-deleted folder never looks like a checkpoint.
-One writer per ``output_dir`` (in a distributed run, rank 0): a save deletes every ``.tmp-*``/``.trash-*``
+One writer per ``output_dir``: in a distributed run every rank calls ``save_checkpoint`` (with ``runtime``);
+rank 0 makes the temporary folder, every rank writes its shards into it, and rank 0 writes the rest, the
+manifest (which covers every rank's shard) and does the rename. A save deletes every ``.tmp-*``/``.trash-*``
 left over in ``checkpoints/``.
 """
 
@@ -44,6 +48,7 @@ import numpy as np
 import torch
 import yaml
 
+from erpo_fast.distributed import Runtime, barrier, broadcast_object
 from erpo_fast.errors import CheckpointError, first_line
 
 FORMAT_VERSION = 2
@@ -53,6 +58,7 @@ log = logging.getLogger("erpo_fast")
 _VERIFIED: set[tuple] = set()  # the last checkpoint verified (see verify_checkpoint)
 CHECKPOINTS_DIRNAME = "checkpoints"
 MODEL_DIRNAME = "model"
+SHARDS_DIRNAME = "optimizer"
 STATE_FILENAME = "trainer_state.pt"
 ARRAYS_FILENAME = "arrays.npz"
 CONFIG_FILENAME = "config.yaml"
@@ -231,12 +237,42 @@ def _complete_checkpoints(ckpt_root: Path) -> dict[int, Path]:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, save_model: Callable[[Path], None],
-                    state: dict, config: dict, keep_last: int) -> Path:
+                    state: dict, config: dict, keep_last: int,
+                    save_shards: Callable[[Path], None] | None = None, runtime: Runtime | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then prune to the ``keep_last`` newest complete checkpoints.
 
     ``save_model(dir)`` fills ``model/``; ``state`` may hold tensors, numpy arrays and plain Python data
     (dicts, lists, tuples, scalars, strings). The checkpoint just written is never pruned. Returns its path.
+
+    Distributed (``runtime`` with world size > 1): every rank calls this; ``save_shards(dir)`` runs on every
+    rank (a collective, e.g. ``Learner.save_optimizer``), everything else on rank 0 only (the other ranks'
+    ``save_model``, ``state`` and ``config`` are not used).
     """
+    main = runtime is None or runtime.is_main
+    tmp = None
+    try:
+        if main:
+            tmp, final, torch_state, arrays, config_text = _begin_save(output_dir, step, state, config, keep_last)
+    finally:
+        # Every rank learns where to write its shards (or that rank 0 failed: then every rank raises).
+        where = broadcast_object(None if tmp is None else str(tmp), runtime) if runtime is not None else None
+    if not main and where is None:
+        raise CheckpointError(f"rank 0 could not start checkpoint {step}; see its error")
+    if save_shards is not None:
+        try:
+            save_shards((tmp if main else Path(where)) / SHARDS_DIRNAME)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if main:
+        path = _finish_save(tmp, final, int(step), torch_state, arrays, config_text, save_model, keep_last)
+    if runtime is not None:
+        barrier(runtime)  # the others return once the checkpoint is in place
+    return path if main else Path(output_dir) / CHECKPOINTS_DIRNAME / step_dirname(step)
+
+
+def _begin_save(output_dir, step, state: dict, config: dict, keep_last: int):
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
@@ -261,6 +297,12 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, save_model: Cal
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp, final, torch_state, arrays, config_text
+
+
+def _finish_save(tmp: Path, final: Path, step: int, torch_state, arrays: dict, config_text: str,
+                 save_model: Callable[[Path], None], keep_last: int) -> Path:
+    ckpt_root, name = tmp.parent, final.name
     try:
         torch.save(torch_state, tmp / STATE_FILENAME)
         with open(tmp / ARRAYS_FILENAME, "wb") as f:
@@ -394,7 +436,8 @@ def verify_checkpoint(path: str | os.PathLike) -> tuple[int, dict]:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint folder after verifying every file's size and content hash:
-    ``{"step", "state", "config", "model_dir"}``; raises CheckpointError."""
+    ``{"step", "state", "config", "model_dir", "shards_dir"}`` (``shards_dir`` None when the checkpoint has no
+    sharded optimizer state); raises CheckpointError."""
     path = Path(path)
     step, _ = verify_checkpoint(path)
 
@@ -416,7 +459,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise corrupted(CONFIG_FILENAME, e) from None
     return {"step": step, "state": state, "config": config if config is not None else {},
-            "model_dir": path / MODEL_DIRNAME}
+            "model_dir": path / MODEL_DIRNAME,
+            "shards_dir": path / SHARDS_DIRNAME if (path / SHARDS_DIRNAME).is_dir() else None}
 
 
 def capture_rng_state() -> dict:

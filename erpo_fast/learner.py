@@ -23,8 +23,10 @@ Distributed (``torch.distributed`` initialised, world size > 1): the model is sh
 ``fully_shard`` per decoder layer, then at the root. Each rank passes its OWN slice of the sequences to
 ``train_on``; token/sequence counts are all-reduced so every rank uses the global normaliser, and the loss is
 multiplied by the world size to undo FSDP2's gradient averaging. Every method that runs the model
-(``train_on``, ``compute_logprobs``, ``named_weights``, ``full_model_state_dict``, ``state_dict``) is a
-collective: all ranks must call it, in the same order.
+(``train_on``, ``compute_logprobs``, ``named_weights``, ``full_model_state_dict``, ``save_optimizer``, ...) is a
+collective: all ranks must call it, in the same order. Checkpoints are sharded: :meth:`save_optimizer` writes each
+rank's AdamW shards with ``torch.distributed.checkpoint``, and :meth:`full_model_state_dict` gathers the weights
+for the Hugging Face export to rank 0 only, with CPU offload.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -724,55 +727,51 @@ class Learner:
             yield name, _full(p.detach())
 
     def full_model_state_dict(self) -> dict[str, Tensor]:
-        """The model's full state dict (Hugging Face names) as CPU tensors, on every rank. Collective."""
-        self._reshard(self._policy)
-        return {name: _full(t.detach()).to("cpu", copy=True) for name, t in self.model.state_dict().items()}
-
-    def load_full_model_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load a full (unsharded) state dict, e.g. from :meth:`full_model_state_dict`, on every rank."""
+        """The model's full state dict (Hugging Face names) as CPU tensors on rank 0, for the HF export; ``{}``
+        on the other ranks. Under FSDP2 it is gathered tensor by tensor and offloaded to CPU as it arrives
+        (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no device holds it whole.
+        Collective."""
         self._reshard(self._policy)
         if not self.distributed:
-            self.model.load_state_dict(state)
-            return
-        from torch.distributed.tensor import distribute_tensor
+            return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ValueError(f"state dict is missing {len(missing)} keys, e.g. {missing[0]!r}")
-        with torch.no_grad():
-            for name, target in own.items():
-                src = state[name].to(device=target.device, dtype=target.dtype)
-                if _is_dtensor(target):
-                    # Every rank holds the full tensor, so each takes its own shard locally (no broadcast).
-                    src = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=None)
-                    target.to_local().copy_(src.to_local())
-                else:
-                    target.copy_(src)
+        full = get_model_state_dict(self._policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {name.removeprefix("lm."): t for name, t in full.items()}
 
     def state_dict(self) -> dict:
-        """Optimizer (full, FQN-keyed), scheduler and step counter; model weights are saved separately."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        self._reshard(self._policy)
-        optim = get_optimizer_state_dict(self._policy, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True))
-        # Copies, never the live state tensors: a learner loading this dict must not share them with us.
-        return {"optimizer": _to_cpu(optim), "scheduler": self.scheduler.state_dict(), "step": self.step}
+        """Scheduler and step counter (plain, small). Model weights go to the HF export, the optimizer state to
+        :meth:`save_optimizer`'s shards."""
+        return {"scheduler": self.scheduler.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (every rank passes the same full dict)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        missing = {"optimizer", "scheduler", "step"} - set(state)
+        """Restore what :meth:`state_dict` returned."""
+        missing = {"scheduler", "step"} - set(state)
         if missing:
             raise ValueError(f"learner state is missing {', '.join(sorted(missing))}")
-        self._reshard(self._policy)
-        # A private copy: the optimizer adopts the given tensors as its state and updates them in place.
-        set_optimizer_state_dict(self._policy, self.optimizer, _to_cpu(state["optimizer"]),
-                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+    def save_optimizer(self, directory: str | Path) -> None:
+        """Write the AdamW state with ``torch.distributed.checkpoint``: each rank writes only its own shards
+        (``__<rank>_0.distcp``; rank 0 also the ``.metadata``), so no rank ever holds the full state. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        self._reshard(self._policy)
+        dcp.save({"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}, checkpoint_id=directory,
+                 no_dist=not dist.is_initialized())
+
+    def load_optimizer(self, directory: str | Path) -> None:
+        """Load :meth:`save_optimizer`'s shards into this learner's (sharded) optimizer; the world size may
+        differ from the one that saved them. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        self._reshard(self._policy)
+        state = {"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}  # initialised, to load into
+        dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+        set_optimizer_state_dict(self._policy, self.optimizer, state["optimizer"])
 
 
 def _mismatch_sums(m: dict) -> tuple[list[float], float]:
@@ -781,12 +780,3 @@ def _mismatch_sums(m: dict) -> tuple[list[float], float]:
     keys = ("mismatch_logp_abs_mean", "mismatch_kl_k3", "mismatch_ratio_outside_frac")
     return [m.get(k, 0.0) * count for k in keys] + [float(count)], m.get("mismatch_logp_abs_max", 0.0)
 
-
-def _to_cpu(obj):
-    if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

@@ -13,11 +13,17 @@ from pathlib import Path
 
 import torch
 
-from erpo_fast.checkpoint import capture_rng_state, latest_intact_checkpoint, load_checkpoint, restore_rng_state
+from erpo_fast.checkpoint import (
+    SHARDS_DIRNAME,
+    capture_rng_state,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+)
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
-from erpo_fast.errors import DataError
+from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
@@ -98,6 +104,10 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
     session = Session(cfg, rt, base_dir, tokenizer, learner, rollout)
     if ckpt is not None:
+        if ckpt["shards_dir"] is None:
+            raise CheckpointError(f"{resume_from} has no sharded optimizer state ({SHARDS_DIRNAME}/); it was written "
+                                  "by an older erpo-fast: resume it with that version, or start a fresh run")
+        learner.load_optimizer(ckpt["shards_dir"])
         session.load_state_dict(ckpt["state"], int(ckpt["step"]))
         log.info("resumed from %s (step %d)", resume_from, session.start_step)
     return session

@@ -148,17 +148,15 @@ def _check_update(s: Session, step: int, learned: dict, logger: RunLogger | None
 
 
 def checkpoint(s: Session, step: int) -> None:
-    full_state = s.learner.full_model_state_dict()  # collective under FSDP2: every rank takes part
-    state = s.state_dict()
-    if s.rt.is_main:
-        model = s.learner.model
+    """Collective: the HF model export (gathered to rank 0), each rank's optimizer shards, the loop state."""
+    full_state = s.learner.full_model_state_dict()  # rank 0 gets it, with CPU offload; the others {}
 
-        def save_model(directory: Path) -> None:
-            model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
-            s.tokenizer.save_pretrained(directory)
+    def save_model(directory: Path) -> None:
+        s.learner.model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        s.tokenizer.save_pretrained(directory)
 
-        save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, state=state,
-                        config=s.cfg.to_dict(), keep_last=s.cfg.trainer.keep_last)
+    save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, save_shards=s.learner.save_optimizer,
+                    state=s.state_dict(), config=s.cfg.to_dict(), keep_last=s.cfg.trainer.keep_last, runtime=s.rt)
 
 
 def _phase(logger: RunLogger | None, name: str) -> None:

@@ -497,7 +497,7 @@ def test_lr_factor_values():
     assert [lr_factor(s, t) for s in range(3)] == pytest.approx([1.0, 0.55, 0.1])
 
 
-def test_learner_follows_the_schedule_and_state_round_trips(tokenizer):
+def test_learner_follows_the_schedule_and_state_round_trips(tokenizer, tmp_path):
     trainer = TrainerConfig(lr=2e-3, max_steps=5, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
     learner = make_learner(tiny_model(tokenizer), trainer=trainer)
     seqs = make_sequences(3, seed=12)
@@ -505,8 +505,11 @@ def test_learner_follows_the_schedule_and_state_round_trips(tokenizer):
     assert lrs == pytest.approx([1e-3, 2e-3, 2e-3])
 
     # Resume: a learner built from another init, given the saved weights + state, continues identically.
-    resumed = make_learner(tiny_model(tokenizer, seed=5), trainer=trainer)
-    resumed.load_full_model_state_dict(learner.full_model_state_dict())
+    model = tiny_model(tokenizer, seed=5)
+    model.load_state_dict(learner.full_model_state_dict())
+    resumed = make_learner(model, trainer=trainer)
+    learner.save_optimizer(tmp_path / "optimizer")
+    resumed.load_optimizer(tmp_path / "optimizer")
     resumed.load_state_dict(learner.state_dict())
     assert resumed.step == learner.step == 3
     a, b = learner.train_on(seqs), resumed.train_on(seqs)

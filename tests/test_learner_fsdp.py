@@ -2,8 +2,9 @@
 
 What must hold for that: the loss normaliser is global (token/sequence counts all-reduced), FSDP2's gradient
 averaging is undone, ranks with fewer micro-batches still join every collective, and the full weights /
-optimizer state are gathered from the shards (tied embeddings included). The resume path (load full weights +
-optimizer state into a fresh sharded learner) is checked too.
+optimizer state are gathered from the shards (tied embeddings included). The resume path (the rank-0 weight
+export + each rank's torch.distributed.checkpoint optimizer shards into a fresh sharded learner) is checked too,
+and each rank's saved shard holds about half of the optimizer state.
 """
 
 from __future__ import annotations
@@ -72,10 +73,10 @@ def make_sequences():
     return out
 
 
-def build_learner(case: str, seed: int = 0) -> Learner:
+def build_learner(case: str, model=None) -> Learner:
     algo_kw, trainer_kw, _, _ = CASES[case]
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TINY, seed)
+    model = build_tiny_qwen2(tokenizer, TINY, 0) if model is None else model
     algo = AlgorithmConfig(**algo_kw)
     ref = None
     if algo.kl_beta > 0:
@@ -87,24 +88,38 @@ def build_learner(case: str, seed: int = 0) -> Learner:
     return Learner(model, algo, trainer, copy.deepcopy(TINY), device="cpu", max_len=MAX_LEN, ref_model=ref)
 
 
-def run_case(case: str, indices: list[int]) -> dict:
-    """Two steps, then the gathered state; then resume into a fresh learner and take a third step on both."""
+def run_case(case: str, indices: list[int], ckpt_dir: Path) -> dict:
+    """Two steps, then a checkpoint (rank-0 weight export, sharded optimizer); then resume into a fresh learner
+    and take a third step on both."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     seqs = make_sequences()
     local = [seqs[i] for i in indices]
     learner = build_learner(case)
     metrics = [learner.train_on(local) for _ in range(2)]
     logprobs = learner.compute_logprobs(local)
     weights = {n: w.clone() for n, w in learner.named_weights()}
-    full_state = learner.full_model_state_dict()
-    optim_state = learner.state_dict()
+    full_state = learner.full_model_state_dict()  # rank 0 only
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        torch.save(full_state, ckpt_dir / "model.pt")
+    learner.save_optimizer(ckpt_dir / "optimizer")
+    learner_state = learner.state_dict()
+    # The test gathers the full optimizer state to compare it with the single process's (the learner never does).
+    optim = copy.deepcopy(get_optimizer_state_dict(learner._policy, learner.optimizer,
+                                                   options=StateDictOptions(full_state_dict=True)))  # not live
+    if dist.is_initialized():
+        dist.barrier()
 
-    resumed = build_learner(case, seed=7)
-    resumed.load_full_model_state_dict(full_state)
-    resumed.load_state_dict(optim_state)
+    model = build_tiny_qwen2(build_char_tokenizer(), TINY, 7)
+    model.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
+    resumed = build_learner(case, model=model)
+    resumed.load_optimizer(ckpt_dir / "optimizer")
+    resumed.load_state_dict(learner_state)
     metrics.append(learner.train_on(local))
     resumed_metrics = resumed.train_on(local)
     return dict(metrics=metrics, logprobs=logprobs, weights=weights, full_keys=sorted(full_state),
-                optim=optim_state["optimizer"], step3=dict(learner.named_weights()),
+                optim=optim, step3=dict(learner.named_weights()),
                 resumed_step3=dict(resumed.named_weights()), resumed_metrics=resumed_metrics)
 
 
@@ -112,7 +127,9 @@ def _worker(rank: int, case: str, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        result = run_case(case, CASES[case][2][rank])
+        ckpt_dir = Path(out_dir) / "ckpt"
+        ckpt_dir.mkdir(exist_ok=True)
+        result = run_case(case, CASES[case][2][rank], ckpt_dir)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -135,7 +152,8 @@ def run_two_ranks(case: str, tmp_path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_match_one_process(case, tmp_path):
-    single = run_case(case, CASES[case][3])
+    (tmp_path / "single").mkdir()
+    single = run_case(case, CASES[case][3], tmp_path / "single")
     ranks = run_two_ranks(case, tmp_path)
 
     for r, result in enumerate(ranks):
@@ -149,7 +167,8 @@ def test_two_ranks_match_one_process(case, tmp_path):
         assert "lm_head.weight" not in result["weights"]
         for name, w in single["weights"].items():
             torch.testing.assert_close(result["weights"][name], w, rtol=0, atol=1e-6, msg=f"rank {r}: {name}")
-        assert result["full_keys"] == single["full_keys"]
+        # The HF export is gathered to rank 0 only.
+        assert result["full_keys"] == (single["full_keys"] if r == 0 else [])
         # Gathered optimizer state (FQN-keyed) equals the unsharded one.
         assert result["optim"]["state"].keys() == single["optim"]["state"].keys()
         for fqn, state in single["optim"]["state"].items():
@@ -167,3 +186,52 @@ def test_two_ranks_match_one_process(case, tmp_path):
     for r, result in enumerate(ranks):
         for i, lp in zip(CASES[case][2][r], result["logprobs"]):
             torch.testing.assert_close(lp, single_lp[i], rtol=1e-5, atol=1e-6)
+
+
+# Wide enough that tensor data, not the per-tensor record overhead of the .distcp files, dominates their size.
+WIDE = ModelConfig(tiny_hidden_size=256, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2, tiny_intermediate_size=512)
+
+
+def _shard_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        learner = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(),
+                          TrainerConfig(lr=1e-3), copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+        learner.train_on(make_sequences()[rank::WORLD])
+        learner.save_optimizer(Path(out_dir) / "optimizer")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_saves_about_half_of_the_optimizer_state(tmp_path):
+    """Sharded checkpoints: with 2 ranks, each rank's torch.distributed.checkpoint file holds about half of the
+    AdamW state that one process saves (nobody gathers the full state), and the shards load back as it."""
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(_shard_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method=method)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, 9)
+            pytest.fail("FSDP workers did not finish within 180 s")
+    single = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(), TrainerConfig(lr=1e-3),
+                     copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+    single.train_on(make_sequences())
+    single.save_optimizer(tmp_path / "single")
+    full_bytes = sum(v.numel() * v.element_size() for s in single.optimizer.state.values() for v in s.values()
+                     if isinstance(v, torch.Tensor))
+    single_file = (tmp_path / "single" / "__0_0.distcp").stat().st_size
+    assert 1.0 <= single_file / full_bytes < 1.05  # one process: the whole state in one file
+    for r in range(WORLD):
+        shard = (tmp_path / "optimizer" / f"__{r}_0.distcp").stat().st_size
+        assert 0.45 < shard / full_bytes < 0.55, (r, shard, full_bytes)
+    # The two shards load into one unsharded learner (resharding on load) and give the full state back.
+    resumed = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(), TrainerConfig(lr=1e-3),
+                      copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+    resumed.load_optimizer(tmp_path / "optimizer")
+    loaded = sum(v.numel() * v.element_size() for s in resumed.optimizer.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor))
+    assert loaded == full_bytes

@@ -57,6 +57,9 @@ def test_metrics_contract_checkpoint_and_plots(tmp_path):
     assert set(summary["heldout_after"]) >= {"mean_at_2", "pass_at_2"}
     ckpt = tmp_path / "checkpoints" / "step_00000003"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "model" / "config.json").is_file()
+    # The optimizer state is saved sharded (torch.distributed.checkpoint), and the manifest covers its files.
+    manifest = json.loads((ckpt / "COMPLETE").read_text())["files"]
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp"} <= set(manifest)
     assert any((ckpt / "model").glob("*.safetensors"))
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
 
