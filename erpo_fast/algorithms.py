@@ -11,21 +11,29 @@ Layouts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-ADVANTAGE_METHODS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-KL_KINDS = ("k1", "k2", "k3")
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-RATIO_LEVELS = ("token", "sequence")
-IS_LEVELS = ("token", "sequence")
-IS_MASK_LEVELS = ("token", "sequence")
-LOSS_TYPES = ("ppo", "cispo")
+from erpo_fast.choices import (
+    ADVANTAGE_METHODS,
+    IS_LEVELS,
+    IS_MASK_LEVELS,
+    KL_KINDS,
+    LOSS_AGGREGATIONS,
+    LOSS_TYPES,
+    RATIO_LEVELS,
+)
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "ADVANTAGE_METHODS",
+    "GroupPools",
+    "LossSpec",
     "IS_LEVELS",
     "IS_MASK_LEVELS",
     "KL_KINDS",
@@ -43,8 +51,88 @@ __all__ = [
     "per_token_kl",
     "per_token_policy_loss",
     "policy_loss",
+    "register_advantage",
     "truncated_is_weights",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loss settings, declared once
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Every setting of the GRPO-family policy loss, declared once and validated once (at construction).
+
+    The learner builds it from the config (:meth:`from_config`) and passes it down unchanged:
+    ``Learner`` -> ``erpo_fast.kernels.linear_grpo_loss`` -> its backend -> :func:`policy_loss` /
+    :func:`per_token_policy_loss`. Those functions also take the settings as keywords (``eps_low=0.1``, ...),
+    which override the given spec's (or the defaults'): ``LossSpec.resolve(spec, settings)``.
+
+    - surrogate: ``loss_type`` ppo (clipped surrogate, clip range ``eps_low``/``eps_high``, optional
+      ``dual_clip``) or cispo (clipped stop-gradient IS weight, ``cispo_eps_low``/``cispo_eps_high``);
+      ``ratio_level`` token or sequence (GSPO); ``max_log_ratio``: clamp of the log-ratio before exp;
+    - aggregation: ``loss_agg`` (see :func:`aggregation_weights`), ``max_len`` (Dr. GRPO's constant);
+    - KL penalty: ``beta`` times the ``kl`` estimator against the reference log-probs;
+    - rollout correction (used by the fused kernel): ``is_level`` / ``is_clip`` (truncated IS), ``is_mask`` /
+      ``is_mask_low`` / ``is_mask_high`` (masked IS), ``mismatch_ratio_bound`` (a metric's band).
+    """
+
+    loss_type: str = "ppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = None
+    cispo_eps_low: float = 1.0
+    cispo_eps_high: float = 4.0
+    ratio_level: str = "token"
+    max_log_ratio: float = 20.0
+    loss_agg: str = "token_mean"
+    max_len: int | None = None
+    beta: float = 0.0
+    kl: str = "k3"
+    is_level: str | None = None
+    is_clip: float = 2.0
+    is_mask: str | None = None
+    is_mask_low: float = 0.5
+    is_mask_high: float = 2.0
+    mismatch_ratio_bound: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_clip_args(self.eps_low, self.eps_high, self.dual_clip, self.beta)
+        _check_loss_type(self.loss_type, self.cispo_eps_low, self.cispo_eps_high, self.dual_clip)
+        if self.kl not in KL_KINDS:
+            raise ValueError(f"unknown kl kind {self.kl!r}; valid: {', '.join(KL_KINDS)}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ValueError(f"unknown ratio_level {self.ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
+        if not (self.max_log_ratio > 0):
+            raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}")
+
+    @classmethod
+    def from_config(cls, algo, max_len: int | None) -> LossSpec:
+        """The spec of an `AlgorithmConfig` (``"none"`` IS settings become None); ``max_len``: the response budget."""
+        return cls(loss_type=algo.loss_type, eps_low=algo.eps_low, eps_high=algo.eps_high, dual_clip=algo.dual_clip,
+                   cispo_eps_low=algo.cispo_eps_low, cispo_eps_high=algo.cispo_eps_high,
+                   ratio_level=algo.ratio_level, loss_agg=algo.loss_agg, max_len=max_len, beta=algo.kl_beta,
+                   kl=algo.kl_estimator, is_level=None if algo.is_level == "none" else algo.is_level,
+                   is_clip=algo.is_clip, is_mask=None if algo.is_mask == "none" else algo.is_mask,
+                   is_mask_low=algo.is_mask_low, is_mask_high=algo.is_mask_high,
+                   mismatch_ratio_bound=algo.mismatch_ratio_bound)
+
+    @classmethod
+    def resolve(cls, spec: LossSpec | None, settings: dict) -> LossSpec:
+        """``spec`` (or the defaults) with the keyword ``settings`` applied; unknown names are a TypeError."""
+        if spec is None:
+            return cls(**settings)
+        return dataclasses.replace(spec, **settings) if settings else spec
+
+    @property
+    def is_correction(self) -> dict | None:
+        """`is_correction_weights`'s keywords, or None when neither truncated nor masked IS is on."""
+        if self.is_level is None and self.is_mask is None:
+            return None
+        return dict(is_level=self.is_level, is_clip=self.is_clip, mask_level=self.is_mask,
+                    mask_low=self.is_mask_low, mask_high=self.is_mask_high)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,8 +223,8 @@ def compute_advantages(
     exactly 0 for every method: never NaN, and no float rounding residue.
     """
     _check_rewards(rewards)
-    if method not in ADVANTAGE_METHODS:
-        raise ValueError(f"unknown advantage method {method!r}; valid: {', '.join(ADVANTAGE_METHODS)}")
+    if method not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage method {method!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if ra and not ra_negative_reward < success_threshold:
@@ -145,8 +233,6 @@ def compute_advantages(
             "RA's virtual response is a failed one"
         )
     num_groups, group_size = rewards.shape
-    if method == "rloo" and group_size < 2:
-        raise ValueError(f"rloo needs at least 2 responses per group (leave-one-out baseline), got G={group_size}")
 
     # Per-group extra virtual response (RA): 1 for all-correct groups when RA is on, else 0.
     if ra:
@@ -159,31 +245,82 @@ def compute_advantages(
     pool_sum = rewards.sum(dim=1) + extra * virtual
     mean = pool_sum / count
 
-    # A group whose statistics pool is uniform has, exactly, zero advantage; computing it through sums would
-    # leave rounding residue (rloo) or 0/0 (grpo with eps=0), so such groups are zeroed explicitly.
+    # A group whose statistics pool is uniform gets exactly zero advantage (GroupPools.zero_if_uniform).
     pool_max = torch.maximum(rewards.amax(dim=1), torch.where(extra > 0, virtual, rewards.amax(dim=1)))
     pool_min = torch.minimum(rewards.amin(dim=1), torch.where(extra > 0, virtual, rewards.amin(dim=1)))
     varies = (pool_max != pool_min)[:, None]
+    pools = GroupPools(rewards, count, pool_sum, mean, extra, virtual, varies, eps)
+    return ADVANTAGE_ESTIMATORS[method](pools)
 
-    def zero_if_uniform(adv: Tensor) -> Tensor:
-        return torch.where(varies, adv, torch.zeros_like(adv))
 
-    if method == "grpo":
-        # Pool of G real values plus (when extra == 1) the virtual one; padding with `mean` adds nothing.
-        pool = torch.cat([rewards, torch.where(extra > 0, virtual, mean)[:, None]], dim=1)
-        std = _sample_std(pool, count, mean)
-        return zero_if_uniform((rewards - mean[:, None]) / (std[:, None] + eps))
-    if method == "dr_grpo":
-        return zero_if_uniform(rewards - mean[:, None])
-    if method == "rloo":
-        # Baseline for response i: the mean of the pool without it, i.e. (pool_sum - r_i) / (count - 1).
-        return zero_if_uniform(rewards - (pool_sum[:, None] - rewards) / (count[:, None] - 1))
-    # reinforce_pp
-    centered = zero_if_uniform(rewards - mean[:, None])
+@dataclass(frozen=True)
+class GroupPools:
+    """Each group's statistics pool: its G rewards, plus RA's virtual response where RA applies."""
+
+    rewards: Tensor  # [B, G]
+    count: Tensor  # [B] values in the pool: G, or G + 1 with the virtual response
+    pool_sum: Tensor  # [B]
+    mean: Tensor  # [B]
+    extra: Tensor  # [B] 1 where the pool holds the virtual response, else 0
+    virtual: Tensor  # [B] the virtual response's reward
+    varies: Tensor  # [B, 1] the pool is not uniform
+    eps: float
+
+    def zero_if_uniform(self, adv: Tensor) -> Tensor:
+        """A uniform pool has, exactly, zero advantage (computing it through sums would leave rounding residue
+        (rloo) or 0/0 (grpo with eps=0))."""
+        return torch.where(self.varies, adv, torch.zeros_like(adv))
+
+
+# Advantage estimators, one registered function each (as verl's core_algos): GroupPools -> advantages [B, G].
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[GroupPools], Tensor]] = {}
+
+
+def register_advantage(name: str):
+    def register(fn: Callable[[GroupPools], Tensor]) -> Callable[[GroupPools], Tensor]:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return register
+
+
+@register_advantage("grpo")
+def grpo_advantages(p: GroupPools) -> Tensor:
+    """``(r - mean) / (std + eps)``, the unbiased std of the pool."""
+    # Pool of G real values plus (when extra == 1) the virtual one; padding with `mean` adds nothing.
+    pool = torch.cat([p.rewards, torch.where(p.extra > 0, p.virtual, p.mean)[:, None]], dim=1)
+    std = _sample_std(pool, p.count, p.mean)
+    return p.zero_if_uniform((p.rewards - p.mean[:, None]) / (std[:, None] + p.eps))
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(p: GroupPools) -> Tensor:
+    """``r - mean`` (Dr. GRPO: no std division)."""
+    return p.zero_if_uniform(p.rewards - p.mean[:, None])
+
+
+@register_advantage("rloo")
+def rloo_advantages(p: GroupPools) -> Tensor:
+    """``r_i -`` the mean of the pool without response i."""
+    group_size = p.rewards.shape[1]
+    if group_size < 2:
+        raise ValueError(f"rloo needs at least 2 responses per group (leave-one-out baseline), got G={group_size}")
+    return p.zero_if_uniform(p.rewards - (p.pool_sum[:, None] - p.rewards) / (p.count[:, None] - 1))
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp_advantages(p: GroupPools) -> Tensor:
+    """REINFORCE++ with a group baseline: ``r - group mean``, divided by the batch-wide std (unscaled when the
+    batch's centered values are all equal)."""
+    centered = p.zero_if_uniform(p.rewards - p.mean[:, None])
     flat = centered.reshape(-1)
     if flat.numel() < 2 or bool(flat.max() == flat.min()):
         return centered
-    return centered / (flat.std() + eps)
+    return centered / (flat.std() + p.eps)
+
+
+if tuple(ADVANTAGE_ESTIMATORS) != ADVANTAGE_METHODS:  # the config offers erpo_fast.choices.ADVANTAGE_METHODS
+    raise ImportError(f"registered advantage estimators {tuple(ADVANTAGE_ESTIMATORS)} differ from "
+                      f"erpo_fast.choices.ADVANTAGE_METHODS {ADVANTAGE_METHODS}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -448,20 +585,14 @@ def per_token_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
+    spec: LossSpec | None = None,
     *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
     is_weights: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    max_log_ratio: float = 20.0,
-    loss_type: str = "ppo",
-    cispo_eps_low: float = 1.0,
-    cispo_eps_high: float = 4.0,
+    **settings,
 ) -> Tensor:
-    """Per-token policy loss (token-level ratio), BEFORE masking and aggregation.
+    """Per-token policy loss (token-level ratio), BEFORE masking and aggregation; settings from ``spec`` (a
+    :class:`LossSpec`; keywords override it).
 
     This is a PURE ELEMENTWISE function of its tensor inputs (any matching/broadcastable shapes; no reduction,
     no cross-token coupling). The fused kernel relies on that: it evaluates this function chunk by chunk and
@@ -485,25 +616,22 @@ def per_token_policy_loss(
     Inputs must be finite: callers replace masked-out tokens by safe values first (as :func:`policy_loss` does),
     since a zero aggregation weight cannot cancel a NaN.
     """
-    _check_clip_args(eps_low, eps_high, dual_clip, beta)
-    _check_loss_type(loss_type, cispo_eps_low, cispo_eps_high, dual_clip)
-    if not (max_log_ratio > 0):
-        raise ValueError(f"max_log_ratio must be > 0, got {max_log_ratio}")
-    ratio = torch.exp((logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio))
-    if loss_type == "cispo":
-        weight = ratio.detach().clamp(max(0.0, 1.0 - cispo_eps_low), 1.0 + cispo_eps_high)
+    s = LossSpec.resolve(spec, settings)
+    ratio = torch.exp((logprobs - old_logprobs).clamp(-s.max_log_ratio, s.max_log_ratio))
+    if s.loss_type == "cispo":
+        weight = ratio.detach().clamp(max(0.0, 1.0 - s.cispo_eps_low), 1.0 + s.cispo_eps_high)
         loss = -(weight * advantages) * logprobs
     else:
         surr = ratio * advantages
-        surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+        surr_clipped = ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high) * advantages
         obj = torch.minimum(surr, surr_clipped)
-        if dual_clip is not None:
-            obj = torch.where(advantages < 0, torch.maximum(obj, dual_clip * advantages), obj)
+        if s.dual_clip is not None:
+            obj = torch.where(advantages < 0, torch.maximum(obj, s.dual_clip * advantages), obj)
         loss = -obj
     if is_weights is not None:
         loss = loss * is_weights.detach()
-    if ref_logprobs is not None and beta > 0:
-        loss = loss + beta * per_token_kl(logprobs, ref_logprobs, kl)
+    if ref_logprobs is not None and s.beta > 0:
+        loss = loss + s.beta * per_token_kl(logprobs, ref_logprobs, s.kl)
     return loss
 
 
@@ -556,24 +684,16 @@ def policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    spec: LossSpec | None = None,
     *,
     ref_logprobs: Tensor | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    loss_agg: str = "token_mean",
     seq_ids: Tensor | None = None,
-    max_len: int | None = None,
-    ratio_level: str = "token",
     is_weights: Tensor | None = None,
-    max_log_ratio: float = 20.0,
-    loss_type: str = "ppo",
-    cispo_eps_low: float = 1.0,
-    cispo_eps_high: float = 4.0,
+    **settings,
 ) -> tuple[Tensor, dict[str, float]]:
     """Aggregated policy loss over N packed tokens: ``sum_i w_i * per_token_policy_loss_i`` and metrics.
+
+    Settings come from ``spec`` (a :class:`LossSpec`; keywords such as ``eps_low=0.1`` override it).
 
     - ``w = aggregation_weights(mask, seq_ids, loss_agg, max_len)`` (see there; zero where mask == 0).
     - ``ratio_level="token"``: ratio ``exp(logprobs - old_logprobs)`` per token (PPO/GRPO/DAPO); the log-ratio
@@ -606,19 +726,14 @@ def policy_loss(
         _check_1d("ref_logprobs", ref_logprobs, n)
     if is_weights is not None:
         _check_1d("is_weights", is_weights, n)
-    if kl not in KL_KINDS:
-        raise ValueError(f"unknown kl kind {kl!r}; valid: {', '.join(KL_KINDS)}")
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
-    _check_clip_args(eps_low, eps_high, dual_clip, beta)
-    _check_loss_type(loss_type, cispo_eps_low, cispo_eps_high, dual_clip)
-    if ratio_level == "sequence" and seq_ids is None:
+    spec = LossSpec.resolve(spec, settings)
+    if spec.ratio_level == "sequence" and seq_ids is None:
         raise ValueError("ratio_level='sequence' (GSPO) needs seq_ids (the sequence label of every token)")
 
     mb = _mask_bool(mask)
     # Accumulate in at least fp32 (bf16 inputs are upcast; float64 stays float64 for the references).
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    weights = aggregation_weights(mb, seq_ids, loss_agg, max_len, dtype=dtype)
+    weights = aggregation_weights(mb, seq_ids, spec.loss_agg, spec.max_len, dtype=dtype)
 
     # Masked-out tokens may hold garbage (padding-free packing still has prompt tokens): replace their inputs
     # by safe values BEFORE any exp, so neither the loss nor its gradient can pick up inf * 0 = NaN.
@@ -629,31 +744,28 @@ def policy_loss(
     lp, old, adv = safe(logprobs), safe(old_logprobs.detach()), safe(advantages.detach())
     ref = safe(ref_logprobs.detach()) if ref_logprobs is not None else None
     isw = safe(is_weights.detach()) if is_weights is not None else None
-    if ratio_level == "sequence":
+    if spec.ratio_level == "sequence":
         old = gspo_effective_old_logprobs(lp, old, mb, seq_ids)
 
-    per_token = per_token_policy_loss(
-        lp, old, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, is_weights=isw,
-        ref_logprobs=ref, beta=beta, kl=kl, max_log_ratio=max_log_ratio, loss_type=loss_type,
-        cispo_eps_low=cispo_eps_low, cispo_eps_high=cispo_eps_high,
-    )
+    per_token = per_token_policy_loss(lp, old, adv, spec, is_weights=isw, ref_logprobs=ref)
     loss = (weights * per_token).sum()
+    eps_low, eps_high, dual_clip, max_log_ratio = spec.eps_low, spec.eps_high, spec.dual_clip, spec.max_log_ratio
 
     with torch.no_grad():
         ratio = torch.exp((lp.detach() - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
         m = mb.to(dtype)
         count = m.sum().clamp(min=1)
         zero = torch.zeros((), dtype=dtype, device=lp.device)
-        if loss_type == "cispo":
-            low = (ratio < 1.0 - cispo_eps_low)
-            high = (ratio > 1.0 + cispo_eps_high)
+        if spec.loss_type == "cispo":
+            low = (ratio < 1.0 - spec.cispo_eps_low)
+            high = (ratio > 1.0 + spec.cispo_eps_high)
         else:
             low = (ratio < 1.0 - eps_low) & (adv < 0)
             high = (ratio > 1.0 + eps_high) & (adv > 0)
         stats = {
             "clip_frac_low": low.to(dtype),
             "clip_frac_high": high.to(dtype),
-            "kl_mean": per_token_kl(lp.detach(), ref, kl) if ref is not None else None,
+            "kl_mean": per_token_kl(lp.detach(), ref, spec.kl) if ref is not None else None,
             "ratio_mean": ratio,
         }
         if dual_clip is not None:

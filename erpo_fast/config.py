@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from erpo_fast import choices as C
 from erpo_fast.errors import ConfigError
 
 
@@ -36,9 +37,9 @@ class ModelConfig:
     path: str | None = knob(None, "Local Hugging Face causal-LM directory (with tokenizer). None: the built-in "
                                   "tiny Qwen2 model with a character tokenizer, warm-started on the built-in task.")
     dtype: str = knob("auto", "Parameter/compute dtype. auto: bfloat16 on CUDA, float32 on CPU.",
-                      choices=("auto", "float32", "bfloat16", "float16"))
+                      choices=C.DTYPES)
     attn_implementation: str = knob("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa.",
-                                    choices=("auto", "sdpa", "eager", "flash_attention_2"))
+                                    choices=C.ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
     liger_kernels: bool = knob(False, "Patch the model with Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA only).")
     tiny_hidden_size: int = knob(128, "Built-in model: hidden size.", ge=8)
@@ -91,7 +92,7 @@ class DataConfig:
 class RolloutConfig:
     engine: str = knob("native", "Rollout engine: the embedded torch engine, or colocated vLLM (CUDA, or vLLM's "
                        "CPU build).",
-                       choices=("native", "vllm"))
+                       choices=C.ENGINES)
     n: int = knob(8, "Responses sampled per prompt (the group size).", ge=1)
     max_new_tokens: int = knob(512, "Maximum response length in tokens.", ge=1)
     top_k: int = knob(0, "Top-k filtering after temperature (0: off).", ge=0)
@@ -116,7 +117,7 @@ class AlgorithmConfig:
     history: int = knob(8, "Tracker: ring-buffer length of group mean rewards kept per prompt.", ge=1)
     ra: bool = knob(False, "RA: add a virtual negative response to all-correct groups when normalising.")
     ra_negative_reward: float = knob(0.0, "RA: reward of the virtual response.")
-    advantage: str = knob("grpo", "Advantage estimator.", choices=("grpo", "dr_grpo", "rloo", "reinforce_pp"))
+    advantage: str = knob("grpo", "Advantage estimator.", choices=C.ADVANTAGE_METHODS)
     adv_eps: float = knob(1e-6, "Added to the standard deviation when normalising advantages.", gt=0)
     dynamic_sampling: bool = knob(False, "DAPO: drop zero-variance groups and refill the batch with new prompts.")
     max_refill_rounds: int = knob(3, "DAPO: extra rollout rounds at most to refill the batch.", ge=0)
@@ -125,25 +126,26 @@ class AlgorithmConfig:
     dual_clip: float | None = knob(None, "Dual-clip bound c (> 1) for negative advantages; None: off.", gt=1)
     kl_beta: float = knob(0.0, "Weight of the KL penalty to the reference (initial) model; 0: no reference.",
                           ge=0)
-    kl_estimator: str = knob("k3", "KL estimator.", choices=("k1", "k2", "k3"))
+    kl_estimator: str = knob("k3", "KL estimator.", choices=C.KL_KINDS)
     loss_agg: str = knob("token_mean", "Loss aggregation: token_mean (DAPO), seq_mean_token_mean (GRPO), "
                                        "seq_mean_token_sum_norm (Dr.GRPO, divides by max_new_tokens).",
-                         choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+                         choices=C.LOSS_AGGREGATIONS)
     ratio_level: str = knob("token", "Importance ratio per token (PPO/GRPO) or per sequence (GSPO).",
-                            choices=("token", "sequence"))
+                            choices=C.RATIO_LEVELS)
     logprob_temperature: str = knob("row", "Learner log-probs at each row's sampling temperature (row) or at "
-                                           "T=1 with truncated importance sampling (one).", choices=("row", "one"))
+                                           "T=1 with truncated importance sampling (one).",
+                                    choices=C.LOGPROB_TEMPERATURES)
     is_level: str = knob("none", "Truncated importance-sampling correction of rollout/learner mismatch.",
-                         choices=("none", "token", "sequence"))
+                         choices=("none", *C.IS_LEVELS))
     is_clip: float = knob(2.0, "Upper bound of the truncated importance-sampling weight.", gt=0)
     is_mask: str = knob("none", "Masked importance sampling: zero the loss of tokens (token, IcePop) or of whole "
                                 "sequences (sequence, geometric-mean ratio) whose learner/rollout ratio is outside "
                                 "[is_mask_low, is_mask_high]; combines with is_level.",
-                        choices=("none", "token", "sequence"))
+                        choices=("none", *C.IS_MASK_LEVELS))
     is_mask_low: float = knob(0.5, "Lower bound of the masked-IS band.", gt=0, le=1)
     is_mask_high: float = knob(2.0, "Upper bound of the masked-IS band.", ge=1)
     loss_type: str = knob("ppo", "Policy-loss family: ppo (clipped surrogate; GRPO/DAPO/GSPO) or cispo (MiniMax-M1: "
-                                 "clipped stop-gradient IS weight times the log-prob).", choices=("ppo", "cispo"))
+                                 "clipped stop-gradient IS weight times the log-prob).", choices=C.LOSS_TYPES)
     cispo_eps_low: float = knob(1.0, "CISPO: the IS weight is clipped below at 1 - this (>= 1: no lower bound).",
                                 ge=0)
     cispo_eps_high: float = knob(4.0, "CISPO: the IS weight is clipped above at 1 + this.", ge=0)
@@ -161,7 +163,7 @@ class TrainerConfig:
     updates_per_step: int = knob(1, "Optimizer steps per rollout batch (mini-batches; >1 makes the ratio leave 1).",
                                  ge=1)
     lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
-    lr_schedule: str = knob("constant", "Schedule after warm-up.", choices=("constant", "cosine", "linear"))
+    lr_schedule: str = knob("constant", "Schedule after warm-up.", choices=C.LR_SCHEDULES)
     warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)
     min_lr_ratio: float = knob(0.1, "Final learning rate as a fraction of lr for cosine/linear.", ge=0, le=1)
     weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
@@ -169,7 +171,7 @@ class TrainerConfig:
     adam_beta2: float = knob(0.999, "AdamW beta2.", ge=0, lt=1)
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: off).", ge=0)
     seed: int = knob(0, "Seed of the RL run's random streams (prompt order, sampling).", ge=0)
-    device: str = knob("auto", "auto: cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
+    device: str = knob("auto", "auto: cuda when available, else cpu.", choices=C.DEVICES)
     save_every: int = knob(50, "Checkpoint every K steps (and at the end; 0: only at the end).", ge=0)
     keep_last: int = knob(2, "Checkpoints kept.", ge=1)
     eval_every: int = knob(50, "Held-out evaluation every K steps (and before/after training; 0: off).", ge=0)

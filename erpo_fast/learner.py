@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import algorithms
+from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
@@ -272,7 +273,7 @@ def lr_factor(step: int, trainer: TrainerConfig) -> float:
         return 1.0 - (1.0 - m) * p
     if trainer.lr_schedule == "cosine":
         return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
-    raise ValueError(f"unknown lr_schedule {trainer.lr_schedule!r}; choose one of: constant, cosine, linear")
+    raise ValueError(f"unknown lr_schedule {trainer.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ class Learner:
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must be a separate (frozen) copy of the policy, not the same object")
         self.algo, self.trainer, self.model_cfg, self.max_len = algo, trainer, model_cfg, max_len
+        self.loss_spec = algorithms.LossSpec.from_config(algo, max_len)  # every loss setting, built once
         self.device = resolve_device(device)
         self.compute_dtype = resolve_dtype(model_cfg.dtype, self.device)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -652,7 +654,6 @@ class Learner:
         """
         from erpo_fast.kernels import linear_grpo_loss
 
-        a = self.algo
         temperature = self._loss_temperature()
         micro = _chunks(mini, self.trainer.micro_batch_size)
         tokens, seqs = self._all_reduce([
@@ -680,16 +681,11 @@ class Learner:
                 continue
             loss, m = linear_grpo_loss(
                 hidden, weight, batch.target_ids, batch.temperature, batch.advantages,
-                torch.ones(n, dtype=torch.bool, device=self.device),
-                old_logprobs=cat(old_by_seq), ref_logprobs=ref, beta=a.kl_beta, kl=a.kl_estimator,
-                eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip, loss_agg=a.loss_agg,
-                seq_ids=batch.seq_ids, max_len=self.max_len, ratio_level=a.ratio_level,
-                loss_type=a.loss_type, cispo_eps_low=a.cispo_eps_low, cispo_eps_high=a.cispo_eps_high,
-                rollout_logprobs=batch.rollout_logprobs, is_level=None if a.is_level == "none" else a.is_level,
-                is_clip=a.is_clip, is_mask=None if a.is_mask == "none" else a.is_mask, is_mask_low=a.is_mask_low,
-                is_mask_high=a.is_mask_high, mismatch_ratio_bound=a.mismatch_ratio_bound)
+                torch.ones(n, dtype=torch.bool, device=self.device), self.loss_spec,
+                old_logprobs=cat(old_by_seq), ref_logprobs=ref, seq_ids=batch.seq_ids,
+                rollout_logprobs=batch.rollout_logprobs)
             # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
-            share = n / tokens if a.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
+            share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
             (loss * (share * self.world_size)).backward()
             stats[0] += float(loss.detach()) * share
             stats[1] += float(m.get("clip_frac", 0.0)) * n

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from erpo_fast.choices import ATTN_IMPLEMENTATIONS
 from erpo_fast.errors import ModelLoadError, first_line
 
 from .config import ModelConfig
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 # Any one of these marks a directory that AutoTokenizer can load offline.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -63,9 +63,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "auto")
 
 def resolve_attn_implementation(attn_implementation: str, device: str | torch.device = "auto") -> str:
     """``auto`` -> flash_attention_2 on CUDA when the flash_attn package is importable, else sdpa."""
-    if attn_implementation not in _ATTN_CHOICES:
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"unknown attn_implementation {attn_implementation!r}; choose one of: "
-                         f"{', '.join(_ATTN_CHOICES)}")
+                         f"{', '.join(ATTN_IMPLEMENTATIONS)}")
     if attn_implementation != "auto":
         return attn_implementation
     if resolve_device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

@@ -191,7 +191,8 @@ class _LossInputs:
     """The per-token loss inputs, converted once to the compute dtype, plus the aggregation weights."""
 
     def __init__(self, n, dtype, device, advantages, mask, old_logprobs, ref_logprobs, is_weights, seq_ids,
-                 loss_kwargs, rollout_logprobs=None, is_correction=None, mismatch_ratio_bound=2.0):
+                 spec: algorithms.LossSpec, rollout_logprobs=None):
+        is_correction = spec.is_correction
         def vec(name, t, required=True):
             if t is None:
                 if required:
@@ -210,9 +211,8 @@ class _LossInputs:
         self.is_weights = vec("is_weights", is_weights, required=False)
         self.seq_ids = vec("seq_ids", seq_ids, required=False)
         self.rollout = vec("rollout_logprobs", rollout_logprobs, required=False)
-        self.kwargs = loss_kwargs
+        self.spec = spec
         self.is_correction = is_correction
-        self.ratio_bound = mismatch_ratio_bound
         self.keep = None
         if not self.advantages.is_floating_point():
             self.advantages = self.advantages.to(dtype)
@@ -231,10 +231,10 @@ class _LossInputs:
                 raise ValueError("rollout_logprobs must be finite on every masked (trained) token for is_level / "
                                  "is_mask")
         empty = torch.zeros(0)  # validates ratio_bound now, on the host
-        algorithms.mismatch_metrics(empty, empty, empty, ratio_bound=mismatch_ratio_bound)
+        algorithms.mismatch_metrics(empty, empty, empty, ratio_bound=spec.mismatch_ratio_bound)
         self.full_loss(probe, probe if self.old is None else self.old)
-        self.weights = algorithms.aggregation_weights(self.mask_bool, self.seq_ids, loss_kwargs["loss_agg"],
-                                                      loss_kwargs["max_len"], dtype=dtype)
+        self.weights = algorithms.aggregation_weights(self.mask_bool, self.seq_ids, spec.loss_agg, spec.max_len,
+                                                      dtype=dtype)
         # IS weights from the rollout log-probs: the learner side is old_logprobs when given (known now), else the
         # log-probs this call computes. Token-level weights are then elementwise in them and are evaluated chunk
         # by chunk; a sequence-level weight or mask needs the whole sequence first (one extra pass, as GSPO).
@@ -248,7 +248,7 @@ class _LossInputs:
         """IS weights (and the keep mask) for all N tokens from the learner-side log-probs."""
         self.is_weights, keep = algorithms.is_correction_weights(
             learner_side, self.rollout, self.mask_bool, seq_ids=self.seq_ids, **self.is_correction)
-        self.keep = keep if self.is_correction.get("mask_level") is not None else None
+        self.keep = keep if self.spec.is_mask is not None else None
 
     def chunk_is(self, start: int, end: int, logp: Tensor) -> Tensor:
         """Token-level IS weights of tokens [start, end) from their own (detached) log-probs."""
@@ -259,11 +259,11 @@ class _LossInputs:
     def extra_metrics(self, logp: Tensor) -> dict[str, float]:
         learner_side = logp if self.old is None else self.old
         return naive.correction_metrics(learner_side, self.rollout, self.mask_bool, self.is_weights, self.keep,
-                                        self.ratio_bound)
+                                        self.spec.mismatch_ratio_bound)
 
     def full_loss(self, logprobs: Tensor, old: Tensor):
-        return algorithms.policy_loss(logprobs, old, self.advantages, self.mask, ref_logprobs=self.ref,
-                                      is_weights=self.is_weights, seq_ids=self.seq_ids, **self.kwargs)
+        return algorithms.policy_loss(logprobs, old, self.advantages, self.mask, self.spec, ref_logprobs=self.ref,
+                                      is_weights=self.is_weights, seq_ids=self.seq_ids)
 
     def token_dlogp(self, start: int, end: int, logp: Tensor) -> Tensor:
         """dL/dlogp for tokens [start, end): ``w * d per_token_policy_loss / d logp`` (token-level ratio).
@@ -279,16 +279,12 @@ class _LossInputs:
         def rows(full):
             return None if full is None else full[start:end]
 
-        kw = self.kwargs
         with torch.enable_grad():
             lp = logp.detach().requires_grad_(True)
             old = lp.detach() if self.old is None else rows(self.old)
             isw = self.chunk_is(start, end, logp) if self.is_from_logp else rows(self.is_weights)
-            per_token = algorithms.per_token_policy_loss(
-                safe(lp), safe(old), safe(rows(self.advantages)), eps_low=kw["eps_low"], eps_high=kw["eps_high"],
-                dual_clip=kw["dual_clip"], is_weights=safe(isw), ref_logprobs=safe(rows(self.ref)),
-                beta=kw["beta"], kl=kw["kl"], loss_type=kw["loss_type"], cispo_eps_low=kw["cispo_eps_low"],
-                cispo_eps_high=kw["cispo_eps_high"])
+            per_token = algorithms.per_token_policy_loss(safe(lp), safe(old), safe(rows(self.advantages)), self.spec,
+                                                         is_weights=safe(isw), ref_logprobs=safe(rows(self.ref)))
             (grad,) = torch.autograd.grad((self.weights[start:end] * per_token).sum(), lp)
         return grad
 
@@ -296,7 +292,7 @@ class _LossInputs:
 def _grpo_forward(impl, hidden, weight, labels, inv_t, inputs: _LossInputs, need_h: bool, need_w: bool):
     """(loss, metrics, grad_hidden, grad_weight) with the gradients of the loss itself (grad_output = 1)."""
     grad_h = grad_w = None
-    token_level = inputs.kwargs["ratio_level"] == "token" and not inputs.needs_full_logp
+    token_level = inputs.spec.ratio_level == "token" and not inputs.needs_full_logp
     if (need_h or need_w) and token_level:
         logp, entropy, grad_h, grad_w = impl.fused_forward_backward(hidden, weight, labels, inv_t,
                                                                     inputs.token_dlogp, need_h, need_w)
@@ -356,33 +352,21 @@ def linear_grpo_loss(
     temperature: Tensor | float,
     advantages: Tensor,
     mask: Tensor,
+    spec: algorithms.LossSpec | None = None,
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = None,
-    loss_agg: str = "token_mean",
     seq_ids: Tensor | None = None,
-    max_len: int | None = None,
     is_weights: Tensor | None = None,
-    ratio_level: str = "token",
-    loss_type: str = "ppo",
-    cispo_eps_low: float = 1.0,
-    cispo_eps_high: float = 4.0,
     rollout_logprobs: Tensor | None = None,
-    is_level: str | None = None,
-    is_clip: float = 2.0,
-    is_mask: str | None = None,
-    is_mask_low: float = 0.5,
-    is_mask_high: float = 2.0,
-    mismatch_ratio_bound: float = 2.0,
     backend: str = "auto",
+    **settings,
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO-family policy loss straight from hidden states, equal to `erpo_fast.algorithms.policy_loss` applied to
     ``linear_logprobs(hidden, weight, labels, temperature)``, without ever holding the [N, V] logits.
+
+    The loss settings come from ``spec`` (an `erpo_fast.algorithms.LossSpec`, built once by the learner);
+    keywords (``eps_low=0.1``, ``is_level="token"``, ...) override it, or the defaults when no spec is given.
 
     Per-token inputs are packed ``[N]`` vectors: ``advantages``, ``mask`` (tokens that are trained),
     ``old_logprobs`` (``None`` = on-policy, i.e. ``logprobs.detach()``), ``ref_logprobs`` (for the KL term when
@@ -412,25 +396,18 @@ def linear_grpo_loss(
     n = hidden.shape[0]
     temp = _temperature(temperature, n, hidden.device)
     backend = _resolve_backend(backend, hidden)
-    loss_kwargs = dict(beta=beta, kl=kl, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                       loss_agg=loss_agg, max_len=max_len, ratio_level=ratio_level, loss_type=loss_type,
-                       cispo_eps_low=cispo_eps_low, cispo_eps_high=cispo_eps_high)
-    is_correction = None
-    if is_level is not None or is_mask is not None:
-        is_correction = dict(is_level=is_level, is_clip=is_clip, mask_level=is_mask, mask_low=is_mask_low,
-                             mask_high=is_mask_high)
+    spec = algorithms.LossSpec.resolve(spec, settings)
     if backend == "reference":
-        if is_correction is not None and is_weights is not None:
+        if spec.is_correction is not None and is_weights is not None:
             raise ValueError("pass either is_weights or an IS correction (is_level / is_mask), not both")
-        if is_correction is not None and rollout_logprobs is None:
+        if spec.is_correction is not None and rollout_logprobs is None:
             raise ValueError("is_level / is_mask need rollout_logprobs (the engine's log-probs)")
-        return naive.linear_grpo_loss(hidden, weight, labels, temp, advantages, mask, old_logprobs=old_logprobs,
+        return naive.linear_grpo_loss(hidden, weight, labels, temp, advantages, mask, spec, old_logprobs=old_logprobs,
                                       ref_logprobs=ref_logprobs, is_weights=is_weights, seq_ids=seq_ids,
-                                      rollout_logprobs=rollout_logprobs, is_correction=is_correction,
-                                      mismatch_ratio_bound=mismatch_ratio_bound, **loss_kwargs)
+                                      rollout_logprobs=rollout_logprobs)
     cdt = torch.promote_types(hidden.dtype, torch.float32)
     inputs = _LossInputs(n, cdt, hidden.device, advantages, mask, old_logprobs, ref_logprobs, is_weights, seq_ids,
-                         loss_kwargs, rollout_logprobs, is_correction, mismatch_ratio_bound)
+                         spec, rollout_logprobs)
     metrics: dict[str, float] = {}
     loss = _LinearGRPOLossFn.apply(hidden.contiguous(), weight.contiguous(), labels, 1.0 / temp.to(cdt),
                                    _impl(backend), inputs, metrics)

@@ -78,36 +78,31 @@ def linear_grpo_loss(
     temperature: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    spec: algorithms.LossSpec,
     *,
     old_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     is_weights: Tensor | None = None,
+    seq_ids: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
-    is_correction: dict | None = None,
-    mismatch_ratio_bound: float = 2.0,
-    **loss_kwargs,
 ) -> tuple[Tensor, dict[str, float]]:
-    """logits -> log_softmax -> gather -> `algorithms.policy_loss`, plus the masked mean entropy.
+    """logits -> log_softmax -> gather -> `algorithms.policy_loss` with ``spec``, plus the masked mean entropy.
 
-    ``loss_kwargs`` are `algorithms.policy_loss`'s keywords (beta, kl, eps_low, eps_high, dual_clip, loss_agg,
-    seq_ids, max_len, ratio_level, loss_type, cispo_eps_*). ``old_logprobs=None`` means ``logprobs.detach()``
-    (on-policy). ``is_correction`` (`algorithms.is_correction_weights`'s keywords is_level, is_clip, mask_level,
-    mask_low, mask_high) turns ``rollout_logprobs`` into the IS weights, with the learner side being
-    ``old_logprobs`` when given, else the log-probs computed here; the mismatch metrics compare the same two.
+    ``old_logprobs=None`` means ``logprobs.detach()`` (on-policy). With ``spec.is_correction`` (truncated and/or
+    masked IS), ``rollout_logprobs`` become the IS weights, with the learner side being ``old_logprobs`` when
+    given, else the log-probs computed here; the mismatch metrics compare the same two.
     """
     logprobs, entropy = linear_logprobs(hidden, weight, labels, temperature, return_entropy=True)
     old = logprobs.detach() if old_logprobs is None else old_logprobs.to(logprobs.dtype)
     ref = None if ref_logprobs is None else ref_logprobs.to(logprobs.dtype)
     rollout = None if rollout_logprobs is None else rollout_logprobs.to(logprobs.dtype)
     keep = None
-    if is_correction is not None:
-        is_weights, keep = algorithms.is_correction_weights(old, rollout, mask, seq_ids=loss_kwargs.get("seq_ids"),
-                                                            **is_correction)
-        if is_correction.get("mask_level") is None:
+    if spec.is_correction is not None:
+        is_weights, keep = algorithms.is_correction_weights(old, rollout, mask, seq_ids=seq_ids, **spec.is_correction)
+        if spec.is_mask is None:
             keep = None
-    loss, metrics = algorithms.policy_loss(
-        logprobs, old, advantages.to(logprobs.dtype), mask, ref_logprobs=ref, is_weights=is_weights, **loss_kwargs
-    )
+    loss, metrics = algorithms.policy_loss(logprobs, old, advantages.to(logprobs.dtype), mask, spec,
+                                           ref_logprobs=ref, is_weights=is_weights, seq_ids=seq_ids)
     metrics["entropy_mean"] = masked_mean(entropy, mask)
-    metrics.update(correction_metrics(old, rollout, mask, is_weights, keep, mismatch_ratio_bound))
+    metrics.update(correction_metrics(old, rollout, mask, is_weights, keep, spec.mismatch_ratio_bound))
     return loss, metrics
