@@ -110,6 +110,8 @@ class Rollout:
             "revived": s["revived"], "groups_above_base": s["groups_above_base"],
             "temperature_mean": s["temperature_mean"], "temperature_max": s["temperature_max"],
             "groups_dropped": dropped, "rollout_rounds": len(kept), "response_len_mean": s["response_len_mean"],
+            # the tracker's per-prompt history of this batch's prompts (see HistoryTracker.history_stats)
+            **{k: s[k] for k in ("history_reward_mean", "correct_streak_max", "steps_since_seen_mean")},
             **totals,
         }
         return StepBatch(sequences, metrics, global_sequences=sum(c[0] for c in counts),
@@ -173,6 +175,7 @@ class Rollout:
         lengths = [n for g in gathered for n in g[3]]
         # Groups whose prompt sat above base before this update: the denominator of the revival rate.
         above_base = int((self.tracker.temperatures(ids) > a.base_temperature).sum())
+        history = self.tracker.history_stats(ids, step)
         tstats = self.tracker.update(ids, rewards, step=step)
         adv = compute_advantages(torch.as_tensor(groups.rewards), a.advantage, eps=a.adv_eps, ra=a.ra,
                                  ra_negative_reward=a.ra_negative_reward,
@@ -181,7 +184,7 @@ class Rollout:
                  "mixed": tstats.mixed, "revived": tstats.revived, "groups_above_base": above_base,
                  "reward_mean": float(rewards.mean()),
                  "temperature_mean": float(temps.mean()), "temperature_max": float(temps.max()),
-                 "response_len_mean": float(np.mean(lengths)) if lengths else 0.0}
+                 "response_len_mean": float(np.mean(lengths)) if lengths else 0.0, **history}
         return stats, adv
 
     def _generate(self, step: int, *args, **kwargs):

@@ -9,7 +9,9 @@ all-wrong when every reward is below it, and mixed otherwise.
 
 Groups apply in batch order, so a prompt id that appears twice in one batch is updated twice. The tracker
 also keeps, per prompt, how often it was seen, its current all-correct streak, the step it was last seen
-and a ring buffer of its last `history` group mean rewards.
+and a ring buffer of its last `history` group mean rewards. The rule does not use them; `history_stats`
+reads them for each step's metrics (how hard a batch's prompts have been, how long residual prompts stay
+all-correct, how often prompts come back), and the run summary reads `times_seen`.
 
 The state is two flat numpy arrays indexed by prompt id (an int64 table of counters and a float32 ring of
 mean rewards), and the loops are Numba kernels, so an update costs O(batch) whatever the number of prompts.
@@ -276,6 +278,29 @@ class HistoryTracker:
             return row[:seen].copy()
         start = seen % self.history  # the oldest entry is the next one to be overwritten
         return np.concatenate([row[start:], row[:start]])
+
+    def history_stats(self, prompt_ids, step: int) -> dict[str, float]:
+        """What the history says about a batch's prompts before the batch is folded in (step metrics; 0.0 where
+        no prompt of the batch was seen before):
+
+        - ``history_reward_mean``: mean over the seen prompts of their recent group mean rewards (the ring);
+        - ``correct_streak_max``: the longest all-correct streak a prompt of the batch comes in with;
+        - ``steps_since_seen_mean``: mean steps since the seen prompts were last sampled.
+        """
+        ids = self._as_ids(prompt_ids)
+        if ids.size and not (ids.min() >= 0 and ids.max() < self.num_prompts):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= self.num_prompts))[0])
+            raise self._bad_id_error(prompt_ids, bad)
+        rows = self._table[ids]
+        seen = rows[:, _SEEN] > 0
+        if not seen.any():
+            return {"history_reward_mean": 0.0, "correct_streak_max": 0.0, "steps_since_seen_mean": 0.0}
+        valid = np.minimum(rows[seen, _SEEN], self.history)  # filled ring slots: the first `valid` ones
+        ring = self._ring[ids[seen]].astype(np.float64)
+        filled = np.arange(self.history)[None, :] < valid[:, None]
+        return {"history_reward_mean": float(((ring * filled).sum(axis=1) / valid).mean()),
+                "correct_streak_max": float(rows[:, _STREAK].max()),
+                "steps_since_seen_mean": float((step - rows[seen, _LAST]).mean())}
 
     def temperature_counts(self) -> dict[float, int]:
         """{temperature (float64): number of prompts at it}, over prompts seen at least once. O(num_prompts)."""

@@ -196,6 +196,25 @@ def test_state_dict_round_trip():
     assert not np.array_equal(saved["times_seen"], b.times_seen)  # loading copied; the dict was not mutated
 
 
+def test_history_stats_read_the_ring_streaks_and_last_seen():
+    tr = HistoryTracker(4, history=2)
+    assert tr.history_stats([0, 1], step=0) == {"history_reward_mean": 0.0, "correct_streak_max": 0.0,
+                                                "steps_since_seen_mean": 0.0}  # nothing seen yet
+    tr.update([0, 1], [[1.0, 1.0], [0.0, 1.0]], step=1)
+    tr.update([0], [[1.0, 1.0]], step=2)
+    tr.update([0, 2], [[0.0, 0.0], [1.0, 1.0]], step=3)  # prompt 0's ring wraps: its last two means are 1, 0
+    tr.update([2], [[1.0, 1.0]], step=4)
+    stats = tr.history_stats([0, 1, 2, 3], step=6)
+    # seen prompts 0, 1, 2: recent means [1, 0], [0.5], [1, 1]; streaks 0, 0, 2; last seen 3, 1, 4
+    expected = np.mean([np.mean(tr.recent_mean_rewards(i)) for i in (0, 1, 2)])
+    assert expected == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert stats == {"history_reward_mean": pytest.approx(expected), "correct_streak_max": 2.0,
+                     "steps_since_seen_mean": pytest.approx((3 + 5 + 2) / 3)}
+    assert tr.correct_streak.tolist() == [0, 0, 2, 0] and tr.last_seen_step.tolist() == [3, 1, 4, -1]
+    with pytest.raises(ValueError, match="out of range"):
+        tr.history_stats([4], step=6)
+
+
 def test_grow():
     t = HistoryTracker(2)
     t.update([0, 1], [[1.0], [0.5]], step=4)

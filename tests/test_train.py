@@ -22,7 +22,8 @@ TINY = [
 ]
 REQUIRED = ["step", "reward_mean", "frac_all_correct", "frac_all_wrong", "frac_mixed", "revived",
             "temperature_mean", "temperature_max", "entropy", "kl", "clip_frac", "grad_norm", "tokens_per_s",
-            "time_rollout_s", "time_learn_s", "time_sync_s"]
+            "time_rollout_s", "time_learn_s", "time_sync_s", "history_reward_mean", "correct_streak_max",
+            "steps_since_seen_mean"]
 TIMING = ("time_", "tokens_per_s")
 
 
