@@ -56,6 +56,18 @@ def all_gather_objects(obj, runtime: Runtime) -> list:
     return out
 
 
+def all_reduce_floats(values, op: str = "sum") -> list[float]:
+    """The sum (``op="max"``: the maximum) of a few floats over every rank of the default process group, in
+    float64; the values themselves without one. Runs on the device the backend needs (CPU for gloo, the
+    current CUDA device for NCCL). The learner uses it: it knows the process group, not a Runtime."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def broadcast_object(obj, runtime: Runtime, src: int = 0):
     if not runtime.distributed:
         return obj

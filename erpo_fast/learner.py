@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from . import algorithms
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
+from .distributed import all_reduce_floats
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
@@ -451,16 +452,6 @@ class Learner:
 
     # ---- distributed helpers ----------------------------------------------------------------------------
 
-    def _all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
-        if not self.distributed:
-            return [float(v) for v in values]
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t.tolist()
-
-    def _comm_device(self) -> torch.device:
-        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
     def _reshard(self, module: nn.Module | None) -> None:
         # A root FSDP2 module keeps its gathered parameters after a forward with no backward; free them.
         if self.distributed and module is not None and hasattr(module, "reshard"):
@@ -496,7 +487,7 @@ class Learner:
                                   share_prompts=self._packed,
                                   device=self.device)
                    for chunk in _chunks(list(sequences), self.trainer.micro_batch_size)]
-        (num,) = self._all_reduce([len(batches)], op="max")
+        (num,) = all_reduce_floats([len(batches)], op="max")
         out: list[Tensor] = []
         for i in range(int(num)):
             batch = batches[i] if i < len(batches) else _placeholder_batch(self.device)
@@ -531,6 +522,8 @@ class Learner:
                 return {}
             sequences = sequences.sequences
         sequences = self._check_batch(sequences)
+        if not sequences and not self.distributed:
+            raise ValueError("the learner needs at least one sequence")
         updates = self.trainer.updates_per_step
         lr = self.optimizer.param_groups[0]["lr"]
         # No-grad pre-pass: old log-probs for off-policy updates (and row-temperature ones for the metrics).
@@ -541,8 +534,8 @@ class Learner:
                  "mismatch_sums": [0.0] * 4, "mismatch_max": 0.0}
         skipped = False
         for mini in minis:
-            self.optimizer.zero_grad(set_to_none=True)
-            stats = self._backward(sequences, mini, old_by_seq=pre["old"])
+            stats = self.loss_and_grads([sequences[i] for i in mini],
+                                        old_logprobs=None if pre["old"] is None else [pre["old"][i] for i in mini])
             grad_norm = self._clip_grad_norm()
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -565,12 +558,16 @@ class Learner:
         metrics: dict[str, float | int | bool] = dict(totals)
         metrics.update(num_tokens=int(extra["num_tokens"]), num_sequences=int(extra["num_sequences"]), lr=lr,
                        skipped_nonfinite=skipped)
-        metrics.update(self._correction_metrics(extra, sequences, pre["row"]))
+        metrics.update(self.correction_metrics(extra, sequences, row_logprobs=pre["row"]))
         return metrics
 
-    def _correction_metrics(self, stats: dict, sequences: list[RolloutSequence],
-                            row_logprobs: list[Tensor] | None) -> dict[str, float]:
-        """is_weight_mean / is_mask_frac (when on) and the mismatch metrics from summed statistics."""
+    def correction_metrics(self, stats: dict, sequences: Sequence[RolloutSequence], *,
+                           row_logprobs: list[Tensor] | None = None) -> dict[str, float]:
+        """``is_weight_mean`` / ``is_mask_frac`` (when on) and the ``mismatch_*`` metrics from the summed
+        statistics of :meth:`loss_and_grads` over ``sequences``. When the loss runs at T=1 the mismatch needs
+        row-temperature log-probs: ``row_logprobs`` (train_on's pre-pass), or a pass of its own. Collective."""
+        if row_logprobs is None and self._loss_temperature() != "row":
+            row_logprobs = self.compute_logprobs(sequences, temperature="row")
         out: dict[str, float] = {}
         tokens = max(stats["num_tokens"], 1)
         if self.algo.is_level != "none" or self.algo.is_mask != "none":
@@ -587,8 +584,8 @@ class Learner:
             roll = torch.cat(rollout) if rollout else torch.zeros(0)
             sums, mx = _mismatch_sums(algorithms.mismatch_metrics(lp, roll, torch.ones_like(lp, dtype=torch.bool),
                                                                   ratio_bound=self.algo.mismatch_ratio_bound))
-            sums = self._all_reduce(sums)
-            (mx,) = self._all_reduce([mx], op="max")
+            sums = all_reduce_floats(sums)
+            (mx,) = all_reduce_floats([mx], op="max")
         abs_sum, k3_sum, outside, count = sums
         if count > 0:
             out.update(mismatch_logp_abs_mean=abs_sum / count, mismatch_logp_abs_max=mx,
@@ -597,11 +594,14 @@ class Learner:
 
     def loss_and_grads(self, sequences: Sequence[RolloutSequence], *,
                        old_logprobs: Sequence[Tensor] | None = None) -> dict[str, float]:
-        """The loss of ``sequences`` as ONE mini-batch and its gradients in the parameters' ``.grad`` (zeroed
-        first); no clipping, no optimizer step. For diagnostics and tests of what :meth:`train_on` optimises.
+        """The loss of ``sequences`` (this rank's part of ONE global mini-batch) and its gradient in the
+        parameters' ``.grad`` (zeroed first); no clipping, no optimizer step. :meth:`train_on` runs it once per
+        mini-batch; alone, it shows what train_on optimises. Collective.
 
         ``old_logprobs`` (per sequence, per response token): the off-policy ratio's denominator; ``None`` =
-        on-policy. IS weights and the KL reference are handled exactly as in :meth:`train_on`.
+        on-policy. Returns global ``loss``, ``clip_frac``, ``kl``, ``entropy``, ``num_tokens``,
+        ``num_sequences`` and the summed correction statistics that :meth:`correction_metrics` turns into
+        metrics (``is_weight_sum``, ``is_mask_sum``, ``mismatch_sums``, ``mismatch_max``).
         """
         sequences = self._check_batch(sequences)
         if old_logprobs is not None:
@@ -610,17 +610,10 @@ class Learner:
                     o.shape != (len(s.response_ids),) for o, s in zip(old_logprobs, sequences)):
                 raise ValueError("old_logprobs must hold one [len(response_ids)] tensor per sequence")
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self._backward(sequences, list(range(len(sequences))), old_by_seq=old_logprobs)
-        stats.update(self._correction_metrics(stats, sequences, None if self._loss_temperature() == "row" else
-                                              self.compute_logprobs(sequences, temperature="row")))
-        for key in ("is_weight_sum", "is_mask_sum", "mismatch_sums", "mismatch_max"):
-            del stats[key]
-        return stats
+        return self._backward(sequences, old_logprobs)
 
     def _check_batch(self, sequences: Sequence[RolloutSequence]) -> list[RolloutSequence]:
         sequences = list(sequences)
-        if not sequences and not self.distributed:
-            raise ValueError("the learner needs at least one sequence")
         keys = [s.seq_key for s in sequences]
         if len(set(keys)) != len(keys):
             raise ValueError("seq_key must be unique per sequence in the batch")
@@ -644,9 +637,8 @@ class Learner:
             out["row"] = self.compute_logprobs(sequences, temperature="row")
         return out
 
-    def _backward(self, sequences: list[RolloutSequence], mini: list[int], *,
-                  old_by_seq: list[Tensor] | None) -> dict[str, float]:
-        """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences[i], i in mini``).
+    def _backward(self, sequences: list[RolloutSequence], old_by_seq: list[Tensor] | None) -> dict[str, float]:
+        """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences``).
 
         Each micro-batch's loss is scaled by its share of the GLOBAL normaliser (tokens for token_mean,
         sequences for the seq_* modes), times the world size to undo FSDP2's gradient averaging, so that the
@@ -655,11 +647,12 @@ class Learner:
         from erpo_fast.kernels import linear_grpo_loss
 
         temperature = self._loss_temperature()
+        mini = list(range(len(sequences)))
         micro = _chunks(mini, self.trainer.micro_batch_size)
-        tokens, seqs = self._all_reduce([
+        tokens, seqs = all_reduce_floats([
             sum(len(sequences[i].response_ids) for i in mini),
             sum(1 for i in mini if sequences[i].response_ids)])
-        (num_micro,) = self._all_reduce([len(micro)], op="max")
+        (num_micro,) = all_reduce_floats([len(micro)], op="max")
         # loss; clip_frac, kl, entropy, IS weight and IS-mask rejection times tokens; mismatch sums (local)
         stats = [0.0] * 10
         mismatch_max = 0.0
@@ -696,8 +689,8 @@ class Learner:
             sums, mx = _mismatch_sums(m)
             stats[6:10] = [a_ + b_ for a_, b_ in zip(stats[6:10], sums)]
             mismatch_max = max(mismatch_max, mx)
-        reduced = self._all_reduce(stats)
-        (mismatch_max,) = self._all_reduce([mismatch_max], op="max")
+        reduced = all_reduce_floats(stats)
+        (mismatch_max,) = all_reduce_floats([mismatch_max], op="max")
         loss_sum, clip, kl, ent, is_sum, mask_sum = reduced[:6]
         denom = max(tokens, 1.0)
         return {"loss": loss_sum, "clip_frac": clip / denom, "kl": kl / denom, "entropy": ent / denom,

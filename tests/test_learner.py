@@ -389,6 +389,7 @@ def test_truncated_is_weights_path(tokenizer, is_level):
     for s, r in zip(seqs, rollout):
         s.rollout_logprobs = (r + 0.5 * torch.randn(r.shape, generator=g, dtype=torch.float64)).tolist()
     metrics = learner.loss_and_grads(seqs)
+    metrics.update(learner.correction_metrics(metrics, seqs))
     ref_loss, _, is_w, *_ = reference_loss(model64, seqs, algo)
     assert metrics["is_weight_mean"] == pytest.approx(float(is_w.mean()), rel=1e-5)
     assert bool((is_w == 1.5).any()) and bool((is_w < 1.0).any())  # truncation is exercised
