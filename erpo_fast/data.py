@@ -8,7 +8,7 @@ Three layers, each with one job:
 - `PromptIndex` turns keys into the dense integer ids that the history tracker indexes its flat arrays
   with. It only ever appends, and it is checkpointed, so a prompt keeps its id across restarts, dataset
   reorders and datasets that grow.
-- `PromptSampler` draws batches of dataset positions in a seeded, epoch-wise shuffled order, split across
+- `PromptSampler` draws batches of dataset rows in a seeded, epoch-wise shuffled order, split across
   ranks, and checkpoints its cursor so a resumed run draws exactly the batches it would have drawn.
 """
 
@@ -211,7 +211,7 @@ class PromptIndex:
 
 
 class PromptSampler:
-    """Seeded epoch-wise shuffled batches of dataset positions, split across data-parallel ranks.
+    """Seeded epoch-wise shuffled batches of dataset rows, split across data-parallel ranks.
 
     Each epoch is a fresh permutation of range(num_prompts) drawn from (seed, epoch); it is cut into global
     batches of `batch_size`, and a tail shorter than a batch is skipped (a different tail each epoch),
@@ -239,7 +239,7 @@ class PromptSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
-        self.cursor = 0  # position of the next global batch in this epoch's permutation
+        self.cursor = 0  # index of the next global batch in this epoch's permutation
         self._order: np.ndarray | None = None  # permutation of self.epoch, built on demand
 
     @property
@@ -254,7 +254,7 @@ class PromptSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
 
     def next_batch(self) -> list[int]:
-        """This rank's dataset positions for the next global batch."""
+        """This rank's dataset rows for the next global batch."""
         if self.cursor + self.batch_size > self.num_prompts:
             self.epoch += 1
             self.cursor = 0

@@ -109,17 +109,17 @@ class PackedBatch:
     ``input_ids``/``position_ids`` [1, L], ``labels`` [L] (the next token at positions that predict a response
     token, ``-100`` elsewhere; at a shared prompt's last position, the first response token of the last sample
     sharing it) and ``row_seq`` [L] (index of each position's sequence; the first sample's for a shared prompt).
-    Trained positions only (N = total response tokens, in sequence order, response order): ``positions`` [N]
-    (their indices in the row), ``target_ids``, ``temperature``, ``advantages``, ``seq_ids``,
-    ``rollout_logprobs`` (NaN where the engine gave none). ``segments``: per sequence, ``(prompt start, prompt
-    length, response start, response length)`` in the row, for packed attention.
+    Trained positions only (N = total response tokens, in sequence order, response order): ``label_index`` [N]
+    (their indices in the row: where ``labels`` holds a response token), ``target_ids``, ``temperature``,
+    ``advantages``, ``seq_ids``, ``rollout_logprobs`` (NaN where the engine gave none). ``segments``: per
+    sequence, ``(prompt start, prompt length, response start, response length)`` in the row, for packed attention.
     """
 
     input_ids: Tensor
     position_ids: Tensor
     labels: Tensor
     row_seq: Tensor
-    positions: Tensor
+    label_index: Tensor
     target_ids: Tensor
     temperature: Tensor
     advantages: Tensor
@@ -143,7 +143,12 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.positions.numel())
+        return int(self.label_index.numel())
+
+    @property
+    def positions(self) -> Tensor:
+        """Old name of :attr:`label_index`, kept while warm_start.py and tests/test_digits_task.py use it."""
+        return self.label_index
 
     @property
     def num_sequences(self) -> int:
@@ -171,7 +176,7 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
     ids: list[int] = []
     pos: list[int] = []
     row_seq: list[int] = []
-    positions: list[int] = []
+    label_index: list[int] = []
     temps: list[float] = []
     advs: list[float] = []
     seq_ids: list[int] = []
@@ -197,8 +202,8 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
         pos.extend(range(p, p + r))
         row_seq.extend([s] * r)
         if r:  # token j is predicted from the token before it: the prompt's last one for j = 0
-            positions.append(prompt_start + p - 1)
-            positions.extend(range(start, start + r - 1))
+            label_index.append(prompt_start + p - 1)
+            label_index.extend(range(start, start + r - 1))
         targets.extend(response)
         segments.append((prompt_start, p, start, r))
         temps.extend([float(seq.temperature if temperature == "row" else temperature)] * r)
@@ -208,16 +213,16 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
         lengths.append(r)
     dev = torch.device(device)
     input_ids = torch.tensor(ids, dtype=torch.long)
-    positions_t = torch.tensor(positions, dtype=torch.long)
+    label_index_t = torch.tensor(label_index, dtype=torch.long)
     targets_t = torch.tensor(targets, dtype=torch.long)
     labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
-    labels[positions_t] = targets_t
+    labels[label_index_t] = targets_t
     return PackedBatch(
         input_ids=input_ids[None].to(dev),
         position_ids=torch.tensor(pos, dtype=torch.long)[None].to(dev),
         labels=labels.to(dev),
         row_seq=torch.tensor(row_seq, dtype=torch.long, device=dev),
-        positions=positions_t.to(dev),
+        label_index=label_index_t.to(dev),
         target_ids=targets_t.to(dev),
         temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
         advantages=torch.tensor(advs, dtype=torch.float32, device=dev),
@@ -463,7 +468,7 @@ class Learner:
         """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the compute dtype."""
         with self._autocast():
             hidden, weight = root(batch.input_ids, batch.position_ids, batch.layout() if self._packed else None)
-        return hidden[0, batch.positions].to(self.compute_dtype), weight.to(self.compute_dtype)
+        return hidden[0, batch.label_index].to(self.compute_dtype), weight.to(self.compute_dtype)
 
     @torch.no_grad()
     def _batch_logprobs(self, root: nn.Module, batch: PackedBatch) -> Tensor:

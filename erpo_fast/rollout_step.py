@@ -7,10 +7,11 @@ samples per prompt -> score -> update the tracker -> advantages (+RA) -> DAPO dy
 Every rank rolls out its own slice of the global batch, but the tracker sees the whole batch in the same
 order on every rank (rewards are all-gathered), so it stays identical everywhere.
 
-Index spaces, one name each: a prompt's ``row`` is its index in the training records (what the sampler
-draws); its ``key`` is its stable string identity; its ``tracker_id`` is the dense integer the
-:class:`~erpo_fast.data.PromptIndex` gives that key (the tracker's array row, stable across resumes);
-``prompt_tokens[row]`` are its token ids. In the learner, a sequence's ``seq_key`` is its index in the batch.
+Names, one meaning each. A prompt has a ``row`` (its index in the training records: what the sampler draws), a
+``key`` (its stable string identity, from the data), a ``tracker_id`` (the dense integer the
+:class:`~erpo_fast.data.PromptIndex` gives that key: the tracker's array row, stable across resumes) and
+``prompt_ids`` (its token ids, as everywhere in erpo-fast). In the learner's batch a sequence has a ``seq_key``
+(its index in the batch); `erpo_fast.learner.PackedBatch.label_index` indexes the packed row.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Rollout:
                  heldout: list[PromptRecord]):
         self.cfg, self.rt, self.tokenizer, self.engine, self.rewards = cfg, rt, tokenizer, engine, rewards
         self.train, self.heldout = train, heldout
-        self.prompt_tokens = encode_prompts(tokenizer, [r.prompt for r in train],
+        self.prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
                                             chat_template=cfg.data.chat_template,
                                             max_length=cfg.data.max_prompt_length)
         self.prompt_index = PromptIndex()
@@ -130,7 +131,7 @@ class Rollout:
                 groups_left -= 1
                 for j, smp in enumerate(group):
                     sequences.append(RolloutSequence(
-                        prompt_ids=self.prompt_tokens[row], response_ids=list(smp.token_ids),
+                        prompt_ids=self.prompt_ids[row], response_ids=list(smp.token_ids),
                         rollout_logprobs=list(smp.logprobs), temperature=float(groups.temperatures[b]),
                         advantage=float(adv[b, j]), seq_key=len(sequences)))
         return sequences
@@ -145,7 +146,7 @@ class Rollout:
         t0 = time.perf_counter()
         # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
         # across ranks samples exactly what one process would.
-        samples = self._generate(step, [self.prompt_tokens[r] for r in rows], temps.tolist(), cfg.rollout.n,
+        samples = self._generate(step, [self.prompt_ids[r] for r in rows], temps.tolist(), cfg.rollout.n,
                                  cfg.rollout.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
                                  top_k=cfg.rollout.top_k or None,
                                  top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,

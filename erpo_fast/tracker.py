@@ -7,13 +7,14 @@ all-wrong when every reward is below it, and mixed otherwise.
     all-wrong:   T <- max(T - step, base)
     mixed:       T unchanged                 ("revived" when T was above base: exploring paid off)
 
-Groups apply in batch order, so a prompt id that appears twice in one batch is updated twice. The tracker
-also keeps, per prompt, how often it was seen, its current all-correct streak, the step it was last seen
-and a ring buffer of its last `history` group mean rewards. The rule does not use them; `history_stats`
-reads them for each step's metrics (how hard a batch's prompts have been, how long residual prompts stay
-all-correct, how often prompts come back), and the run summary reads `times_seen`.
+Prompts are named by their tracker id: the dense integer `erpo_fast.data.PromptIndex` gives a prompt's key
+(not its token ids). Groups apply in batch order, so a tracker id that appears twice in one batch is updated
+twice. The tracker also keeps, per prompt, how often it was seen, its current all-correct streak, the step
+it was last seen and a ring buffer of its last `history` group mean rewards. The rule does not use them;
+`history_stats` reads them for each step's metrics (how hard a batch's prompts have been, how long residual
+prompts stay all-correct, how often prompts come back), and the run summary reads `times_seen`.
 
-The state is two flat numpy arrays indexed by prompt id (an int64 table of counters and a float32 ring of
+The state is two flat numpy arrays indexed by tracker id (an int64 table of counters and a float32 ring of
 mean rewards), and the loops are Numba kernels, so an update costs O(batch) whatever the number of prompts.
 Temperatures are kept as integers in units of 1e-9 (fixed point), so a walk up and back down lands exactly
 on base and repeated steps hit max exactly, with no float drift.
@@ -136,7 +137,7 @@ _ARRAY_KEYS = ("temperatures", "times_seen", "correct_streak", "last_seen_step",
 
 
 class HistoryTracker:
-    """Per-prompt ERPO state for prompt ids 0 .. num_prompts-1 (see the module docstring for the rule)."""
+    """Per-prompt ERPO state for tracker ids 0 .. num_prompts-1 (see the module docstring for the rule)."""
 
     def __init__(self, num_prompts: int, base_temperature: float = 1.0, temperature_step: float = 0.1,
                  max_temperature: float = 1.5, success_threshold: float = 1.0, history: int = 8):
@@ -195,18 +196,18 @@ class HistoryTracker:
 
     # ----- the hot path ------------------------------------------------------------------------------
 
-    def temperatures(self, prompt_ids) -> np.ndarray:
-        """float32[B]: the sampling temperature of each prompt id."""
-        ids = self._as_ids(prompt_ids)
+    def temperatures(self, tracker_ids) -> np.ndarray:
+        """float32[B]: the sampling temperature of each tracker id."""
+        ids = self._as_ids(tracker_ids)
         out = np.empty(ids.shape[0], dtype=np.float64)
         bad = _gather_temperatures(ids, self._table, out)
         if bad >= 0:
-            raise self._bad_id_error(prompt_ids, bad)
+            raise self._bad_id_error(tracker_ids, bad)
         return out.astype(np.float32)
 
-    def update(self, prompt_ids, rewards, step: int | None = None) -> GroupStats:
-        """Fold one batch of groups (rewards[b] is the group of prompt_ids[b]) into the history."""
-        ids = self._as_ids(prompt_ids)
+    def update(self, tracker_ids, rewards, step: int | None = None) -> GroupStats:
+        """Fold one batch of groups (rewards[b] is the group of tracker_ids[b]) into the history."""
+        ids = self._as_ids(tracker_ids)
         try:
             rewards = np.ascontiguousarray(rewards, dtype=np.float64)
         except (TypeError, ValueError) as e:
@@ -214,7 +215,7 @@ class HistoryTracker:
         if rewards.ndim != 2:
             raise ValueError(f"rewards must be 2-D [batch, group], got shape {rewards.shape}")
         if rewards.shape[0] != ids.shape[0]:
-            raise ValueError(f"got {ids.shape[0]} prompt ids but {rewards.shape[0]} reward rows")
+            raise ValueError(f"got {ids.shape[0]} tracker ids but {rewards.shape[0]} reward rows")
         if rewards.shape[1] == 0:
             raise ValueError("rewards has an empty group dimension (G == 0); each group needs >= 1 reward")
         if step is None:
@@ -225,29 +226,29 @@ class HistoryTracker:
             ids, rewards, int(step), self.success_threshold, self._step_units, self._base_units,
             self._max_units, self._table, self._ring)
         if status == _BAD_ID:
-            raise self._bad_id_error(prompt_ids, bad_row)
+            raise self._bad_id_error(tracker_ids, bad_row)
         if status == _BAD_REWARD:
-            raise ValueError(f"rewards must be finite; row {bad_row} (prompt id {int(ids[bad_row])}) "
+            raise ValueError(f"rewards must be finite; row {bad_row} (tracker id {int(ids[bad_row])}) "
                              f"has {rewards[bad_row][~np.isfinite(rewards[bad_row])][0]}")
         # An explicit step moves the counter along, so later implicit steps keep counting from it.
         self._step = int(step) + 1
         return GroupStats(*counts)
 
-    def _as_ids(self, prompt_ids) -> np.ndarray:
-        ids = np.asarray(prompt_ids)
+    def _as_ids(self, tracker_ids) -> np.ndarray:
+        ids = np.asarray(tracker_ids)
         if ids.shape == (0,):  # an empty list arrives as float64; an empty batch is still a valid batch
             return np.empty(0, dtype=np.int64)
         if ids.dtype.kind not in "iu":
-            raise ValueError(f"prompt_ids must be integers, got dtype {ids.dtype}")
+            raise ValueError(f"tracker_ids must be integers, got dtype {ids.dtype}")
         if ids.ndim != 1:
-            raise ValueError(f"prompt_ids must be 1-D, got shape {ids.shape}")
+            raise ValueError(f"tracker_ids must be 1-D, got shape {ids.shape}")
         if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
-            raise ValueError(f"prompt id {int(ids.max())} is out of range [0, {self.num_prompts})")
+            raise ValueError(f"tracker id {int(ids.max())} is out of range [0, {self.num_prompts})")
         return np.ascontiguousarray(ids, dtype=np.int64)
 
-    def _bad_id_error(self, prompt_ids, row: int) -> ValueError:
-        bad = int(np.asarray(prompt_ids)[row])
-        return ValueError(f"prompt id {bad} (row {row}) is out of range [0, {self.num_prompts})")
+    def _bad_id_error(self, tracker_ids, row: int) -> ValueError:
+        bad = int(np.asarray(tracker_ids)[row])
+        return ValueError(f"tracker id {bad} (row {row}) is out of range [0, {self.num_prompts})")
 
     # ----- read-outs ---------------------------------------------------------------------------------
 
@@ -266,20 +267,20 @@ class HistoryTracker:
         """int64[num_prompts], read-only view: the step each prompt was last updated at (-1 = never)."""
         return _read_only(self._table[:, _LAST])
 
-    def recent_mean_rewards(self, prompt_id: int) -> np.ndarray:
+    def recent_mean_rewards(self, tracker_id: int) -> np.ndarray:
         """float32[<= history]: the prompt's last group mean rewards, oldest first."""
-        if isinstance(prompt_id, bool) or not isinstance(prompt_id, Integral):
-            raise ValueError(f"prompt_id must be an integer, got {prompt_id!r}")
-        if not 0 <= prompt_id < self.num_prompts:
-            raise ValueError(f"prompt id {prompt_id} is out of range [0, {self.num_prompts})")
-        seen = int(self._table[prompt_id, _SEEN])
-        row = self._ring[prompt_id]
+        if isinstance(tracker_id, bool) or not isinstance(tracker_id, Integral):
+            raise ValueError(f"tracker_id must be an integer, got {tracker_id!r}")
+        if not 0 <= tracker_id < self.num_prompts:
+            raise ValueError(f"tracker id {tracker_id} is out of range [0, {self.num_prompts})")
+        seen = int(self._table[tracker_id, _SEEN])
+        row = self._ring[tracker_id]
         if seen <= self.history:
             return row[:seen].copy()
         start = seen % self.history  # the oldest entry is the next one to be overwritten
         return np.concatenate([row[start:], row[:start]])
 
-    def history_stats(self, prompt_ids, step: int) -> dict[str, float]:
+    def history_stats(self, tracker_ids, step: int) -> dict[str, float]:
         """What the history says about a batch's prompts before the batch is folded in (step metrics; 0.0 where
         no prompt of the batch was seen before):
 
@@ -287,10 +288,10 @@ class HistoryTracker:
         - ``correct_streak_max``: the longest all-correct streak a prompt of the batch comes in with;
         - ``steps_since_seen_mean``: mean steps since the seen prompts were last sampled.
         """
-        ids = self._as_ids(prompt_ids)
+        ids = self._as_ids(tracker_ids)
         if ids.size and not (ids.min() >= 0 and ids.max() < self.num_prompts):
             bad = int(np.flatnonzero((ids < 0) | (ids >= self.num_prompts))[0])
-            raise self._bad_id_error(prompt_ids, bad)
+            raise self._bad_id_error(tracker_ids, bad)
         rows = self._table[ids]
         seen = rows[:, _SEEN] > 0
         if not seen.any():
@@ -321,7 +322,7 @@ class HistoryTracker:
     # ----- resizing and checkpoints ------------------------------------------------------------------
 
     def grow(self, num_prompts: int) -> None:
-        """Make room for prompt ids up to num_prompts-1; new prompts start at base, never seen."""
+        """Make room for tracker ids up to num_prompts-1; new prompts start at base, never seen."""
         num_prompts = _check_count("num_prompts", num_prompts, minimum=0)
         if num_prompts < self.num_prompts:
             raise ValueError(f"cannot shrink the tracker from {self.num_prompts} to {num_prompts} prompts")

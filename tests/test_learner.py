@@ -194,7 +194,7 @@ def test_pack_layout_labels_and_mask():
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2]]
     # Position t predicts token t+1: response tokens only; prompt targets and sequence ends are ignored.
     assert b.labels.tolist() == [x, 20, 21, 22, x, x, x, x, 23, 24, x]
-    assert b.positions.tolist() == [1, 2, 3, 8, 9]
+    assert b.label_index.tolist() == [1, 2, 3, 8, 9]
     assert b.target_ids.tolist() == [20, 21, 22, 23, 24]
     assert b.row_seq.tolist() == [0] * 5 + [1] * 3 + [2] * 3
     assert b.seq_ids.tolist() == [0, 0, 0, 2, 2]
@@ -217,7 +217,7 @@ def test_pack_shared_prompts_layout():
     # prompt's last position (row index 1 for the group, 8 for the last sequence).
     assert b.input_ids.tolist() == [[10, 11, 20, 21, 22, 25, 26, 15, 23, 24]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2]]
-    assert b.positions.tolist() == [1, 2, 3, 1, 5, 7, 8]
+    assert b.label_index.tolist() == [1, 2, 3, 1, 5, 7, 8]
     assert b.target_ids.tolist() == [20, 21, 22, 25, 26, 23, 24]
     assert b.seq_ids.tolist() == [0, 0, 0, 2, 2, 3, 3]
     assert b.segments == [(0, 2, 2, 3), (0, 2, 5, 0), (0, 2, 5, 2), (7, 1, 8, 2)]

@@ -59,7 +59,7 @@ class RaggedKVCache:
         # Set by the engine before each prefill batch / decode step (read inside attention).
         self.prefill_prompts: torch.Tensor | None = None  # which prompts the current prefill batch holds
         self.num_prompts = rows
-        self.positions: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # per row: the next token's sequence position (= its KV slot)
         self.kv_len = 0
 
     @property
