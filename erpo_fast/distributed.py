@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from erpo_fast.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -36,7 +38,7 @@ def init_runtime(device: str = "auto") -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but no CUDA device is available")
+        raise ConfigError("trainer.device=cuda but no CUDA device is available")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -166,3 +166,17 @@ def test_dynamic_sampling_drops_and_refills(tmp_path):
         assert r["sequences_trained"] >= n * signal_groups  # refilling never loses first-round signal
         if r["rollout_rounds"] == 1:
             assert r["groups_dropped"] == batch - signal_groups
+
+
+def test_stale_engine_fails_the_weight_sync_check(tmp_path, capsys, monkeypatch):
+    # An engine that silently keeps its old weights (a bug one public trainer shipped) must stop the run at the
+    # sync check, with exit 1 and a message. 16 prompts and a warmer start: the first update has signal.
+    from erpo_fast.rollout_step import Rollout
+
+    monkeypatch.setattr(Rollout, "load_weights", lambda self, named_weights: None)
+    code = _run(tmp_path, "--max-steps", "2", "--trainer.lr", "3e-2", "--model.warm_start_steps", "200",
+                "--model.warm_start_batch_size", "32", "--trainer.prompts_per_step", "16")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "weight sync check at step 1" in err and "not sampling from the synced weights" in err
+    assert "Traceback" not in err
