@@ -77,17 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="per-response verification timeout (s)")
     args = parser.parse_args(argv)
 
-    from erpo_fast.data import DataError, load_prompts
-    from erpo_fast.models import ModelLoadError, load_model, resolve_dtype
+    from erpo_fast.data import load_prompts
+    from erpo_fast.errors import UserError
+    from erpo_fast.models import load_model, resolve_dtype
     from erpo_fast.rewards import get_reward_fn
     from erpo_fast.rewards.pool import RewardPool
     from erpo_fast.rollout import make_engine
 
     try:
         if any(k < 1 for k in args.k):
-            raise ValueError(f"--k values must be >= 1, got {args.k}")
+            raise UserError(f"--k values must be >= 1, got {args.k}")
         if args.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+            raise UserError(f"--temperature must be >= 0, got {args.temperature}")
         records = load_prompts(args.data)
         model, tokenizer = load_model(args.model)
         engine = make_engine(args.rollout, model) if args.rollout == "native" else make_engine(
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(engine, tokenizer, records, reward_pool=pool, ks=args.k,
                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
                               chat_template=not args.no_chat_template)
-    except (DataError, ModelLoadError, ValueError, ImportError) as e:
+    except (UserError, ValueError, ImportError) as e:  # ValueError: e.g. an engine's own argument check
         print(f"erpo_fast.evaluate: error: {e}", file=sys.stderr)
         return 2
     for key, value in result.items():
