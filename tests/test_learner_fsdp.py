@@ -135,18 +135,22 @@ def _worker(rank: int, case: str, store: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_two_ranks(case: str, tmp_path: Path) -> list[dict]:
+def spawn_ranks(worker, *args, what: str) -> None:
+    """Run ``worker(rank, *args)`` in WORLD processes; fail the test if they take over 180 s."""
     # fork: the children reuse this process's imports (torch + transformers take seconds to import).
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_worker, args=(case, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method=method)
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method=method)
     deadline = time.monotonic() + 180
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     os.kill(p.pid, 9)
-            pytest.fail(f"FSDP workers did not finish within 180 s ({case})")
+            pytest.fail(f"FSDP workers did not finish within 180 s ({what})")
+
+
+def run_two_ranks(case: str, tmp_path: Path) -> list[dict]:
+    spawn_ranks(_worker, case, str(tmp_path / "store"), str(tmp_path), what=case)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -207,16 +211,7 @@ def _shard_worker(rank: int, store: str, out_dir: str) -> None:
 def test_each_rank_saves_about_half_of_the_optimizer_state(tmp_path):
     """Sharded checkpoints: with 2 ranks, each rank's torch.distributed.checkpoint file holds about half of the
     AdamW state that one process saves (nobody gathers the full state), and the shards load back as it."""
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_shard_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method=method)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    os.kill(p.pid, 9)
-            pytest.fail("FSDP workers did not finish within 180 s")
+    spawn_ranks(_shard_worker, str(tmp_path / "store"), str(tmp_path), what="sharded optimizer save")
     single = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(), TrainerConfig(lr=1e-3),
                      copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
     single.train_on(make_sequences())
