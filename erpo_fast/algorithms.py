@@ -107,6 +107,8 @@ class LossSpec:
             raise ValueError(f"unknown ratio_level {self.ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
         if not (self.max_log_ratio > 0):
             raise ValueError(f"max_log_ratio must be > 0, got {self.max_log_ratio}")
+        if self.max_len is not None:
+            _check_max_len(self.max_len)
 
     @classmethod
     def from_config(cls, algo, max_len: int | None) -> LossSpec:
@@ -392,9 +394,13 @@ def aggregation_weights(
         return m / (num_seqs * seq_len[seg].clamp(min=1))
     if max_len is None:
         raise ValueError("loss_agg='seq_mean_token_sum_norm' needs max_len (the response-length budget)")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    _check_max_len(max_len)
     return m / (num_seqs * max_len)
+
+
+def _check_max_len(max_len) -> None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"max_len must be a positive int (the response-length budget), got {max_len!r}")
 
 
 def per_token_kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:

@@ -366,14 +366,12 @@ class Learner:
     def __init__(self, model: nn.Module, algo: AlgorithmConfig, trainer: TrainerConfig,
                  model_cfg: ModelConfig, *, device: str | torch.device = "auto", max_len: int,
                  ref_model: nn.Module | None = None):
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
-            raise ValueError(f"max_len must be a positive int (rollout.max_new_tokens), got {max_len!r}")
+        self.loss_spec = algorithms.LossSpec.from_config(algo, max_len)  # every loss setting, built (and checked) once
         if algo.kl_beta > 0 and ref_model is None:
             raise ValueError(f"algorithm.kl_beta={algo.kl_beta} needs a reference model (ref_model=...)")
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must be a separate (frozen) copy of the policy, not the same object")
-        self.algo, self.trainer, self.model_cfg, self.max_len = algo, trainer, model_cfg, max_len
-        self.loss_spec = algorithms.LossSpec.from_config(algo, max_len)  # every loss setting, built once
+        self.algo, self.trainer, self.model_cfg = algo, trainer, model_cfg
         self.device = resolve_device(device)
         self.compute_dtype = resolve_dtype(model_cfg.dtype, self.device)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
