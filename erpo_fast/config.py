@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -362,17 +363,13 @@ def validate(cfg: Config) -> Config:
             setattr(sub, f.name, value)
             _check_range(f"{section}.{f.name}", value, f.metadata)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-    if a.max_temperature < a.base_temperature:
-        raise ConfigError(f"algorithm.max_temperature ({a.max_temperature}) must be >= algorithm.base_temperature "
-                          f"({a.base_temperature})")
+    _check_with_modules(a, r)
     if r.n < 2 and (a.advantage != "reinforce_pp" or a.dynamic_sampling):
         raise ConfigError(f"rollout.n={r.n}: group advantages ({a.advantage}) and dynamic sampling need at least "
                           f"2 responses per prompt")
     if a.eps_high < a.eps_low:
         raise ConfigError(f"algorithm.eps_high ({a.eps_high}) must be >= algorithm.eps_low ({a.eps_low}) "
                           "(clip-higher)")
-    if a.loss_type == "cispo" and a.dual_clip is not None:
-        raise ConfigError("algorithm.dual_clip belongs to the ppo loss; unset it with algorithm.loss_type=cispo")
     if a.logprob_temperature == "one" and a.is_level == "none":
         raise ConfigError("algorithm.logprob_temperature=one needs a truncated IS correction: set "
                           "algorithm.is_level to token or sequence")
@@ -389,6 +386,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.reward={reward!r}: use one of {', '.join(builtin)}, or a custom verifier "
                           "as module:function or path/file.py:function")
     return cfg
+
+
+def _check_with_modules(a: AlgorithmConfig, r: RolloutConfig) -> None:
+    """The rules a module owns are checked by that module, not copied here: the tracker's temperature settings
+    and the loss settings (LossSpec). Their ValueErrors become ConfigErrors, knob names qualified."""
+    from erpo_fast.algorithms import LossSpec  # imported here: config.py itself stays free of torch and numba
+    from erpo_fast.tracker import HistoryTracker
+
+    try:
+        HistoryTracker(0, base_temperature=a.base_temperature, temperature_step=a.temperature_step,
+                       max_temperature=a.max_temperature, success_threshold=a.success_threshold, history=a.history)
+        LossSpec.from_config(a, r.max_new_tokens)
+    except ValueError as e:
+        names = "|".join(f.name for f in dataclasses.fields(AlgorithmConfig))
+        raise ConfigError(re.sub(rf"(?<![\w.])({names})\b", r"algorithm.\1", str(e))) from None
 
 
 # --- command line ---------------------------------------------------------------------------------------
