@@ -56,10 +56,8 @@ class Session:
                 "loop": {"nan_streak": self.nan_streak, "heldout_before": dict(self.heldout_before)}}
 
     def load_state_dict(self, state: dict, step: int) -> None:
-        try:
-            self.rollout.load_state_dict(state)
-        except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
-            raise ConfigError(f"--resume from step {step}: {e}") from None
+        """Restore :meth:`state_dict` (ValueError when it does not fit this run, e.g. another trainer.seed)."""
+        self.rollout.load_state_dict(state)
         self.learner.load_state_dict(state["learner"])
         restore_rng_state(state["rng"])
         self.nan_streak = int(state["loop"]["nan_streak"])
@@ -108,7 +106,10 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
             raise CheckpointError(f"{resume_from} has no sharded optimizer state ({SHARDS_DIRNAME}/); it was written "
                                   "by an older erpo-fast: resume it with that version, or start a fresh run")
         learner.load_optimizer(ckpt["shards_dir"])
-        session.load_state_dict(ckpt["state"], int(ckpt["step"]))
+        try:
+            session.load_state_dict(ckpt["state"], int(ckpt["step"]))
+        except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
+            raise ConfigError(f"--resume from {resume_from}: {e}") from None
         log.info("resumed from %s (step %d)", resume_from, session.start_step)
     return session
 

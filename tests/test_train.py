@@ -180,3 +180,11 @@ def test_stale_engine_fails_the_weight_sync_check(tmp_path, capsys, monkeypatch)
     assert code == 1
     assert "weight sync check at step 1" in err and "not sampling from the synced weights" in err
     assert "Traceback" not in err
+
+
+def test_resume_with_another_seed_is_a_one_line_usage_error(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, "--max-steps", "2", "--resume", "--seed", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "--resume from" in err[0] and "seed" in err[0], err
