@@ -48,8 +48,7 @@ class ModelConfig:
     tiny_heads: int = knob(4, "Built-in model: attention heads.", ge=1)
     tiny_kv_heads: int = knob(2, "Built-in model: key/value heads (GQA).", ge=1)
     tiny_intermediate_size: int = knob(384, "Built-in model: MLP width.", ge=8)
-    tiny_rope_theta: float = knob(10000.0, "Built-in model: rotary base. A small base resolves short distances "
-                                           "better (digit alignment on the digits task).", gt=0)
+    tiny_rope_theta: float = knob(10000.0, "Built-in model: rotary position base (RoPE theta).", gt=0)
     warm_start_steps: int = knob(400, "Built-in model: supervised warm-start steps on worked solutions "
                                       "(cached; 0 disables).", ge=0)
     warm_start_problems: int = knob(2000, "Built-in model: worked solutions the warm start trains on (disjoint "
@@ -221,8 +220,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
     # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
     "tiny-cpu": {
-        "model": {"tiny_rope_theta": 100.0, "warm_start_steps": 3000, "warm_start_problems": 20000,
-                  "warm_start_target_loss": 0.25},
+        "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3},
         "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 8},
         "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,

@@ -102,10 +102,24 @@ def test_quick_run_json_shape_and_consistency(quick_run):
         expect = np.mean(np.array(seed["frac_all_correct"]) + np.array(seed["frac_all_wrong"]))
         assert s["frac_residual_mean"] == pytest.approx(expect)
         assert s["step_time_s"] == pytest.approx(float(np.median(seed["time_step_s"])))
+        # Gains are measured against the seed's own starting model, which is the step-0 point of every arm.
+        before = arm["seeds"][0]["heldout_before"]
+        assert before == result["heldout_before_per_seed"]["0"]
+        assert s["heldout_mean_at_k_gain"]["4"] == pytest.approx(arm["seeds"][0]["heldout_final"]["mean_at_4"]
+                                                               - before["mean_at_4"])
     paired = result["paired_vs_grpo"]["erpo"]["pass_at_16"]["mean"]
     expect = (result["arms"]["erpo"]["seeds"][0]["heldout_final"]["pass_at_16"]
               - result["arms"]["grpo"]["seeds"][0]["heldout_final"]["pass_at_16"])
     assert paired == pytest.approx(expect)
+    # ERPO's own step-time overhead: its median step time over dapo's, same seed.
+    erpo, dapo = (result["arms"][a]["seeds"][0]["steps"]["time_step_s"] for a in ("erpo", "dapo"))
+    ratio = result["paired_vs_dapo"]["erpo"]["step_time_ratio"]["mean"]
+    assert ratio == pytest.approx(float(np.median(erpo) / np.median(dapo)))
+    assert "dapo" not in result["paired_vs_dapo"] and set(result["paired_vs_grpo"]) == set(ARMS) - {"grpo"}
+    # The task the comparison ran on is the preset's (the trainer's default), and its held-out split is that task's.
+    from erpo_fast.config import build_config
+
+    assert cfg["task"] == build_config("tiny-cpu", None, {}).data.task
 
 
 @pytest.mark.slow
@@ -119,6 +133,34 @@ def test_quick_run_writes_table_and_plots(quick_run):
         png = out / f"erpo_vs_baselines_{suffix}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "erpo_vs_baselines" in stdout and "step time (s)" in stdout
+    assert "Paired difference to dapo" in md and "Δ mean@4 vs start" in md
+
+
+@pytest.mark.slow
+def test_rerun_continues_from_cached_runs(quick_run, tmp_path):
+    """A second start with the same arguments reuses every finished run (a stopped comparison continues), and
+    reports the same figures; a different budget does not reuse them."""
+    out, _ = quick_run
+    work = out.parent / "work"
+    first = json.loads((out / "erpo_vs_baselines.json").read_text())
+    env = {**os.environ, "ERPO_FAST_CACHE": str(out.parent / "cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench.erpo_vs_baselines", "--quick", "--out-dir", str(tmp_path),
+                           "--work-dir", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(ARMS)} run(s) reused" in proc.stdout and "starting model seed" not in proc.stdout
+    again = json.loads((tmp_path / "erpo_vs_baselines.json").read_text())
+    for name in ARMS:
+        assert again["arms"][name]["seeds"] == first["arms"][name]["seeds"]
+    from bench.erpo_vs_baselines import ARMS as ARM_OVERRIDES
+    from bench.erpo_vs_baselines import EVAL_SEED, PRESET, QUICK, base_overrides, cache_key, cached, resolve_scale
+
+    def key(scale):
+        return cache_key(PRESET, "grpo", ARM_OVERRIDES["grpo"], {**base_overrides(resolve_scale(scale), 0),
+                                                                  "trainer.seed": 0}, EVAL_SEED)
+
+    hit, seed0 = cached(work / "grpo_seed0.json", key(QUICK)), first["arms"]["grpo"]["seeds"][0]
+    assert hit is not None and {**hit, "heldout_before": seed0["heldout_before"]} == seed0
+    assert cached(work / "grpo_seed0.json", key({**QUICK, "steps": QUICK["steps"] + 1})) is None
 
 
 def test_pass_at_4_from_16_samples_matches_enumeration():
