@@ -34,11 +34,13 @@ of its problems to the held-out split).
 The verifier (`digits_reward`) reads the response's last run of digits and compares it with the gold answer
 as text ("036" is not "36").
 
-Default levels: 4 alone. In the issue-13 trials (bench/NOTES.md, "Learning demo trials (issue 13)") a
-level-2 mix was memorised (4,095 problems: GRPO raised its training prompts, not held-out ones), and the
-tiny model's warm start learnt the digit alignment of one operand width but not the other in a 3,4 mix,
-depending on the seed; with level 4 alone, GRPO raised held-out mean@4 from 0.398 to 0.670 on one seed,
-while on another the 1500-step warm start had not learnt the alignment yet (0.02) and GRPO had nothing.
+Default levels: 4 alone; this is the embedded default job's task (preset tiny-cpu). In the issue-13 trials
+(bench/NOTES.md, "Learning demo trials (issue 13)") a level-2 mix was memorised (4,095 problems: GRPO raised its
+training prompts, not held-out ones), and the tiny model's warm start learnt the digit alignment of one operand
+width but not the other in a 3,4 mix, depending on the seed. With level 4 alone, the warm start's loss sits on
+a plateau until the model finds the alignment, after a seed-dependent number of steps; weight decay and many
+distinct worked problems (100k, about one pass) shorten it, and stopping the warm start at a target loss gives
+every seed a policy that has the procedure but still errs, from which GRPO and ERPO raise held-out accuracy.
 """
 
 from __future__ import annotations
