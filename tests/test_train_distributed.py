@@ -21,6 +21,7 @@ ARGS = [
     "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "200",
     "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
     "--model.warm_start_batch_size", "32", "--data.num_train", "64", "--data.num_heldout", "8",
+    "--model.tiny_rope_theta", "100",  # pinned: with the preset's base 10,000 step 1 has no signal here
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--trainer.threads", "1", "--trainer.lr", "1e-3", "--max-steps", "2", "--rollout.sync_check_every", "1",
