@@ -459,11 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")  # fresh interpreters: no torch thread pools or numba state shared by forks
 
+    # A cached run counts only if made with the same preset values (a changed preset makes every run stale).
+    from erpo_fast.config import build_config
+
+    preset_values = build_config(PRESET, None, {}).to_dict()
     # Step 0 of each seed: its warm start (the trainer's cache) and the held-out score of that starting model.
     bases: dict[int, dict] = {}
     base_jobs = []
     for seed in seeds:
-        key = cache_key(PRESET, "base", overrides[seed], EVAL_SEED)
+        key = cache_key(preset_values, "base", overrides[seed], EVAL_SEED)
         path = work / f"base_seed{seed}.json"
         if (hit := cached(path, key)) is not None:
             bases[seed] = hit
@@ -479,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for seed in seeds:
         for arm in args.arms:
-            key = cache_key(PRESET, arm, ARMS[arm], overrides[seed], EVAL_SEED)
+            key = cache_key(preset_values, arm, ARMS[arm], overrides[seed], EVAL_SEED)
             run_dir = work / f"{arm}_seed{seed}"
             if (hit := cached(work / f"{run_dir.name}.json", key)) is not None:
                 results[arm][seed] = hit

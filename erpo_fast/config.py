@@ -57,6 +57,11 @@ class ModelConfig:
     warm_start_batch_size: int = knob(64, "Built-in model: warm-start batch size.", ge=1)
     warm_start_weight_decay: float = knob(0.1, "Built-in model: warm-start AdamW weight decay (matrices only).",
                                           ge=0)
+    warm_start_restart_after: int = knob(0, "Built-in model: if the warm-start loss is still above "
+                                            "warm_start_restart_loss after this many steps, start again from a new "
+                                            "initialisation, within warm_start_steps in all (0: never).", ge=0)
+    warm_start_restart_loss: float = knob(1.2, "Built-in model: the loss that counts as still stuck (see "
+                                               "warm_start_restart_after).", gt=0)
     warm_start_target_loss: float = knob(0.0, "Built-in model: stop the warm start early once its loss (mean of "
                                               "the last 50 steps) is below this, leaving RL a policy that knows the "
                                               "procedure but still errs (0: run all warm_start_steps).", ge=0)
@@ -220,7 +225,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
     # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
     "tiny-cpu": {
-        "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3},
+        "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3,
+                  "warm_start_restart_after": 1000},
         "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 8},
         "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,

@@ -31,6 +31,7 @@ log = logging.getLogger("erpo_fast")
 
 CACHE_VERSION = 2  # bump when the warm-start recipe changes, so stale caches are not reused
 LOSS_WINDOW = 50  # steps averaged for warm_start_target_loss: one batch's loss is too noisy to stop on
+RESTART_SEED_STRIDE = 1000  # attempt k of the warm start initialises and samples with seed + k * stride
 
 
 def cache_root() -> Path:
@@ -69,19 +70,37 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, t
                  model_cfg.warm_start_steps, target)
         examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
                     for p in train_problems]
-        final_loss, steps = supervised_finetune(
-            model, examples, steps=model_cfg.warm_start_steps, lr=model_cfg.warm_start_lr,
-            batch_size=model_cfg.warm_start_batch_size, weight_decay=model_cfg.warm_start_weight_decay,
-            target_loss=model_cfg.warm_start_target_loss, seed=seed, progress=True)
-        log.info("warm start: %d SFT steps in %.1fs, final loss %.3f%s", steps, time.perf_counter() - t0,
-                 final_loss, " (target reached)" if steps < model_cfg.warm_start_steps else "")
+        left, attempt = model_cfg.warm_start_steps, 0
+        while True:
+            # A start that is still on the loss plateau after warm_start_restart_after steps is dropped for a new
+            # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, issue 13).
+            check = model_cfg.warm_start_restart_after
+            final_loss, steps = supervised_finetune(
+                model, examples, steps=left, lr=model_cfg.warm_start_lr,
+                batch_size=model_cfg.warm_start_batch_size, weight_decay=model_cfg.warm_start_weight_decay,
+                target_loss=model_cfg.warm_start_target_loss, seed=seed + RESTART_SEED_STRIDE * attempt,
+                progress=True, give_up=(check, model_cfg.warm_start_restart_loss) if 0 < check < left else None)
+            left -= steps
+            if steps == model_cfg.warm_start_restart_after and final_loss > model_cfg.warm_start_restart_loss \
+                    and left > 0:
+                attempt += 1
+                log.warning("warm start: loss %.3f after %d steps is still above %.2f; starting again from a new "
+                            "initialisation (attempt %d, %d steps left)", final_loss, steps,
+                            model_cfg.warm_start_restart_loss, attempt + 1, left)
+                model = build_tiny_qwen2(tokenizer, model_cfg, seed + RESTART_SEED_STRIDE * attempt)
+                continue
+            break
+        reached = 0 < final_loss < model_cfg.warm_start_target_loss
+        log.info("warm start: %d SFT steps in %.1fs (%d restart(s)), final loss %.3f%s",
+                 model_cfg.warm_start_steps - left, time.perf_counter() - t0, attempt, final_loss,
+                 " (target reached)" if reached else "")
     _save_atomically(model, tokenizer, target)
     return target
 
 
 def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, steps: int, lr: float,
                         batch_size: int, seed: int, weight_decay: float = 0.0, target_loss: float = 0.0,
-                        progress: bool = False) -> tuple[float, int]:
+                        give_up: tuple[int, float] | None = None, progress: bool = False) -> tuple[float, int]:
     """Cross-entropy on response tokens through the fused log-prob kernel (no [tokens x vocab] logits).
 
     Returns (mean loss of the last steps, steps run). Schedule: linear warm-up over the first 100 steps (or
@@ -90,6 +109,7 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     alignment, after a seed-dependent number of steps; decay and the flat first half got seeds off it that a
     plain cosine left there (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean
     loss of the last LOSS_WINDOW steps is below it, so RL starts from comparable competence on every seed.
+    With `give_up` = (k, loss) the run also stops after k steps if that mean loss is still above `loss`.
     """
     gen = torch.Generator().manual_seed(seed)
     matrices = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embed" not in name]
@@ -123,6 +143,8 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         mean_loss = sum(recent) / len(recent)
         bar.update(1, f"loss {mean_loss:.3f}")
         if target_loss > 0 and len(recent) == LOSS_WINDOW and mean_loss < target_loss:
+            break
+        if give_up is not None and done == give_up[0] and mean_loss > give_up[1]:
             break
     bar.close()
     model.eval()

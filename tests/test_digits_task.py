@@ -167,3 +167,35 @@ def test_warm_start_decays_matrices_only():
         else:  # Adam moves each entry by at most ~lr per step
             torch.testing.assert_close(p.detach(), before[n], atol=1e-4, rtol=0, msg=n)
     assert torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all()
+
+
+def test_warm_start_gives_up_on_a_stuck_start_and_restarts(tmp_path, monkeypatch, caplog):
+    """A start still above warm_start_restart_loss after warm_start_restart_after steps is replaced by a new
+    initialisation, within warm_start_steps in all; a start that gets below it is kept."""
+    import logging
+
+    from erpo_fast import warm_start
+    from erpo_fast.config import DataConfig, ModelConfig
+
+    tok, model = _tiny_model()
+    examples = [([5, 6, 7], [8, 9, tok.eos_token_id])]
+    assert warm_start.supervised_finetune(model, examples, steps=30, lr=1e-3, batch_size=2, seed=0,
+                                          give_up=(10, 0.0))[1] == 10  # any loss is above 0: stuck
+    assert warm_start.supervised_finetune(model, examples, steps=30, lr=1e-3, batch_size=2, seed=0,
+                                          give_up=(10, 1e9))[1] == 30  # never stuck: runs on
+
+    monkeypatch.setenv("ERPO_FAST_CACHE", str(tmp_path))
+    inits = []
+    real_build = warm_start.build_tiny_qwen2
+    monkeypatch.setattr(warm_start, "build_tiny_qwen2", lambda tok, cfg, seed: inits.append(seed) or
+                        real_build(tok, cfg, seed))
+    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64,
+                      warm_start_steps=12, warm_start_batch_size=2, warm_start_restart_after=5,
+                      warm_start_restart_loss=1e-9)
+    problems = make_splits(seed=0, num_train=4, num_heldout=2, levels=(1,), num_warm_start=8)[2]
+    with caplog.at_level(logging.INFO, logger="erpo_fast"):
+        path = warm_start.builtin_model_dir(cfg, DataConfig(task="digits"), 3, problems)
+    assert (path / "config.json").is_file()
+    stride = warm_start.RESTART_SEED_STRIDE
+    assert inits == [3, 3 + stride, 3 + 2 * stride]  # 5 steps, 5 steps, then the last 2 with no check left
+    assert "12 SFT steps" in caplog.text and "(2 restart(s))" in caplog.text

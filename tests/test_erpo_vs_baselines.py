@@ -153,14 +153,17 @@ def test_rerun_continues_from_cached_runs(quick_run, tmp_path):
         assert again["arms"][name]["seeds"] == first["arms"][name]["seeds"]
     from bench.erpo_vs_baselines import ARMS as ARM_OVERRIDES
     from bench.erpo_vs_baselines import EVAL_SEED, PRESET, QUICK, base_overrides, cache_key, cached, resolve_scale
+    from erpo_fast.config import build_config
 
-    def key(scale):
-        return cache_key(PRESET, "grpo", ARM_OVERRIDES["grpo"], {**base_overrides(resolve_scale(scale), 0),
-                                                                  "trainer.seed": 0}, EVAL_SEED)
+    def key(scale, preset=None):
+        return cache_key(preset or build_config(PRESET, None, {}).to_dict(), "grpo", ARM_OVERRIDES["grpo"],
+                         {**base_overrides(resolve_scale(scale), 0), "trainer.seed": 0}, EVAL_SEED)
 
     hit, seed0 = cached(work / "grpo_seed0.json", key(QUICK)), first["arms"]["grpo"]["seeds"][0]
     assert hit is not None and {**hit, "heldout_before": seed0["heldout_before"]} == seed0
     assert cached(work / "grpo_seed0.json", key({**QUICK, "steps": QUICK["steps"] + 1})) is None
+    changed_preset = build_config(PRESET, None, {"model.warm_start_lr": 1e-3}).to_dict()
+    assert cached(work / "grpo_seed0.json", key(QUICK, changed_preset)) is None
 
 
 def test_pass_at_4_from_16_samples_matches_enumeration():
