@@ -60,6 +60,7 @@ ARMS: dict[str, dict[str, object]] = {
 }
 KS = (4, 16)
 EVAL_SEED = 20251  # one seed for every evaluation: arms are compared on common random numbers
+NO_SIGNAL_START = 0.05  # held-out mean@4 of a starting model below which its seed is reported apart
 STEP_KEYS = ("reward_mean", "frac_all_correct", "frac_all_wrong", "frac_mixed", "revived", "temperature_mean",
              "temperature_max", "entropy", "time_step_s", "groups_dropped", "sequences_trained")
 
@@ -292,9 +293,9 @@ def _pm(m: float | None, s: float | None, digits: int = 3) -> str:
     return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def table_rows(result: dict) -> list[dict]:
+def table_rows(result: dict, arms: dict | None = None) -> list[dict]:
     rows = []
-    for name, arm in result["arms"].items():
+    for name, arm in (arms or result["arms"]).items():
         s = arm["summary"]
         rows.append({
             "arm": name,
@@ -333,17 +334,14 @@ def markdown(result: dict) -> str:
              f"pass@16 {before['pass_at_16']:.3f}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
-    for baseline in ("grpo", "dapo"):
-        paired = result.get(f"paired_vs_{baseline}")
-        if not paired:
-            continue
-        lines += ["", f"Paired difference to {baseline} (same seed), mean ± stderr over seeds:", "",
-                  "| arm | Δ mean@4 | Δ mean@16 | Δ pass@4 | Δ pass@16 | step time ratio |",
-                  "|---|---|---|---|---|---|"]
-        for name, d in paired.items():
-            lines.append(f"| {name} | " + " | ".join(_pm(d[k]["mean"], d[k]["stderr"]) for k in
-                                                      ("mean_at_4", "mean_at_16", "pass_at_4", "pass_at_16",
-                                                       "step_time_ratio")) + " |")
+    lines += _paired_tables(result)
+    if working := result.get("with_signal"):
+        lines += ["", f"### Only the seeds whose warm start worked ({len(working['seeds'])} of {cfg['seeds']}: "
+                  f"seeds {', '.join(map(str, result['seeds_without_signal']))} started below held-out mean@4 "
+                  f"{NO_SIGNAL_START}, so no arm had anything to learn from)", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in table_rows(result, working["arms"])]
+        lines += _paired_tables(working)
     lines += ["", "'revived' counts mixed groups of prompts whose tracker temperature was above base. The tracker "
               "runs in every arm, but only erpo/erpo_ra sample at its temperature: in grpo/dapo the count is the "
               "T=1 counterfactual (prompts ERPO would have heated that came back mixed anyway). 'step time' is "
@@ -356,6 +354,22 @@ def markdown(result: dict) -> str:
         counts = arm["summary"]["final_temperature_counts"]
         lines.append(f"- {name}: " + ", ".join(f"T={float(t):.1f}: {c}" for t, c in counts.items()))
     return "\n".join(lines) + "\n"
+
+
+def _paired_tables(result: dict) -> list[str]:
+    lines = []
+    for baseline in ("grpo", "dapo"):
+        paired = result.get(f"paired_vs_{baseline}")
+        if not paired:
+            continue
+        lines += ["", f"Paired difference to {baseline} (same seed), mean ± stderr over seeds:", "",
+                  "| arm | Δ mean@4 | Δ mean@16 | Δ pass@4 | Δ pass@16 | step time ratio |",
+                  "|---|---|---|---|---|---|"]
+        for name, d in paired.items():
+            lines.append(f"| {name} | " + " | ".join(_pm(d[k]["mean"], d[k]["stderr"]) for k in
+                                                      ("mean_at_4", "mean_at_16", "pass_at_4", "pass_at_16",
+                                                       "step_time_ratio")) + " |")
+    return lines
 
 
 def write_plots(result: dict, out_dir: Path) -> list[Path]:
@@ -528,6 +542,22 @@ def report(out_dir: Path, result: dict) -> int:
     for baseline in ("grpo", "dapo"):
         if baseline in result["arms"]:
             result[f"paired_vs_{baseline}"] = paired_differences(result["arms"], baseline)
+    # A seed whose warm start failed (e.g. never left the loss plateau) gives every arm zero signal; the report
+    # shows the comparison without such seeds too. The rule looks only at the starting model, never at RL.
+    starts = {int(s): b["mean_at_4"] for s, b in result["heldout_before_per_seed"].items()}
+    result["seeds_without_signal"] = sorted(s for s, m in starts.items() if m < NO_SIGNAL_START)
+    result.pop("with_signal", None)
+    if result["seeds_without_signal"] and len(result["seeds_without_signal"]) < len(starts):
+        keep = {s for s, m in starts.items() if m >= NO_SIGNAL_START}
+        arms = {name: {"seeds": [sd for sd in arm["seeds"] if sd["seed"] in keep]}
+                for name, arm in result["arms"].items()}
+        for arm in arms.values():
+            arm["summary"] = summarize_arm(arm["seeds"], result["config"]["window"])
+        working = {"seeds": sorted(keep), "arms": {n: {"summary": a["summary"]} for n, a in arms.items()}}
+        for baseline in ("grpo", "dapo"):
+            if baseline in arms:
+                working[f"paired_vs_{baseline}"] = paired_differences(arms, baseline)
+        result["with_signal"] = working
     (out_dir / f"{NAME}.json").write_text(json.dumps(result, separators=(",", ":"), default=float) + "\n")
     (out_dir / f"{NAME}.md").write_text(markdown(result))
     plots = write_plots(result, out_dir)

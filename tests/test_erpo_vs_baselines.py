@@ -175,3 +175,37 @@ def test_pass_at_4_from_16_samples_matches_enumeration():
         subsets = list(combinations(range(16), 4))
         brute = sum(any(outcomes[i] for i in sub) for sub in subsets) / len(subsets)
         assert pass_at_k(16, correct, 4) == pytest.approx(brute)
+
+
+@pytest.mark.slow
+def test_a_seed_whose_warm_start_failed_is_also_reported_apart(quick_run, tmp_path):
+    """A seed whose starting model scores below NO_SIGNAL_START gives no arm any signal: the report keeps it in
+    the main table and adds the comparison over the other seeds, chosen by the starting model alone."""
+    import copy
+
+    from bench.erpo_vs_baselines import NO_SIGNAL_START, report
+
+    out, _ = quick_run
+    result = json.loads((out / "erpo_vs_baselines.json").read_text())
+    failed = copy.deepcopy(result)
+    failed["config"]["seeds"] = 2
+    # (The quick run's 300-step warm start may itself score ~0: give seed 0 a working start for this check.)
+    failed["heldout_before_per_seed"]["0"]["mean_at_4"] = 0.5
+    failed["heldout_before_per_seed"]["1"] = {k: 0.0 for k in result["heldout_before_per_seed"]["0"]}
+    for arm in failed["arms"].values():
+        arm["seeds"][0]["heldout_before"] = failed["heldout_before_per_seed"]["0"]
+        dead = copy.deepcopy(arm["seeds"][0])
+        dead.update(seed=1, heldout_before=failed["heldout_before_per_seed"]["1"])
+        dead["heldout_final"] = {k: 0.0 for k in dead["heldout_final"]}
+        arm["seeds"].append(dead)
+    assert report(tmp_path, failed) == 0
+    again = json.loads((tmp_path / "erpo_vs_baselines.json").read_text())
+    assert again["seeds_without_signal"] == [1] and again["with_signal"]["seeds"] == [0]
+    # Over the working seed alone the paired differences are seed 0's, as in the one-seed report.
+    for arm in ("dapo", "erpo", "erpo_ra"):
+        for key in ("mean_at_4", "pass_at_16"):
+            assert again["with_signal"]["paired_vs_grpo"][arm][key]["mean"] == pytest.approx(
+                result["paired_vs_grpo"][arm][key]["mean"])
+    assert again["arms"]["grpo"]["summary"]["num_seeds"] == 2  # the main table keeps every seed
+    md = (tmp_path / "erpo_vs_baselines.md").read_text()
+    assert f"seeds 1 started below held-out mean@4 {NO_SIGNAL_START}" in md
