@@ -146,11 +146,6 @@ class PackedBatch:
         return int(self.label_index.numel())
 
     @property
-    def positions(self) -> Tensor:
-        """Old name of :attr:`label_index`, kept while warm_start.py and tests/test_digits_task.py use it."""
-        return self.label_index
-
-    @property
     def num_sequences(self) -> int:
         """Sequences with at least one trained token (the seq_* aggregations' S)."""
         return sum(1 for n in self.response_lengths if n > 0)

@@ -132,7 +132,7 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
         batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
                                temperature=1.0)
-        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.positions]
+        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.label_index]
         loss = -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -143,7 +143,7 @@ def test_warm_start_stops_at_the_target_loss():
     # The reported loss is the model's: an independent forward pass on the examples agrees it learnt them.
     batch = pack_sequences([RolloutSequence(*e, [], 1.0, 0.0, i) for i, e in enumerate(examples)], temperature=1.0)
     with torch.no_grad():
-        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.positions]
+        hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.label_index]
         assert -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean() < 0.5
     # Without a target every step runs.
     _, model = _tiny_model()
