@@ -1,7 +1,7 @@
 """python -m erpo_fast.train: GRPO-family / ERPO training, colocated rollout engine and learner.
 
 With no arguments it runs the embedded default (preset tiny-cpu): a tiny Qwen2 with a character tokenizer,
-warm-started on the built-in arithmetic task, then trained with ERPO on a CPU. See the README for the knobs;
+warm-started on the built-in digits task, then trained with ERPO on a CPU. See the README for the knobs;
 `--help` lists them all. Under `torchrun --nproc_per_node K` the learner is sharded with FSDP2.
 
 One step (`train_step`): ``batch = rollout.collect(step)`` (pick prompts -> the tracker gives each its temperature
