@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.erpo_vs_baselines", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, a few steps, a tiny held-out set")
     parser.add_argument("--seeds", type=int, help="seeds per arm (0..S-1)")
+    parser.add_argument("--seed-list", type=int, nargs="+", help="run these seeds instead of 0..S-1 (e.g. to add "
+                        "or redo one seed; merge the JSONs by hand)")
     parser.add_argument("--steps", type=int, help="training steps per run")
     parser.add_argument("--eval-every", type=int, help="held-out evaluation every K steps")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -465,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir, work = Path(args.out_dir), Path(args.work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    seeds = list(range(scale["seeds"]))
+    seeds = sorted(set(args.seed_list)) if args.seed_list else list(range(scale["seeds"]))
+    scale["seeds"] = len(seeds)
     overrides = {seed: {**base_overrides(scale, seed if args.data_seed is None else args.data_seed),
                         "trainer.seed": seed} for seed in seeds}
     load_before = os.getloadavg()

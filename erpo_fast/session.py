@@ -132,17 +132,15 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     """The user's model folder, or the warm-started built-in model (rank 0 builds it; the others wait)."""
     if cfg.model.path is not None:
         return Path(cfg.model.path)
-    from erpo_fast.tasks.builtin import splits
-    from erpo_fast.warm_start import builtin_model_dir
+    from erpo_fast.warm_start import builtin_model_for
 
     # The warm start imitates worked solutions of problems that are neither RL prompts nor held-out ones, so
-    # RL starts from a policy that has learnt some arithmetic rather than one that memorised its prompts.
-    problems = splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2]
+    # RL starts from a policy that has learnt the task's procedure rather than one that memorised its prompts.
     if rt.is_main:
-        path = builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)
+        path = builtin_model_for(cfg)
     barrier(rt)
     if not rt.is_main:
-        path = builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)  # cached by rank 0
+        path = builtin_model_for(cfg)  # cached by rank 0
     return path
 
 

@@ -1,9 +1,11 @@
 """Warm start of the built-in tiny model: a short supervised stage on the task's worked solutions, cached.
 
-RL from a random policy would see only all-wrong groups (zero signal). A few hundred SFT steps on worked
-solutions give a policy that solves the easy levels and some harder prompts, which is where GRPO and ERPO
-have something to learn. The result is an ordinary HF model folder (+ tokenizer) under the cache directory,
-keyed by everything that determines it, written atomically and reused by later runs.
+RL from a random policy would see only all-wrong groups (zero signal). Supervised steps on worked solutions of
+problems that are neither RL prompts nor held-out ones give a policy that has the task's procedure but still
+errs, which is where GRPO and ERPO have something to learn: the stage stops at a target loss, and a start still
+stuck on the loss plateau is replaced by a new initialisation (see `supervised_finetune` and bench/NOTES.md,
+issue 13). The result is an ordinary HF model folder (+ tokenizer) under the cache directory, keyed by
+everything that determines it, written atomically and reused by later runs.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> s
 
 def builtin_model_for(cfg) -> Path:
     """The warm-started built-in model of a config (its model.tiny_*/warm_start_* knobs and data task, seed
-    and split sizes), trained on first use. Single-process; the trainer's ranks go through `builtin_model_dir`."""
+    and split sizes), trained on first use."""
     from erpo_fast.tasks.builtin import splits
 
     problems = splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2]
