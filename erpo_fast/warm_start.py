@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,12 +56,15 @@ def builtin_model_for(cfg) -> Path:
     and split sizes), trained on first use."""
     from erpo_fast.tasks.builtin import splits
 
-    problems = splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2]
-    return builtin_model_dir(cfg.model, cfg.data, cfg.data.seed, problems)
+    return builtin_model_dir(cfg.model, cfg.data, cfg.data.seed,
+                             lambda: splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2])
 
 
-def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, train_problems) -> Path:
-    """The warm-started built-in model's folder, training it first if the cache does not have it."""
+def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int,
+                      load_problems: Callable[[], list]) -> Path:
+    """The warm-started built-in model's folder, training it first if the cache does not have it.
+    `load_problems()` gives the worked problems; it is called only on a cache miss (drawing ~100k problems
+    costs seconds that a cached run need not pay)."""
     target = cache_root() / "warm_start" / warm_start_key(model_cfg, data_cfg, seed)
     if (target / "config.json").is_file():
         return target
@@ -71,7 +75,7 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, t
         log.info("warm start of the built-in model: %d supervised steps, first use only (cached in %s)",
                  model_cfg.warm_start_steps, target)
         examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
-                    for p in train_problems]
+                    for p in load_problems()]
         left, attempt = model_cfg.warm_start_steps, 0
         while True:
             # A start that is still on the loss plateau after warm_start_restart_after steps is dropped for a new

@@ -194,7 +194,7 @@ def test_warm_start_gives_up_on_a_stuck_start_and_restarts(tmp_path, monkeypatch
                       warm_start_restart_loss=1e-9)
     problems = make_splits(seed=0, num_train=4, num_heldout=2, levels=(1,), num_warm_start=8)[2]
     with caplog.at_level(logging.INFO, logger="erpo_fast"):
-        path = warm_start.builtin_model_dir(cfg, DataConfig(task="digits"), 3, problems)
+        path = warm_start.builtin_model_dir(cfg, DataConfig(task="digits"), 3, lambda: problems)
     assert (path / "config.json").is_file()
     stride = warm_start.RESTART_SEED_STRIDE
     assert inits == [3, 3 + stride, 3 + 2 * stride]  # 5 steps, 5 steps, then the last 2 with no check left
