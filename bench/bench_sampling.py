@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run by path: make `bench` and `erpo_fast` impor
 import torch  # noqa: E402
 
 from bench.common import print_table, time_fn, write_results  # noqa: E402
-from erpo_fast.kernels import sample_tokens  # noqa: E402
+from erpo_fast.kernels.sampling import sample_tokens  # noqa: E402
 
 VOCAB = 151936
 FILTERS = {"none": dict(), "top_k=50,top_p=0.9": dict(top_k=50, top_p=0.9)}

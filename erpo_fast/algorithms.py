@@ -66,7 +66,7 @@ class LossSpec:
     """Every setting of the GRPO-family policy loss, declared once and validated once (at construction).
 
     The learner builds it from the config (:meth:`from_config`) and passes it down unchanged:
-    ``Learner`` -> ``erpo_fast.kernels.linear_grpo_loss`` -> its backend -> :func:`policy_loss` /
+    ``Learner`` -> ``erpo_fast.kernels.fused_linear.linear_grpo_loss`` -> its backend -> :func:`policy_loss` /
     :func:`per_token_policy_loss`. Those functions also take the settings as keywords (``eps_low=0.1``, ...),
     which override the given spec's (or the defaults'): ``LossSpec.resolve(spec, settings)``.
 

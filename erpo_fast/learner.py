@@ -465,7 +465,7 @@ class Learner:
 
     @torch.no_grad()
     def _batch_logprobs(self, root: nn.Module, batch: PackedBatch) -> Tensor:
-        from erpo_fast.kernels import linear_logprobs
+        from erpo_fast.kernels.fused_linear import linear_logprobs
 
         hidden, weight = self._hidden(root, batch)
         return linear_logprobs(hidden, weight, batch.target_ids, batch.temperature).float()
@@ -642,7 +642,7 @@ class Learner:
         sequences for the seq_* modes), times the world size to undo FSDP2's gradient averaging, so that the
         sum over micro-batches and ranks is exactly the full-batch gradient. Returns global metrics.
         """
-        from erpo_fast.kernels import linear_grpo_loss
+        from erpo_fast.kernels.fused_linear import linear_grpo_loss
 
         temperature = self._loss_temperature()
         mini = list(range(len(sequences)))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from erpo_fast.config import DataConfig, ModelConfig
-from erpo_fast.kernels import linear_logprobs
+from erpo_fast.kernels.fused_linear import linear_logprobs
 from erpo_fast.learner import RolloutSequence, pack_sequences
 from erpo_fast.logger import Progress
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight

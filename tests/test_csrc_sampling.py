@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from erpo_fast.kernels import sample_tokens
+from erpo_fast.kernels.sampling import sample_tokens
 from erpo_fast.kernels.sampling import processed_logprobs_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -160,7 +160,7 @@ def test_cache_dir_respects_environment(monkeypatch, tmp_path):
 def test_auto_falls_back_to_torch_when_the_build_fails(tmp_path):
     code = (
         "import torch\n"
-        "from erpo_fast.kernels import sample_tokens\n"
+        "from erpo_fast.kernels.sampling import sample_tokens\n"
         "z = torch.randn(3, 50)\n"
         "a = sample_tokens(z, 1.0, seed=1)\n"
         "b = sample_tokens(z, 1.0, seed=1)\n"

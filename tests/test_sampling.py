@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from erpo_fast.kernels import sample_tokens
+from erpo_fast.kernels.sampling import sample_tokens
 from erpo_fast.kernels.sampling import kept_mask_reference, processed_logprobs_reference
 from erpo_fast.kernels.sampling.torch_sampler import kept_thresholds
 from erpo_fast.kernels.sampling.triton_kernels import kept_thresholds_triton

@@ -1,6 +1,6 @@
 """Rollout engines: prompts in, n sampled responses per prompt (each prompt at its own temperature) out.
 
-- ``NativeEngine``: embedded, plain torch + ``erpo_fast.kernels.sample_tokens``; CPU and GPU.
+- ``NativeEngine``: embedded, plain torch + ``erpo_fast.kernels.sampling.sample_tokens``; CPU and GPU.
 - ``VLLMEngine``: colocated vLLM with sleep mode (GPU); needs ``pip install 'erpo-fast[vllm]'``. vLLM is
   imported only when a VLLMEngine is built, so this package imports without it.
 

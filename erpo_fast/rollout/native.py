@@ -13,7 +13,7 @@ It drives any Hugging Face causal LM with its own batched decode loop:
   rows of its samples. Only the last real position of each prompt reaches the LM head.
 - **Finished rows stop costing compute.** When enough rows have stopped, the batch is compacted:
   the cache and the per-row state keep only the live rows (``compact_below``).
-- **Sampling** goes through ``erpo_fast.kernels.sample_tokens`` with a per-row temperature tensor
+- **Sampling** goes through ``erpo_fast.kernels.sampling.sample_tokens`` with a per-row temperature tensor
   (temperature, then top-k, then top-p); it returns the processed log-prob of each sampled token.
 
 Two backends run the model:
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from erpo_fast.kernels import sample_tokens
+from erpo_fast.kernels.sampling import sample_tokens
 from erpo_fast.kernels.sampling import derive_seeds
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
