@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-from erpo_fast.kernels.sampling import sample_tokens
-from erpo_fast.kernels.sampling import processed_logprobs_reference
+from erpo_fast.kernels.sampling import processed_logprobs_reference, sample_tokens
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler on this machine")

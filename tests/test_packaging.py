@@ -125,11 +125,11 @@ def test_wheel_installs_and_imports_in_a_clean_virtual_environment(tmp_path):
                                   "--target", site, str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
 
-    got = _probe(python, tmp_path)
-    assert _inside(got["erpo_fast"], Path(site)) and _inside(got["csrc"], Path(site)), got
-    assert _inside(got["fused_linear"], Path(site)), got
+    outside = _probe(python, tmp_path)
+    assert _inside(outside["erpo_fast"], Path(site)) and _inside(outside["csrc"], Path(site)), outside
+    assert _inside(outside["fused_linear"], Path(site)), outside
     # From the repository root the checkout comes first on sys.path (plain Python), and still never as `kernels`.
-    for got in (got, _probe(python, ROOT)):
+    for got in (outside, _probe(python, ROOT)):
         assert got["transformers"] == ["Qwen2ForCausalLM", "LlamaForCausalLM"]
         if _hf_kernels_installed():
             assert got["kernels"] is not None and not _inside(got["kernels"], ROOT / "kernels"), got

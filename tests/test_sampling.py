@@ -11,8 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from erpo_fast.kernels.sampling import sample_tokens
-from erpo_fast.kernels.sampling import kept_mask_reference, processed_logprobs_reference
+from erpo_fast.kernels.sampling import kept_mask_reference, processed_logprobs_reference, sample_tokens
 from erpo_fast.kernels.sampling.torch_sampler import kept_thresholds
 from erpo_fast.kernels.sampling.triton_kernels import kept_thresholds_triton
 
@@ -340,3 +339,21 @@ def test_cuda_row_seeds_match_reference_and_ignore_batch_layout(backend):
     permuted = sample_tokens(logits[perm], T[perm], top_k=top_k[perm], top_p=top_p[perm], seed=seeds[perm],
                              backend=backend)[0]
     assert torch.equal(permuted, tokens[perm])
+
+
+def test_triton_sampler_refuses_a_triton_older_than_3_4(monkeypatch):
+    # Before 3.4, tl.randint with int64 offsets returned 64-bit Philox values; the noise needs 32-bit draws.
+    import importlib.util
+
+    import triton
+
+    from erpo_fast.kernels.sampling import triton_kernels
+
+    def load_as(version: str):
+        monkeypatch.setattr(triton, "__version__", version)
+        spec = importlib.util.spec_from_file_location("triton_kernels_copy", triton_kernels.__file__)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+    with pytest.raises(ImportError, match=r"needs triton>=3.4 \(found 3.3.1\)"):
+        load_as("3.3.1")
+    load_as("3.4.0")

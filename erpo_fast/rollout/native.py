@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from erpo_fast.kernels.sampling import sample_tokens
-from erpo_fast.kernels.sampling import derive_seeds
+from erpo_fast.kernels.sampling import derive_seeds, sample_tokens
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
 

@@ -23,6 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+# The Gumbel noise takes 23 bits of a 32-bit tl.randint draw. With int64 offsets, Triton before 3.4 ran 64-bit
+# Philox and returned 64-bit values (triton-lang/triton#6832), which would make the noise silently wrong.
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 4):
+    raise ImportError(f"erpo_fast's Triton sampler needs triton>=3.4 (found {triton.__version__})")
+
 INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
 
 

@@ -1,0 +1,41 @@
+# Sourced by scripts/bootstrap.sh and scripts/vllm_env.sh: install_lock PYTHON LOCKFILE installs exactly the
+# versions pinned in LOCKFILE (requirements/*.txt, written by scripts/lock.sh), with --no-deps, so nothing is
+# re-resolved and a release elsewhere cannot change the environment.
+#
+# torch is handled first and on its own:
+#   - no NVIDIA driver (CPU machine): torch==<the lock's version without its +cpu tag>, unless that version is
+#     already importable; these machines serve it as a local CPU wheel (elsewhere, install the CPU wheel of that
+#     version from PyTorch's CPU index first, and it is kept);
+#   - an NVIDIA GPU: an importable torch (and its triton) is kept, whatever its version; otherwise the lock's
+#     version (a CUDA build).
+
+# pip_q PYTHON ARGS...: a quiet `pip install` that keeps pip's exit status and drops this machine's noise about
+# empty local index folders.
+pip_q() {
+    local out rc=0
+    out="$("$1" -m pip install --disable-pip-version-check -q "${@:2}" 2>&1)" || rc=$?
+    printf '%s\n' "$out" | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+    return "$rc"
+}
+
+install_lock() {
+    local vpy="$1" lock="$2" filtered torch_version have gpu=0
+    [ -f "$lock" ] || { echo "[install] no lock file $lock (run: bash scripts/lock.sh)" >&2; return 1; }
+    command -v nvidia-smi >/dev/null 2>&1 && gpu=1
+    torch_version="$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' "$lock")"
+    have="$("$vpy" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+    if [ -z "$have" ] || { [ "$gpu" = 0 ] && [ "$have" != "$torch_version" ]; }; then
+        echo "[install] torch==$torch_version" >&2
+        pip_q "$vpy" "torch==$torch_version"
+    fi
+    "$vpy" -c "import torch" || { echo "[install] torch failed to install" >&2; return 1; }
+    # pip, setuptools and wheel as locked, before the rest (they install it).
+    pip_q "$vpy" --no-deps $(grep -E '^(pip|setuptools|wheel)==' "$lock" | cut -d' ' -f1)
+    filtered="$(dirname "$vpy")/../.lock-installed.txt"
+    if [ "$gpu" = 1 ]; then
+        grep -vE '^(torch|triton)==' "$lock" > "$filtered"
+    else
+        grep -vE '^torch==' "$lock" > "$filtered"
+    fi
+    pip_q "$vpy" --no-deps -r "$filtered"
+}
