@@ -26,9 +26,9 @@ install_lock() {
     have="$("$vpy" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
     if [ -z "$have" ] || { [ "$gpu" = 0 ] && [ "$have" != "$torch_version" ]; }; then
         echo "[install] torch==$torch_version" >&2
-        pip_q "$vpy" "torch==$torch_version"
+        # On a CPU machine the lock holds torch's dependencies too; a CUDA build needs its nvidia-* packages.
+        if [ "$gpu" = 0 ]; then pip_q "$vpy" --no-deps "torch==$torch_version"; else pip_q "$vpy" "torch==$torch_version"; fi
     fi
-    "$vpy" -c "import torch" || { echo "[install] torch failed to install" >&2; return 1; }
     # pip, setuptools and wheel as locked, before the rest (they install it).
     pip_q "$vpy" --no-deps $(grep -E '^(pip|setuptools|wheel)==' "$lock" | cut -d' ' -f1)
     filtered="$(dirname "$vpy")/../.lock-installed.txt"
@@ -38,4 +38,5 @@ install_lock() {
         grep -vE '^torch==' "$lock" > "$filtered"
     fi
     pip_q "$vpy" --no-deps -r "$filtered"
+    "$vpy" -c "import torch" || { echo "[install] torch does not import" >&2; return 1; }
 }
