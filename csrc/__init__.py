@@ -21,6 +21,11 @@ the build used to leave every later process waiting on it forever. Builds here f
   sampler with a warning;
 - while we hold ours, a torch lock in the folder can only be a dead build's, so it is removed.
 The first build prints one line ("building the sampling op, first use, about 15 s").
+
+CUDA builds compile for this machine's GPU only: without ``TORCH_CUDA_ARCH_LIST`` torch would build for its
+default list (with a warning; minutes of nvcc), so `load_ops` sets it from the device's compute capability
+(e.g. ``9.0`` on Hopper) and the arch list is part of the cache key. ``prebuild_in_background()`` starts that
+build on a thread at start-up, and ``python -m erpo_fast.csrc`` builds ahead of time (e.g. in an image).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_ops", "ops_available", "cache_dir"]
+__all__ = ["load_ops", "ops_available", "cache_dir", "cuda_arch_list", "prebuild_in_background"]
 
 _HERE = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
@@ -64,6 +69,14 @@ def _with_cuda() -> bool:
     return CUDA_HOME is not None
 
 
+def cuda_arch_list() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` for the CUDA build: the caller's value when set, else this device's capability."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
 def cache_dir(with_cuda: bool | None = None) -> Path:
     """Build directory for this interpreter/torch/CUDA combination (created on demand)."""
     with_cuda = _with_cuda() if with_cuda is None else with_cuda
@@ -76,7 +89,7 @@ def cache_dir(with_cuda: bool | None = None) -> Path:
     # A stale .so built against another torch would load and crash, so the key names every ABI input; the
     # source hash keeps checkouts with different sources apart.
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
-    tag += f"_cu{torch.version.cuda}" if with_cuda else "_cpu"
+    tag += f"_cu{torch.version.cuda}_sm{cuda_arch_list().replace(';', '-').replace(' ', '-')}" if with_cuda else "_cpu"
     tag += f"_{source_hash(with_cuda)}"
     return root / tag.replace("+", "_")
 
@@ -172,6 +185,8 @@ def load_ops(verbose: bool = False) -> None:
         build_dir = cache_dir(with_cuda)
         name = "erpo_fast_ops_cuda" if with_cuda else "erpo_fast_ops_cpu"
         try:
+            if with_cuda:  # torch reads it at build time; one arch, not torch's default list
+                os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
             build_dir.mkdir(parents=True, exist_ok=True)
             with build_lock(build_dir):
                 if not (build_dir / f"{name}.so").is_file():
@@ -199,6 +214,18 @@ def _register_fakes() -> None:
     def _sample_tokens_rowseed_fake(logits, temperature, top_k, top_p, seeds):
         B = logits.shape[0]
         return logits.new_empty(B, dtype=torch.int64), logits.new_empty(B, dtype=torch.float32)
+
+
+def prebuild_in_background() -> threading.Thread:
+    """Start building (or loading) the ops on a daemon thread, so the first use does not wait for nvcc; a
+    failure is remembered as usual and reported by the first `load_ops` / `ops_available` call."""
+    def build():
+        with contextlib.suppress(RuntimeError):
+            load_ops()
+
+    thread = threading.Thread(target=build, name="erpo-csrc-build", daemon=True)
+    thread.start()
+    return thread
 
 
 def ops_available() -> bool:

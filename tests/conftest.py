@@ -1,4 +1,9 @@
-"""Test-wide setup: Triton runs through its interpreter on CPU, and `gpu` tests skip without CUDA."""
+"""Test-wide setup: Triton runs through its interpreter on CPU, and `gpu` tests skip without CUDA.
+
+`triton_device` is where ``backend="triton"`` tests put their tensors: CUDA when there is one (compiled
+kernels, which reject CPU pointers), else the CPU under the interpreter. One fixture, so the same tests run
+on both; `on_backend_device` moves a test's inputs for a given backend (only "triton" moves).
+"""
 
 import os
 
@@ -31,6 +36,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_vllm)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+def kernel_device() -> torch.device:
+    """The device the Triton kernels run on in this process (see the module docstring)."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    return kernel_device()
+
+
+@pytest.fixture
+def on_backend_device():
+    """``move(backend, *tensors)``: the tensors on the device that ``backend`` runs on (a tuple, or one tensor)."""
+    def move(backend: str, *tensors):
+        dev = kernel_device() if backend == "triton" else torch.device("cpu")
+        out = tuple(None if t is None else t.to(dev) for t in tensors)
+        return out[0] if len(out) == 1 else out
+
+    return move
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

@@ -214,3 +214,33 @@ def test_rowseed_fake_tensor_shapes(op):
             torch.empty(5, 100), torch.ones(5), torch.zeros(5, dtype=torch.int64), torch.ones(5),
             torch.zeros(5, dtype=torch.int64))
     assert tokens.shape == (5,) and tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
+
+
+def test_cuda_build_targets_this_device_arch(monkeypatch, tmp_path):
+    """The CUDA build compiles one arch, this device's (or the caller's TORCH_CUDA_ARCH_LIST), and the arch is in
+    the cache key, so a build for one GPU is never loaded on another. Device queries are faked (no GPU here)."""
+    import erpo_fast.csrc as csrc
+
+    monkeypatch.setenv("ERPO_FAST_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert csrc.cuda_arch_list() == "9.0"
+    hopper = csrc.cache_dir(True).name
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    ampere = csrc.cache_dir(True).name
+    assert "sm9.0" in hopper and "sm8.0" in ampere and hopper != ampere
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    assert csrc.cuda_arch_list() == "8.0;9.0+PTX" and "sm8.0-9.0_PTX" in csrc.cache_dir(True).name
+    assert "sm" not in csrc.cache_dir(False).name.split("_cpu")[-1]
+
+
+def test_prebuild_in_background_and_ahead_of_time(op):
+    """`prebuild_in_background` builds/loads on a thread; `python -m erpo_fast.csrc` builds ahead and says where."""
+    import erpo_fast.csrc as csrc
+
+    thread = csrc.prebuild_in_background()
+    thread.join(timeout=600)
+    assert not thread.is_alive() and csrc.ops_available()
+    done = subprocess.run([sys.executable, "-m", "erpo_fast.csrc"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ops ready in" in done.stdout and str(csrc.cache_dir(False)) in done.stdout

@@ -25,7 +25,7 @@ needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton needs CUDA or TR
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
     assert torch.isfinite(out).all(), "non-finite values in the result"
     return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
@@ -42,7 +42,7 @@ def small_chunks(monkeypatch):
     if TRITON_OK:
         from erpo_fast.kernels.fused_linear import triton_kernels
 
-        monkeypatch.setattr(triton_kernels, "ROW_CHUNK_BYTES", 16 * 257 * 4)  # 16-row chunks at V=257
+        monkeypatch.setattr(triton_kernels, "ROW_CHUNK_BYTES", 16 * 257 * 4)  # 16-row chunks at V=257 (10 in bf16)
 
 
 def make_inputs(seed: int, n: int, h: int, v: int, dtype: torch.dtype, ignore_frac: float = 0.1):
@@ -55,8 +55,14 @@ def make_inputs(seed: int, n: int, h: int, v: int, dtype: torch.dtype, ignore_fr
     return hidden, weight, labels, temperature
 
 
-def run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent):
-    """(logprobs, entropy, grad_hidden, grad_weight) for the scalar sum(coef_lp*logp + coef_ent*entropy)."""
+def run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent, move=None):
+    """(logprobs, entropy, grad_hidden, grad_weight) for the scalar sum(coef_lp*logp + coef_ent*entropy).
+
+    ``move``: the `on_backend_device` fixture; the inputs then go where ``backend`` runs (CUDA for triton on a GPU).
+    """
+    if move is not None:
+        hidden, weight, labels, temperature, coef_lp, coef_ent = move(backend, hidden, weight, labels, temperature,
+                                                                      coef_lp, coef_ent)
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     logp, ent = linear_logprobs(h, w, labels, temperature, return_entropy=True, backend=backend)
@@ -84,20 +90,22 @@ LOGPROB_CASES = [
 
 @pytest.mark.parametrize("with_entropy_grad", [False, True])
 @pytest.mark.parametrize(("backend", "dtype", "shape"), LOGPROB_CASES)
-def test_logprobs_entropy_and_grads_match_reference(small_chunks, backend, dtype, shape, with_entropy_grad):
+def test_logprobs_entropy_and_grads_match_reference(small_chunks, on_backend_device, backend, dtype, shape,
+                                                    with_entropy_grad):
     n, h, v = shape
     hidden, weight, labels, temperature = make_inputs(n * 7 + h + int(with_entropy_grad), n, h, v, dtype)
     g = torch.Generator().manual_seed(1)
     coef_lp = torch.randn(n, generator=g)
     coef_ent = torch.randn(n, generator=g) if with_entropy_grad else None
     ref = run_logprobs("reference", hidden.double(), weight.double(), labels, temperature, coef_lp, coef_ent)
-    out = run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent)
+    out = run_logprobs(backend, hidden, weight, labels, temperature, coef_lp, coef_ent, move=on_backend_device)
+    assert out[0].device.type == (on_backend_device(backend, hidden).device.type)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert out[0].dtype == expected_dtype and out[1].dtype == expected_dtype
     assert out[2].dtype == dtype and out[3].dtype == dtype
     for name, o, r in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), out, ref):
         assert rel_err(o, r) < tol(dtype), f"{name}: {rel_err(o, r):.3g}"
-    assert (out[0][labels == IGNORE_INDEX] == 0).all()
+    assert (out[0].cpu()[labels == IGNORE_INDEX] == 0).all()
 
 
 def test_ignored_labels_get_zero_logprob_and_no_gradient(small_chunks):
@@ -185,8 +193,11 @@ LOSS_OPTIONS = {
 }
 
 
-def loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale=1.0):
+def loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale=1.0, move=None):
     opts = {k: v for k, v in options.items() if not k.startswith("_")}
+    if move is not None:  # the `on_backend_device` fixture: inputs where the backend runs
+        hidden, weight, labels, temperature = move(backend, hidden, weight, labels, temperature)
+        inputs = dict(zip(inputs, move(backend, *inputs.values())))
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     loss, metrics = linear_grpo_loss(
@@ -199,13 +210,13 @@ def loss_call(backend, hidden, weight, labels, temperature, inputs, options, gra
     return loss, metrics, h.grad, w.grad
 
 
-def check_loss_against_reference(backend, dtype, shape, option_name, seed, grad_scale=1.0):
+def check_loss_against_reference(backend, dtype, shape, option_name, seed, grad_scale=1.0, move=None):
     n, h, v = shape
     hidden, weight, labels, temperature = make_inputs(seed, n, h, v, dtype)
     inputs = make_loss_inputs(seed + 1, hidden, weight, labels, temperature)
     options = LOSS_OPTIONS[option_name]
     ref = loss_call("reference", hidden.double(), weight.double(), labels, temperature, inputs, options, grad_scale)
-    out = loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale)
+    out = loss_call(backend, hidden, weight, labels, temperature, inputs, options, grad_scale, move)
     assert out[0].dim() == 0 and torch.isfinite(out[0])
     assert abs(out[0].item() - ref[0].item()) <= tol(dtype) * max(abs(ref[0].item()), 1e-2)
     for name, o, r in zip(("grad_hidden", "grad_weight"), out[2:], ref[2:]):
@@ -290,7 +301,7 @@ def test_icepop_equals_hand_written_weights(small_chunks):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_mismatch_metrics_at_the_rows_own_temperature(small_chunks, backend):
+def test_mismatch_metrics_at_the_rows_own_temperature(small_chunks, on_backend_device, backend):
     """Rollout log-probs taken at each row's temperature: ~0 mismatch when scored at the same per-row temperatures,
     clearly non-zero for a scalar-temperature scorer, and exactly the planted perturbation when one is planted."""
     hidden, weight, labels, temperature = make_inputs(41, 37, 40, 257, torch.float32, ignore_frac=0.0)
@@ -298,7 +309,9 @@ def test_mismatch_metrics_at_the_rows_own_temperature(small_chunks, backend):
     adv, mask = torch.randn(37), torch.ones(37, dtype=torch.bool)
 
     def mismatch(temp, roll):
-        _, m = linear_grpo_loss(hidden, weight, labels, temp, adv, mask, rollout_logprobs=roll, backend=backend)
+        temp = on_backend_device(backend, temp) if isinstance(temp, torch.Tensor) else temp
+        args = on_backend_device(backend, hidden, weight, labels, adv, mask, roll)
+        _, m = linear_grpo_loss(*args[:3], temp, *args[3:5], rollout_logprobs=args[5], backend=backend)
         return m
 
     same = mismatch(temperature, rollout)
@@ -331,8 +344,8 @@ def test_grpo_loss_scales_gradients_by_grad_output(small_chunks):
     ("cispo_seq_is_token_mask", torch.bfloat16),
 ])
 @needs_triton
-def test_grpo_loss_triton_backend_matches_reference(small_chunks, option_name, dtype):
-    check_loss_against_reference("triton", dtype, (37, 40, 257), option_name, seed=21)
+def test_grpo_loss_triton_backend_matches_reference(small_chunks, on_backend_device, option_name, dtype):
+    check_loss_against_reference("triton", dtype, (37, 40, 257), option_name, seed=21, move=on_backend_device)
 
 
 def test_grpo_loss_frozen_weight_and_no_grad(small_chunks):
@@ -471,6 +484,148 @@ def test_new_temperature_does_not_change_the_triton_compile_key(small_chunks):
         assert keys[0] and keys[0] == keys[1] == keys[2]
         # the keys do see real specialisations: a bf16 launch gets different ones
         assert launch_keys(kernel, binder, hidden.bfloat16(), temperature).isdisjoint(keys[0])
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the gpu test checks the real compile cache")
+def test_new_row_count_does_not_change_the_triton_compile_key(small_chunks):
+    """Chunk remainders (n_rows), split counts and split widths are runtime integers: N = 32, 33, 37 and 48
+    (16-row chunks, so remainders 16, 1, 5) launch each kernel with one compile key. Negative control: the same
+    launches bound without `do_not_specialize` give several keys, so the check can fail."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+    from erpo_fast.kernels.fused_linear import triton_kernels
+
+    def launches(kernel, n):
+        hidden, weight, labels, temperature = make_inputs(30 + n, n, 40, 257, torch.float32)
+        record = []
+        hook = lambda *a, **k: record.append((a, k))
+        kernel.add_pre_run_hook(hook)
+        try:
+            loss, _ = linear_grpo_loss(hidden.requires_grad_(True), weight, labels, temperature, torch.randn(n),
+                                       torch.ones(n, dtype=torch.bool), backend="triton")
+            loss.backward()
+        finally:
+            kernel.pre_run_hooks.remove(hook)
+        return record
+
+    for kernel in (triton_kernels._logits_stats_kernel, triton_kernels._grad_logits_kernel):
+        calls = [c for n in (32, 33, 37, 48) for c in launches(kernel, n)]
+        assert {c[0][6] if kernel is triton_kernels._logits_stats_kernel else c[0][7] for c in calls} >= {16, 1}
+
+        def keys(do_not_specialize, kernel=kernel, calls=calls):
+            jit = JITFunction(kernel.fn, do_not_specialize=do_not_specialize)
+            binder = create_function_from_signature(jit.signature, jit.params, BaseBackend)
+            return {compute_cache_key({}, *binder(*a, **k)[1:]) for a, k in calls}
+
+        assert len(keys(kernel.kwargs["do_not_specialize"])) == 1
+        assert len(keys(None)) > 1
+
+
+def test_split_plan_never_adds_a_nearly_empty_wave():
+    """Programs (row blocks x vocabulary splits) fit PROGRAMS_PER_SM waves on the SMs, cover the vocabulary
+    once, and fill at least half of those waves while there are fewer row blocks than wave slots."""
+    from erpo_fast.kernels.fused_linear import triton_kernels as tk
+
+    vocab, block_n, sms = 151936, 128, 132
+    slots = tk.PROGRAMS_PER_SM * sms
+    for row_blocks in range(1, 700):
+        v_per_split, n_splits = tk.split_plan(row_blocks, vocab, block_n, sms)
+        assert v_per_split % block_n == 0
+        assert (n_splits - 1) * v_per_split < vocab <= n_splits * v_per_split
+        programs = row_blocks * n_splits
+        if row_blocks <= slots:
+            assert slots // 2 < programs <= slots, row_blocks
+        else:
+            assert n_splits == 1
+    assert tk.split_plan(14, vocab, block_n, sms) == (4224, 36)  # the issue's case: 504 programs, 4 waves, not 5
+
+
+def test_chunk_budget_by_device(monkeypatch):
+    """CPU: the fixed budget. CUDA: 1/32 of the card within [1, 4] GiB and at most a quarter of the free memory
+    (checked against faked device queries); the budget counts the low-precision gradient buffer too."""
+    from types import SimpleNamespace
+
+    from erpo_fast.kernels.fused_linear import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "ROW_CHUNK_BYTES", None)
+    assert tk.chunk_bytes(torch.device("cpu")) == tk.CPU_CHUNK_BYTES
+    gib = 1 << 30
+    for total, free, want in [(80 * gib, 70 * gib, int(2.5 * gib)), (141 * gib, 130 * gib, 4 * gib),
+                              (80 * gib, 6 * gib, int(1.5 * gib)), (16 * gib, 2 * gib, gib)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: SimpleNamespace(total_memory=t))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d, f=free, t=total: (f, t))
+        assert tk.chunk_bytes(torch.device("cuda")) == want
+    monkeypatch.setattr(tk, "ROW_CHUNK_BYTES", 12345)
+    assert tk.chunk_bytes(torch.device("cuda")) == 12345
+    # 7B head, N = 8192, bf16 on an 80 GB card: 2944 rows per chunk (3 chunks, not the 5 of a 1 GiB budget)
+    assert tk._chunk_rows(151936, 8192, int(2.5 * gib), 4 + 2) == 2944
+
+
+def test_low_precision_accumulate_mode_is_probed_once_and_errors_propagate(monkeypatch):
+    """The mode comes from a probe on a tiny matmul; a failing real call (an out-of-memory, say) raises and
+    leaves the mode alone. (The old code dropped to a slower mode for the rest of the process on any error.)"""
+    from erpo_fast.kernels.fused_linear import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "_ACC_MODE", {})
+    mode = tk.acc_mode(torch.device("cpu"))
+    assert mode in tk.LOWP_ACC_MODES and tk._ACC_MODE["cpu"] == mode and len(tk._ACC_MODE) == 1
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(24, 16, generator=g).bfloat16()
+    out = torch.empty(40, 16)
+    tk._mm_accumulate_(out, a, b, first=True)
+    tk._mm_accumulate_(out, a, b, first=False)
+    ref = 2 * (a.double() @ b.double())
+    assert rel_err(out, ref) < 1e-6  # fp32 accumulation of exact bf16 products
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(torch, "mm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        tk._mm_accumulate_(out, a, b, first=True)
+    assert tk._ACC_MODE["cpu"] == mode and len(tk._ACC_MODE) == 1
+
+
+@pytest.fixture
+def restore_tf32_flags():
+    matmul = torch.backends.cuda.matmul
+    saved = (getattr(matmul, "fp32_precision", None), getattr(torch.backends, "fp32_precision", None))
+    yield
+    if saved[0] is not None:
+        matmul.fp32_precision = saved[0]
+        torch.backends.fp32_precision = saved[1]
+    else:
+        matmul.allow_tf32 = False
+
+
+@needs_triton
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+def test_tf32_flag_is_read_through_the_new_api(small_chunks, on_backend_device, restore_tf32_flags):
+    """vLLM's worker sets the new `fp32_precision`; torch then raises on a read of the legacy `allow_tf32`. The
+    kernels read the new flag (and its "none" = inherit the global flag), so an fp32 call works after it."""
+    from erpo_fast.kernels.fused_linear import triton_kernels as tk
+
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="legacy and new APIs"):  # what the old read hit
+        _ = matmul.allow_tf32
+    assert tk._dot_precision(torch.float32) == "tf32" and tk._dot_precision(torch.bfloat16) == "tf32"
+    matmul.fp32_precision = "ieee"
+    assert tk._dot_precision(torch.float32) == "ieee"
+    matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert tk._dot_precision(torch.float32) == "tf32"
+    torch.backends.fp32_precision = "ieee"
+    matmul.allow_tf32 = True  # the legacy setter still counts
+    assert tk._dot_precision(torch.float32) == "tf32"
+    matmul.fp32_precision = "ieee"
+    hidden, weight, labels, temperature = make_inputs(3, 21, 40, 257, torch.float32)
+    coef = torch.randn(21, generator=torch.Generator().manual_seed(4))
+    out = run_logprobs("triton", hidden, weight, labels, temperature, coef, None, move=on_backend_device)
+    ref = run_logprobs("reference", hidden.double(), weight.double(), labels, temperature, coef, None)
+    assert rel_err(out[0], ref[0]) < FP32_TOL
 
 
 @pytest.mark.gpu

@@ -9,7 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+
+try:
+    from scipy.stats import chisquare
+except ImportError:  # the lent GPU image has no scipy: the same Pearson statistic, p from torch's gamma function
+    from types import SimpleNamespace
+
+    def chisquare(f_obs, f_exp):
+        obs, exp = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (f_obs, f_exp))
+        stat = ((obs - exp) ** 2 / exp).sum()
+        dof = torch.tensor((obs.numel() - 1) / 2, dtype=torch.float64)
+        return SimpleNamespace(statistic=float(stat), pvalue=float(torch.special.gammaincc(dof, stat / 2)))
 
 from erpo_fast.kernels.sampling import kept_mask_reference, processed_logprobs_reference, sample_tokens
 from erpo_fast.kernels.sampling.torch_sampler import kept_thresholds
@@ -17,6 +27,22 @@ from erpo_fast.kernels.sampling.triton_kernels import kept_thresholds_triton
 
 BACKENDS = ["reference", "torch", "triton", "csrc"]
 P_MIN = 1e-3  # chi-square acceptance threshold (the seeds are fixed, so each outcome is deterministic)
+
+
+@pytest.fixture
+def sample(on_backend_device):
+    """`sample_tokens` with its tensor arguments on the device ``backend`` runs on (CUDA for triton on a GPU,
+    the interpreter's CPU otherwise) and its results back on the CPU, so one test body serves both."""
+    def run(logits, temperature, *, backend, **kwargs):
+        def move(x):
+            return on_backend_device(backend, x) if isinstance(x, torch.Tensor) else x
+
+        tokens, logprobs = sample_tokens(move(logits), move(temperature), backend=backend,
+                                         **{k: move(v) for k, v in kwargs.items()})
+        assert tokens.device == logprobs.device == move(logits).device
+        return tokens.cpu(), logprobs.cpu()
+
+    return run
 
 
 def expected_probs(z: np.ndarray, T: float, k: int, p: float) -> np.ndarray:
@@ -79,14 +105,14 @@ def _assert_groups_follow_processed_distribution(tokens, n, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chi_square_per_row_temperature_top_k_top_p(backend):
+def test_chi_square_per_row_temperature_top_k_top_p(sample, backend):
     _skip_if_csrc_unavailable(backend)
     n = 2000 if backend == "triton" else 20000  # the Triton interpreter is slow; 2000 draws still has power
     T = torch.tensor([g[0] for g in GROUPS]).repeat_interleave(n)
     k = torch.tensor([g[1] for g in GROUPS]).repeat_interleave(n)
     p = torch.tensor([g[2] for g in GROUPS]).repeat_interleave(n)
     logits = torch.from_numpy(ROW).expand(len(T), -1).contiguous()
-    tokens, _ = sample_tokens(logits, T, top_k=k, top_p=p, seed=1234, backend=backend)
+    tokens, _ = sample(logits, T, top_k=k, top_p=p, seed=1234, backend=backend)
     counts = _assert_groups_follow_processed_distribution(tokens, n, backend)
     # Negative control: the T=1.0 draws must be rejected as draws from the T=0.3 distribution, so the test
     # above is able to fail.
@@ -109,10 +135,10 @@ def _random_batch(B: int, V: int, seed: int, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_match_processed_distribution(backend, dtype):
+def test_logprobs_match_processed_distribution(sample, backend, dtype):
     _skip_if_csrc_unavailable(backend)
     logits, T, top_k, top_p = _random_batch(24, 300, seed=7, dtype=dtype)
-    tokens, logprobs = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=3, backend=backend)
+    tokens, logprobs = sample(logits, T, top_k=top_k, top_p=top_p, seed=3, backend=backend)
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
     ref = processed_logprobs_reference(logits, T, top_k, top_p)
     ref_tok = ref.gather(1, tokens[:, None]).squeeze(1)
@@ -131,20 +157,21 @@ def test_reference_logprobs_independent_check():
         np.testing.assert_allclose(ref[i].exp().numpy(), e, atol=1e-12)
 
 
-@pytest.mark.parametrize("thresholds", [kept_thresholds, kept_thresholds_triton], ids=["torch", "triton"])
-def test_selection_thresholds_match_sort_based_mask(thresholds):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selection_thresholds_match_sort_based_mask(on_backend_device, backend):
+    thresholds = kept_thresholds_triton if backend == "triton" else kept_thresholds
     logits, T, top_k, top_p = _random_batch(32, 257, seed=5)
     T[T == 0] = 1.0
     logits[3] = torch.linspace(-1, 1, 257)  # flat row: the torch backend's full-sort fallback
     top_p[3] = 0.97
-    mask = logits >= thresholds(logits, T, top_k, top_p)[:, None]
+    mask = logits >= thresholds(*on_backend_device(backend, logits, T, top_k, top_p)).cpu()[:, None]
     assert torch.equal(mask, kept_mask_reference(logits, T, top_k, top_p))
 
 
-def test_triton_multi_tile_matches_single_tile():
+def test_triton_multi_tile_matches_single_tile(on_backend_device):
     from erpo_fast.kernels.sampling.triton_kernels import sample_tokens_triton
 
-    logits, T, top_k, top_p = _random_batch(8, 200, seed=2)
+    logits, T, top_k, top_p = on_backend_device("triton", *_random_batch(8, 200, seed=2))
     one = sample_tokens_triton(logits, T, top_k, top_p, seed=9, block=256)
     tiles = sample_tokens_triton(logits, T, top_k, top_p, seed=9, block=64, rows=8)
     assert torch.equal(one[0], tiles[0])
@@ -152,18 +179,18 @@ def test_triton_multi_tile_matches_single_tile():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_seed_and_generator_reproducible(backend):
+def test_seed_and_generator_reproducible(sample, backend):
     _skip_if_csrc_unavailable(backend)
     logits, T, top_k, top_p = _random_batch(64, 100, seed=4)
     T = T + 0.5  # no greedy rows: they would match regardless of the seed
-    a = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=17, backend=backend)[0]
-    b = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=17, backend=backend)[0]
-    c = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=18, backend=backend)[0]
+    a = sample(logits, T, top_k=top_k, top_p=top_p, seed=17, backend=backend)[0]
+    b = sample(logits, T, top_k=top_k, top_p=top_p, seed=17, backend=backend)[0]
+    c = sample(logits, T, top_k=top_k, top_p=top_p, seed=18, backend=backend)[0]
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    d = sample_tokens(logits, T, top_k=top_k, top_p=top_p, generator=g1, backend=backend)[0]
-    e = sample_tokens(logits, T, top_k=top_k, top_p=top_p, generator=g2, backend=backend)[0]
+    d = sample(logits, T, top_k=top_k, top_p=top_p, generator=g1, backend=backend)[0]
+    e = sample(logits, T, top_k=top_k, top_p=top_p, generator=g2, backend=backend)[0]
     assert torch.equal(d, e)
 
 
@@ -178,17 +205,17 @@ def test_scalar_and_tensor_arguments_agree():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-def test_invalid_rows_raise(backend):
+def test_invalid_rows_raise(sample, backend):
     _skip_if_csrc_unavailable(backend)
     for bad_value in (float("nan"), float("inf")):
         logits = torch.randn(3, 20)
         logits[1, 7] = bad_value
         with pytest.raises(ValueError, match=r"rows \[1\]"):
-            sample_tokens(logits, torch.tensor([1.0, 0.0, 1.0]), seed=0, backend=backend)
+            sample(logits, torch.tensor([1.0, 0.0, 1.0]), seed=0, backend=backend)
     logits = torch.randn(2, 20)
     logits[0] = -torch.inf
     with pytest.raises(ValueError, match="no finite"):
-        sample_tokens(logits, 1.0, top_k=5, seed=0, backend=backend)
+        sample(logits, 1.0, top_k=5, seed=0, backend=backend)
 
 
 def test_minus_inf_logits_are_never_sampled():
@@ -236,7 +263,7 @@ def test_cuda_backends_match_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chi_square_per_row_seeds(backend):
+def test_chi_square_per_row_seeds(sample, backend):
     # Every row has its own seed (consecutive integers: the hardest case for a weak seed hash) and draws once;
     # the draws of a group, across rows, must follow that group's processed distribution.
     _skip_if_csrc_unavailable(backend)
@@ -246,29 +273,29 @@ def test_chi_square_per_row_seeds(backend):
     p = torch.tensor([g[2] for g in GROUPS]).repeat_interleave(n)
     logits = torch.from_numpy(ROW).expand(len(T), -1).contiguous()
     seeds = torch.arange(len(T), dtype=torch.int64)
-    tokens, _ = sample_tokens(logits, T, top_k=k, top_p=p, seed=seeds, backend=backend)
+    tokens, _ = sample(logits, T, top_k=k, top_p=p, seed=seeds, backend=backend)
     counts = _assert_groups_follow_processed_distribution(tokens, n, backend)
     # Negative controls: T=1.0 draws judged as T=0.3 draws are rejected; one seed shared by every row of a
     # group gives one repeated token, which the same chi-square rejects.
     assert chisquare(counts[1], expected_probs(ROW, *GROUPS[0]) * n).pvalue < 1e-6
-    same = sample_tokens(logits[:n], T[n:2 * n], seed=torch.full((n,), 5), backend=backend)[0]
+    same = sample(logits[:n], T[n:2 * n], seed=torch.full((n,), 5), backend=backend)[0]
     assert same.unique().numel() == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_row_seed_token_depends_only_on_its_seed(backend):
+def test_row_seed_token_depends_only_on_its_seed(sample, backend):
     _skip_if_csrc_unavailable(backend)
     logits, T, top_k, top_p = _random_batch(24, 300, seed=12)
     T = T + 0.5  # no greedy rows: they would match regardless of the seed
     g = torch.Generator().manual_seed(3)
     seeds = torch.randint(-2**62, 2**62, (24,), generator=g)
-    tokens, logprobs = sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)
+    tokens, logprobs = sample(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)
     ref = processed_logprobs_reference(logits, T, top_k, top_p).gather(1, tokens[:, None]).squeeze(1)
     torch.testing.assert_close(logprobs.double(), ref, atol=2e-5, rtol=1e-5)
     # Same seeds -> same tokens; permuted rows -> permuted tokens.
-    assert torch.equal(sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)[0], tokens)
+    assert torch.equal(sample(logits, T, top_k=top_k, top_p=top_p, seed=seeds, backend=backend)[0], tokens)
     perm = torch.randperm(24, generator=g)
-    permuted = sample_tokens(logits[perm], T[perm], top_k=top_k[perm], top_p=top_p[perm], seed=seeds[perm],
+    permuted = sample(logits[perm], T[perm], top_k=top_k[perm], top_p=top_p[perm], seed=seeds[perm],
                              backend=backend)[0]
     assert torch.equal(permuted, tokens[perm])
     # A few rows inside a different, smaller batch (other rows' logits and seeds unrelated) keep their tokens.
@@ -277,10 +304,10 @@ def test_row_seed_token_depends_only_on_its_seed(backend):
     idx = torch.tensor([1, 3, 4])
     other[idx], T2[idx], k2[idx], p2[idx] = logits[rows], T[rows], top_k[rows], top_p[rows]
     seeds2 = torch.tensor([11, 0, 12, 0, 0]).index_put((idx,), seeds[rows])
-    mixed = sample_tokens(other, T2, top_k=k2, top_p=p2, seed=seeds2, backend=backend)[0]
+    mixed = sample(other, T2, top_k=k2, top_p=p2, seed=seeds2, backend=backend)[0]
     assert torch.equal(mixed[idx], tokens[rows])
     # Other seeds -> other tokens.
-    assert not torch.equal(sample_tokens(logits, T, top_k=top_k, top_p=top_p, seed=seeds + 1,
+    assert not torch.equal(sample(logits, T, top_k=top_k, top_p=top_p, seed=seeds + 1,
                                          backend=backend)[0], tokens)
 
 

@@ -38,7 +38,10 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-ROW_CHUNK_BYTES = 1 << 30  # fp32 [rows, V] logits buffer of the fused loss path
+# Bytes of the fused loss path's [rows, V] buffers (fp32 logits, plus the bf16/fp16 gradient for low-precision
+# inputs). None: sized by device (`chunk_bytes`); tests set a small value to force many chunks.
+ROW_CHUNK_BYTES: int | None = None
+CPU_CHUNK_BYTES = 1 << 30
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the matmul kernel.
@@ -50,7 +53,9 @@ GRAD_BLOCKS = (16, 128) if INTERPRETING else (4, 1024)  # (BLOCK_R, BLOCK_V) of 
 PROGRAMS_PER_SM = 4
 
 
-@triton.jit
+# Launch-shape integers are not specialised: Triton would otherwise compile a variant per (== 1, % 16 == 0,
+# other) class of each, and every new remainder chunk or split count could cost a compile mid-run.
+@triton.jit(do_not_specialize=["n_rows", "v_per_split", "n_splits"])
 def _logits_stats_kernel(
     h_ptr, w_ptr, inv_t2_ptr, labels_ptr, z_ptr, part_ptr,
     n_rows, vocab, hidden, stride_h, stride_w, stride_z, v_per_split, n_splits,
@@ -107,7 +112,7 @@ def _logits_stats_kernel(
     tl.store(out + 3 * plane, lab_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _grad_logits_kernel(
     z_ptr, g_ptr, lse2_ptr, coef_ptr, labels_ptr, ent_coef_ptr, entropy_ptr,
     n_rows, vocab, stride_z, stride_g,
@@ -143,9 +148,34 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so the partial-statistics combine is exercised
 
 
+def tf32_matmul_enabled() -> bool:
+    """Whether torch's fp32 matmuls may use TF32, read through the API that cannot raise.
+
+    torch >= 2.9 has ``fp32_precision`` ("ieee" / "tf32", or "none": inherit ``torch.backends.fp32_precision``).
+    Reading the legacy ``allow_tf32`` after anyone set the new flag (vLLM's worker does, in this process) raises
+    a RuntimeError about mixing the two APIs, so the new flag is read first; setting the legacy flag updates it.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: only the legacy flag exists
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
+def split_plan(row_blocks: int, vocab: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """(v_per_split, n_splits) of the vocabulary so that row_blocks * n_splits programs fill at most
+    PROGRAMS_PER_SM waves: rounding the split count down, never up, so no last wave runs nearly empty
+    (at V = 151,936 and 14 row blocks on 132 SMs, rounding up gave 532 programs: 4.03 waves, so 5)."""
+    want = max(1, (PROGRAMS_PER_SM * num_sms) // row_blocks)
+    v_per_split = triton.cdiv(triton.cdiv(vocab, want), block_n) * block_n
+    return v_per_split, triton.cdiv(vocab, v_per_split)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: follow torch's matmul setting (full fp32 by default), as a torch fp32 matmul would.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_matmul_enabled():
         return "ieee"
     return "tf32"
 
@@ -158,9 +188,7 @@ def _logits_stats(h: Tensor, weight: Tensor, inv_t2: Tensor, labels: Tensor, z: 
     vocab = weight.shape[0]
     block_m, block_n, block_k, num_warps, num_stages = MATMUL_BLOCKS_FP32 if h.dtype == torch.float32 else MATMUL_BLOCKS
     row_blocks = triton.cdiv(n_rows, block_m)
-    want_splits = max(1, triton.cdiv(PROGRAMS_PER_SM * _num_sms(h.device), row_blocks))
-    v_per_split = triton.cdiv(triton.cdiv(vocab, want_splits), block_n) * block_n
-    n_splits = triton.cdiv(vocab, v_per_split)
+    v_per_split, n_splits = split_plan(row_blocks, vocab, block_n, _num_sms(h.device))
     part = torch.empty((4, n_splits, n_rows), dtype=torch.float32, device=h.device)
     _logits_stats_kernel[(row_blocks, n_splits)](
         h, weight, inv_t2, labels, z if z is not None else part, part,
@@ -192,8 +220,51 @@ def _grad_logits(z: Tensor, g: Tensor, lse2: Tensor, coef: Tensor, labels: Tenso
     )
 
 
-_LOWP_ACC_MODES = ["addmm", "tiled_mm", "upcast"]  # tried in order; a mode this torch rejects is dropped
-ACC_TILE = 16384  # weight rows per GEMM in the fallback modes (bounds their fp32 temporaries)
+LOWP_ACC_MODES = ("addmm", "tiled_mm", "upcast")  # preferred first; the first this torch/device runs is kept
+ACC_TILE = 16384  # weight rows per GEMM in the tiled modes (bounds their fp32 temporaries)
+_ACC_MODE: dict[str, str] = {}  # device type -> mode, chosen once per process by `acc_mode`
+
+
+def _mm_accumulate_mode(out: Tensor, a: Tensor, b: Tensor, first: bool, mode: str) -> None:
+    if mode == "addmm":  # cuBLAS accumulates into the fp32 C matrix in place: no temporary at all
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        return
+    for v0 in range(0, out.shape[0], ACC_TILE):
+        rows = slice(v0, v0 + ACC_TILE)
+        part = (torch.mm(a[rows], b, out_dtype=torch.float32) if mode == "tiled_mm"
+                else torch.mm(a[rows].float(), b.float()))
+        if first:
+            out[rows].copy_(part)
+        else:
+            out[rows].add_(part)
+
+
+def acc_mode(device: torch.device) -> str:
+    """The low-precision-in / fp32-accumulate mode for ``device``, probed once on a tiny matmul.
+
+    The probe is the only place an error selects a mode: an error in a real call (an out-of-memory above all)
+    propagates and never downgrades the mode for the rest of the process, as a try/except there used to.
+    """
+    key = device.type
+    if key not in _ACC_MODE:
+        a = torch.ones(32, 16, dtype=torch.bfloat16, device=device)
+        b = torch.ones(16, 8, dtype=torch.bfloat16, device=device)
+        out = torch.empty(32, 8, dtype=torch.float32, device=device)
+        for mode in LOWP_ACC_MODES:
+            try:  # NotImplementedError and "expected ... dtype" are RuntimeErrors; an old signature a TypeError
+                _mm_accumulate_mode(out, a, b, True, mode)
+                _mm_accumulate_mode(out, a, b, False, mode)
+            except (RuntimeError, TypeError):
+                continue
+            if bool((out == 32.0).all()):
+                _ACC_MODE[key] = mode
+                break
+        else:
+            raise RuntimeError(f"no fp32-accumulating matmul works on {device} (tried {', '.join(LOWP_ACC_MODES)})")
+    return _ACC_MODE[key]
 
 
 def _mm_accumulate_(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
@@ -204,35 +275,27 @@ def _mm_accumulate_(out: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         else:
             out.addmm_(a, b)
         return
-    if out.device.type != "cuda":  # CPU has no low-precision-in / fp32-out GEMM (interpreter tests only)
-        _mm_accumulate_(out, a.float(), b.float(), first)
-        return
-    while True:
-        mode = _LOWP_ACC_MODES[0]
-        try:
-            if mode == "addmm":  # cuBLAS accumulates into the fp32 C matrix in place: no temporary at all
-                if first:
-                    torch.mm(a, b, out_dtype=torch.float32, out=out)
-                else:
-                    torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                for v0 in range(0, out.shape[0], ACC_TILE):
-                    rows = slice(v0, v0 + ACC_TILE)
-                    part = (torch.mm(a[rows], b, out_dtype=torch.float32) if mode == "tiled_mm"
-                            else torch.mm(a[rows].float(), b.float()))
-                    if first:
-                        out[rows].copy_(part)
-                    else:
-                        out[rows].add_(part)
-            return
-        except (RuntimeError, TypeError):  # e.g. a torch whose addmm.dtype wants `self` in the input dtype
-            if len(_LOWP_ACC_MODES) == 1:
-                raise
-            _LOWP_ACC_MODES.pop(0)
+    _mm_accumulate_mode(out, a, b, first, acc_mode(out.device))
 
 
-def _chunk_rows(vocab: int, n: int) -> int:
-    rows = max(1, ROW_CHUNK_BYTES // (vocab * 4))
+def chunk_bytes(device: torch.device) -> int:
+    """Byte budget of the [rows, V] buffers: ``ROW_CHUNK_BYTES`` when set, else by device.
+
+    Every chunk reads and writes the fp32 grad-W once (2 x 2.2 GB at the 7B head), so fewer, larger chunks cut
+    that traffic; the budget is 1/32 of the device's memory (2.5 GiB on an 80 GB card), within [1, 4] GiB,
+    and never more than a quarter of what is free now.
+    """
+    if ROW_CHUNK_BYTES is not None:
+        return ROW_CHUNK_BYTES
+    if device.type != "cuda":
+        return CPU_CHUNK_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1 << 30, min(total // 32, 4 << 30, free // 4)))
+
+
+def _chunk_rows(vocab: int, n: int, budget: int, bytes_per_logit: int) -> int:
+    rows = max(1, budget // (vocab * bytes_per_logit))
     block_m = MATMUL_BLOCKS[0]
     if rows >= block_m:
         rows -= rows % block_m  # keeps every chunk's row pointers 16-byte aligned
@@ -283,9 +346,10 @@ def _gradient_pass(hidden, weight, labels, inv_t, need_hidden, need_weight, coef
     ent_all = None if lse is not None else torch.empty(n, dtype=torch.float32, device=device)
     grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
     grad_w = torch.empty(weight.shape, dtype=torch.float32, device=device) if need_weight else None
-    rows = _chunk_rows(vocab, n)
+    rows = _chunk_rows(vocab, n, chunk_bytes(device), 4 + (hidden.element_size() if low_precision else 0))
     buf = torch.empty(rows * vocab, dtype=torch.float32, device=device)
     gbuf = torch.empty(rows * vocab, dtype=hidden.dtype, device=device) if low_precision else buf
+    z = g = None
     for start in range(0, n, rows):
         end = min(start + rows, n)
         r = end - start
@@ -311,4 +375,5 @@ def _gradient_pass(hidden, weight, labels, inv_t, need_hidden, need_weight, coef
             _mm_accumulate_(grad_w, g.T, h, first=start == 0)
     if n == 0 and grad_w is not None:
         grad_w.zero_()
+    del buf, gbuf, z, g  # free the chunk buffers before the grad-W cast below allocates its output
     return logp_all, ent_all, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
