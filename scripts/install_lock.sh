@@ -23,7 +23,7 @@ install_lock() {
     [ -f "$lock" ] || { echo "[install] no lock file $lock (run: bash scripts/lock.sh)" >&2; return 1; }
     command -v nvidia-smi >/dev/null 2>&1 && gpu=1
     torch_version="$(sed -n 's/^torch==\([0-9.]*\).*/\1/p' "$lock")"
-    have="$("$vpy" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+    have="$("$vpy" -c 'from importlib.metadata import version; print(version("torch").split("+")[0])' 2>/dev/null || true)"
     if [ -z "$have" ] || { [ "$gpu" = 0 ] && [ "$have" != "$torch_version" ]; }; then
         echo "[install] torch==$torch_version" >&2
         # On a CPU machine the lock holds torch's dependencies too; a CUDA build needs its nvidia-* packages.
@@ -31,12 +31,16 @@ install_lock() {
     fi
     # pip, setuptools and wheel as locked, before the rest (they install it).
     pip_q "$vpy" --no-deps $(grep -E '^(pip|setuptools|wheel)==' "$lock" | cut -d' ' -f1)
-    filtered="$(dirname "$vpy")/../.lock-installed.txt"
+    # What this environment holds: the lock, with the torch (and on a GPU the triton) really installed. Also the
+    # constraint file for extras resolved on top (scripts/bootstrap.sh), so they can never move a pinned package.
+    installed="$(dirname "$vpy")/../.lock-installed.txt"
     if [ "$gpu" = 1 ]; then
-        grep -vE '^(torch|triton)==' "$lock" > "$filtered"
+        grep -vE '^(torch|triton)==' "$lock" > "$installed"
+        "$vpy" -c 'from importlib.metadata import version; print("triton==" + version("triton"))' >> "$installed" 2>/dev/null || true
     else
-        grep -vE '^torch==' "$lock" > "$filtered"
+        grep -vE '^torch==' "$lock" > "$installed"
     fi
-    pip_q "$vpy" --no-deps -r "$filtered"
+    "$vpy" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' >> "$installed" 2>/dev/null || true
+    pip_q "$vpy" --no-deps -r "$installed"
     "$vpy" -c "import torch" || { echo "[install] torch does not import" >&2; return 1; }
 }
