@@ -17,7 +17,7 @@ from math import comb
 
 import numpy as np
 
-from erpo_fast.prompting import decode_response, encode_prompts
+from erpo_fast.prompting import decode_response, encode_prompts, stop_token_ids
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -49,8 +49,9 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
     n = max(ks)
     prompts = encode_prompts(tokenizer, [r.prompt for r in records], chat_template=chat_template,
                              max_length=max_prompt_length)
-    samples = engine.generate(prompts, [temperature] * len(prompts), n, max_new_tokens,
-                              stop_token_ids=[tokenizer.eos_token_id], top_k=top_k, top_p=top_p, seed=seed)
+    stops = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))  # the model's EOS list too
+    samples = engine.generate(prompts, [temperature] * len(prompts), n, max_new_tokens, stop_token_ids=stops,
+                              top_k=top_k, top_p=top_p, seed=seed)
     pairs = [(decode_response(tokenizer, s.token_ids), r.answer) for r, group in zip(records, samples)
              for s in group]
     keys = [f"heldout:{r.key}" for r, group in zip(records, samples) for _ in group]  # names verifier incidents

@@ -43,5 +43,18 @@ def encode_completion(tokenizer, prompt: str, response: str, *, chat_template: b
     return prompt_ids, response_ids + [tokenizer.eos_token_id]
 
 
+def stop_token_ids(tokenizer, model_eos) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and each id the model's generation config lists.
+
+    They differ on chat models (Llama-3-Instruct ends a turn with ``<|eot_id|>``, listed only in its
+    generation config), and HF ``generate`` stops on every listed id; stopping on one would sample every
+    response to max_new_tokens and score text the model never meant to write.
+    """
+    ids = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+    if tokenizer.eos_token_id is not None:
+        ids.insert(0, tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(t) for t in ids))
+
+
 def decode_response(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(list(token_ids), skip_special_tokens=True)

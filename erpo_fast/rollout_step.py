@@ -31,7 +31,7 @@ from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
 from erpo_fast.errors import NonFiniteLogitsError, TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence, StepBatch
-from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts
+from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
 from erpo_fast.rollout.base import verify_sync
 from erpo_fast.tracker import HistoryTracker
 
@@ -61,6 +61,8 @@ class Rollout:
         self.prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
                                             chat_template=cfg.data.chat_template,
                                             max_length=cfg.data.max_prompt_length)
+        # The engine knows the model's generation config (its EOS list); the tokenizer may name another EOS.
+        self.stop_token_ids = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))
         self.prompt_index = PromptIndex()
         self.tracker_ids = self.prompt_index.add([r.key for r in train])  # tracker id of each dataset row
         self.tracker = self._new_tracker(len(self.prompt_index))
@@ -147,7 +149,7 @@ class Rollout:
         # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
         # across ranks samples exactly what one process would.
         samples = self._generate(step, [self.prompt_ids[r] for r in rows], temps.tolist(), cfg.rollout.n,
-                                 cfg.rollout.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
+                                 cfg.rollout.max_new_tokens, stop_token_ids=self.stop_token_ids,
                                  top_k=cfg.rollout.top_k or None,
                                  top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
                                  seed=[step_seed(cfg.trainer.seed, step, round_, r) for r in rows])
