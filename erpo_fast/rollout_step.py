@@ -28,10 +28,11 @@ from erpo_fast.algorithms import compute_advantages, dynamic_sampling_filter
 from erpo_fast.config import Config
 from erpo_fast.data import PromptIndex, PromptRecord, PromptSampler
 from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
-from erpo_fast.errors import NonFiniteLogitsError, TrainingAborted
+from erpo_fast.errors import NonFiniteLogitsError, RewardFunctionError, TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence, StepBatch
 from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
+from erpo_fast.rewards.pool import check_not_all_failed
 from erpo_fast.rollout.base import verify_sync
 from erpo_fast.tracker import HistoryTracker
 
@@ -161,6 +162,16 @@ class Rollout:
                                                                                                cfg.rollout.n)
         t2 = time.perf_counter()
         stats = self.rewards.last_stats
+        # A verifier that fails on every response of the step (all ranks) is broken: stop rather than train on
+        # all-zero rewards. Every rank raises together.
+        counts = all_gather_objects((stats.num_scored, stats.num_failed, stats.first_failure()), self.rt)
+        try:
+            check_not_all_failed(self.rewards.name, sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                 next((c[2] for c in counts if c[2]), None),
+                                 f"step {step}" + (f" (refill round {round_})" if round_ else ""))
+        except RewardFunctionError as e:
+            raise RewardFunctionError(f"{e}. The last checkpoint is kept in {cfg.trainer.output_dir}/checkpoints"
+                                      ) from None
         timing = {"time_rollout_s": t1 - t0, "time_score_s": t2 - t1,
                   "reward_timeouts": stats.num_timeouts, "reward_errors": stats.num_errors,
                   "response_tokens": sum(len(smp.token_ids) for g in samples for smp in g)}
@@ -237,6 +248,8 @@ class Rollout:
                                   chat_template=cfg.data.chat_template)
             except NonFiniteLogitsError as e:  # a policy diverged in this step's update: stop every rank cleanly
                 result = {"aborted": str(self._diverged(step, e))}
+            except RewardFunctionError as e:
+                result = {"aborted": f"{e}. The last checkpoint is kept in {cfg.trainer.output_dir}/checkpoints"}
         result = broadcast_object(result, self.rt)
         if "aborted" in result:
             raise TrainingAborted(result["aborted"])
