@@ -21,7 +21,8 @@ def finish(s) -> dict:
         return summary
     metrics = read_metrics(out)
     plots = write_plots(metrics, out / "plots", temperatures=temps[seen],
-                        heldout_before=summary["heldout_before"]) if s.cfg.logging.plots else []
+                        heldout_before=summary["heldout_before"],
+                        heldout_after=summary["heldout_after"]) if s.cfg.logging.plots else []
     summary["plots"] = [str(p) for p in plots]
     summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
                            for m in metrics]

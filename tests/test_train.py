@@ -188,3 +188,29 @@ def test_resume_with_another_seed_is_a_one_line_usage_error(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "2", "--resume", "--seed", "1") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "--resume from" in err[0] and "seed" in err[0], err
+
+
+COUNTING_VERIFIER = '''
+import os
+
+
+def counting(response, answer):
+    with open(os.environ["ERPO_TEST_CALLS"], "a") as f:
+        f.write("x\\n")
+    return float(response.strip() == answer)
+'''
+
+
+def test_final_heldout_evaluation_runs_once_when_the_last_step_was_evaluated(tmp_path, monkeypatch):
+    # max_steps % eval_every == 0 (as at the defaults): the evaluation of the last step is the final one.
+    verifier, calls = tmp_path / "counting.py", tmp_path / "calls.txt"
+    verifier.write_text(COUNTING_VERIFIER)
+    monkeypatch.setenv("ERPO_TEST_CALLS", str(calls))
+    assert _run(tmp_path / "run", "--max-steps", "2", "--data.reward", f"{verifier}:counting") == 0
+    train_calls = 2 * 4 * 4  # steps x prompts_per_step x rollout.n
+    heldout_calls = 8 * 2  # num_heldout x eval_k, at steps 0 and 2 only
+    assert len(calls.read_text().splitlines()) == train_calls + 2 * heldout_calls
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    last = read_metrics(tmp_path / "run")[-1]
+    assert summary["heldout_after"]["mean_at_2"] == last["heldout_mean_at_2"]
+    assert last["time_eval_s"] > 0  # evaluation has its own time, apart from the weight sync
