@@ -246,7 +246,14 @@ ALIASES = {
     "resume": "trainer.resume",
     "overwrite": "trainer.overwrite",
     "rollout": "rollout.engine",
+    "lr": "trainer.lr",
 }
+
+# Names other trainers (TRL, verl, HF Trainer) give knobs spelled otherwise here; difflib cannot find these
+# (it suggests trainer.overwrite for trainer.learning_rate).
+SYNONYMS = {"learning_rate": "lr", "num_generations": "n", "beta": "kl_beta", "lr_scheduler_type": "lr_schedule",
+            "max_completion_length": "max_new_tokens", "max_prompt_len": "max_prompt_length",
+            "per_device_train_batch_size": "micro_batch_size", "max_grad_norm": "grad_clip"}
 
 
 # --- value parsing and validation -------------------------------------------------------------------------
@@ -301,6 +308,10 @@ def _coerce(name: str, value: Any, tp) -> Any:
 
 
 def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    synonym = SYNONYMS.get(key.rpartition(".")[2])
+    named = [v for v in valid if synonym and v.rpartition(".")[2] == synonym]
+    if named:
+        return f"; did you mean '{prefix}{named[0]}'?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"

@@ -44,7 +44,8 @@ def summarize(rewards: np.ndarray, ks: Sequence[int], success_threshold: float =
 def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,), temperature: float = 1.0,
              max_new_tokens: int = 512, seed: int = 0, chat_template: bool = True, top_k: int | None = None,
              top_p: float | None = None, max_prompt_length: int | None = None, batch_prompts: int = 64,
-             on_progress: Callable[[int], object] | None = None) -> dict[str, float]:
+             on_progress: Callable[[int], object] | None = None, success_threshold: float = 1.0
+             ) -> dict[str, float]:
     """Sample max(ks) responses per held-out record and score them; returns mean@k / pass@k per k.
 
     Prompts go to the engine ``batch_prompts`` at a time, each with its own seed (``seed + i`` for record i), so
@@ -54,7 +55,7 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
         raise ValueError("evaluation set is empty")
     n = max(ks)
     prompts = encode_prompts(tokenizer, [r.prompt for r in records], chat_template=chat_template,
-                             max_length=max_prompt_length)
+                             max_length=max_prompt_length, origins=[r.origin for r in records])
     stops = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))  # the model's EOS list too
     rewards = np.zeros((len(records), n), dtype=np.float64)
     lengths, scored, failed, first_failure = [], 0, 0, None
@@ -75,7 +76,7 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
             on_progress(end - start)
     # A verifier that failed on every held-out response is broken, not strict.
     check_not_all_failed(reward_pool.name, scored, failed, first_failure, "held-out evaluation")
-    out = summarize(rewards, ks)
+    out = summarize(rewards, ks, success_threshold)
     out["num_prompts"] = len(records)
     out["seed"] = seed  # with the model, k, temperature and max_new_tokens: all it takes to reproduce these
     out["response_tokens_mean"] = float(np.mean(lengths))
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="as data.reward: auto (math-verify), arithmetic, math, module:function or "
                              "path/file.py:function")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--success-threshold", type=float, default=1.0,
+                        help="a reward >= this counts as solved for pass@k (as algorithm.success_threshold)")
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--rollout", choices=("native", "vllm"), default="native")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 Progress(len(records), "evaluate (prompts)") as progress:
             result = evaluate(engine, tokenizer, records, reward_pool=pool, ks=args.k,
                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              chat_template=not args.no_chat_template, on_progress=progress.update)
+                              chat_template=not args.no_chat_template, on_progress=progress.update,
+                              success_threshold=args.success_threshold)
     except (UserError, ValueError, ImportError) as e:  # ValueError: e.g. an engine's own argument check
         print(f"erpo_fast.evaluate: error: {e}", file=sys.stderr)
         return 2

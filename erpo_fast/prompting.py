@@ -23,13 +23,16 @@ def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = True) -> list
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], *, chat_template: bool = True,
-                   max_length: int | None = None) -> list[list[int]]:
+                   max_length: int | None = None, origins: Sequence[str] | None = None) -> list[list[int]]:
+    """Token ids of each prompt; one longer than ``max_length`` is a DataError naming where it comes from
+    (``origins[i]``, e.g. "train.jsonl: line 17")."""
     out = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
     if max_length is not None:
-        for text, ids in zip(prompts, out):
+        for i, (text, ids) in enumerate(zip(prompts, out)):
             if len(ids) > max_length:
-                raise DataError(f"prompt of {len(ids)} tokens exceeds data.max_prompt_length={max_length}: "
-                                 f"{text[:60]!r}...")
+                where = f"{origins[i]}: " if origins is not None and origins[i] else ""
+                raise DataError(f"{where}prompt of {len(ids)} tokens exceeds data.max_prompt_length={max_length}: "
+                                f"{text[:60]!r}...")
     return out
 
 

@@ -60,8 +60,8 @@ class Rollout:
         self.cfg, self.rt, self.tokenizer, self.engine, self.rewards = cfg, rt, tokenizer, engine, rewards
         self.train, self.heldout = train, heldout
         self.prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
-                                            chat_template=cfg.data.chat_template,
-                                            max_length=cfg.data.max_prompt_length)
+                                         chat_template=cfg.data.chat_template,
+                                         max_length=cfg.data.max_prompt_length, origins=[r.origin for r in train])
         # The engine knows the model's generation config (its EOS list); the tokenizer may name another EOS.
         self.stop_token_ids = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))
         self.prompt_index = PromptIndex()
@@ -245,7 +245,8 @@ class Rollout:
                 result = evaluate(self.engine, self.tokenizer, self.heldout, reward_pool=self.rewards,
                                   ks=(cfg.trainer.eval_k,), temperature=cfg.trainer.eval_temperature,
                                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.trainer.seed + 7919 * step,
-                                  chat_template=cfg.data.chat_template)
+                                  chat_template=cfg.data.chat_template,
+                                  success_threshold=cfg.algorithm.success_threshold)
             except NonFiniteLogitsError as e:  # a policy diverged in this step's update: stop every rank cleanly
                 result = {"aborted": str(self._diverged(step, e))}
             except RewardFunctionError as e:

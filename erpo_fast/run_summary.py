@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from erpo_fast.logger import read_metrics
@@ -28,7 +27,8 @@ def finish(s) -> dict:
                            for m in metrics]
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "residual"},
                                                  indent=2, default=str) + "\n")
-    print(format_summary(summary, temps[seen]), file=sys.stderr)
+    # The run's result, on stdout (progress and logs go to stderr): `train ... > result.txt` keeps it.
+    print(format_summary(summary, temps[seen]), flush=True)
     return summary
 
 

@@ -142,12 +142,12 @@ def _check_update(s: Session, step: int, learned: dict, logger: RunLogger | None
     if not learned.get("skipped_nonfinite"):
         s.nan_streak = 0
         if logger and not learned.get("num_sequences"):
-            logger.log_event("skipped_step", f"step {step}: no group left to learn from (all dropped by "
+            logger.log_event("skipped_step", "no group left to learn from (all dropped by "
                              "dynamic sampling); no update", step=step)
         return
     s.nan_streak += 1
     if logger:
-        logger.log_event("nonfinite_loss", f"step {step}: non-finite loss or gradient; update skipped",
+        logger.log_event("nonfinite_loss", "non-finite loss or gradient; update skipped",
                          step=step, streak=s.nan_streak)
     if s.nan_streak >= s.cfg.trainer.nan_patience:
         raise TrainingAborted(f"{s.nan_streak} consecutive steps with a non-finite loss; stopping. "
@@ -159,7 +159,12 @@ def checkpoint(s: Session, step: int) -> None:
     full_state = s.learner.full_model_state_dict()  # rank 0 gets it, with CPU offload; the others {}
 
     def save_model(directory: Path) -> None:
-        s.learner.model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        config = s.learner.model.config
+        training_value, config.use_cache = config.use_cache, s.learner.exported_use_cache  # as the model came
+        try:
+            s.learner.model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        finally:
+            config.use_cache = training_value
         s.tokenizer.save_pretrained(directory)
 
     save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, save_shards=s.learner.save_optimizer,

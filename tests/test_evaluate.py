@@ -90,3 +90,29 @@ def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path):
     (line,) = broken.stderr.strip().splitlines()[-1:]
     assert line.startswith("erpo_fast.evaluate: stopped: held-out evaluation: the reward function ") and \
         "verifier.py:broken" in line and "NoneType" in line, line
+
+
+def _half_credit(response, answer):
+    return 0.5
+
+
+def test_pass_at_k_counts_partial_credit_at_the_success_threshold():
+    from erpo_fast.data import PromptRecord
+    from erpo_fast.evaluate import evaluate
+    from erpo_fast.rewards import RewardPool
+    from erpo_fast.rollout.base import Sample
+    from erpo_fast.tokenizer import build_char_tokenizer
+
+    class OneTokenEngine:
+        eos_token_id = None
+
+        def generate(self, prompts, temperatures, n, max_new_tokens, **kwargs):
+            return [[Sample([10], [0.0], "length") for _ in range(n)] for _ in prompts]
+
+    records = [PromptRecord(key=str(i), prompt=f"{i}+1=", answer=str(i + 1)) for i in range(3)]
+    with RewardPool(_half_credit, num_workers=0) as pool:
+        strict = evaluate(OneTokenEngine(), build_char_tokenizer(), records, reward_pool=pool, ks=(2,))
+        lenient = evaluate(OneTokenEngine(), build_char_tokenizer(), records, reward_pool=pool, ks=(2,),
+                           success_threshold=0.5)
+    assert strict["mean_at_2"] == lenient["mean_at_2"] == 0.5
+    assert (strict["pass_at_2"], lenient["pass_at_2"]) == (0.0, 1.0)

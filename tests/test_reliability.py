@@ -249,10 +249,13 @@ def test_overwrite_run_leaves_only_its_own_checkpoints(tmp_path, capsys):
     assert load_checkpoint(out / "checkpoints" / "step_00000002")["config"]["trainer"]["seed"] == 5
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert not (out / LOCK_FILENAME).exists()
-    # Resuming it with another seed is a one-line usage error, not a traceback.
-    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume"]) == 2
+    # Resuming it with another seed given on top of its own config is a one-line usage error, not a traceback.
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume", "--seed", "0"]) == 2
     (line,) = _error_lines(capsys)
     assert "seed" in line
+    # Without --seed, --resume continues with the run's own config (seed 5).
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_output_dir_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
@@ -438,7 +441,7 @@ def test_divergence_stop_is_an_event(tmp_path, capsys):
     assert "non-finite" in stop["message"]
 
 
-def test_skipped_step_is_an_event(tmp_path):
+def test_skipped_step_is_an_event(tmp_path, caplog):
     out = tmp_path / "run"
     # Untrained model, exact answers: every group is all-wrong, dynamic sampling drops them all.
     assert main([*TINY, "--output-dir", str(out), "--max-steps", "1", "--model.warm_start_steps", "0",
@@ -446,6 +449,8 @@ def test_skipped_step_is_an_event(tmp_path):
     (record,) = read_metrics(out)
     assert record["sequences_trained"] == 0
     assert [e["kind"] for e in _events(out)] == ["skipped_step"]
+    (shown,) = [r.getMessage() for r in caplog.records if "[skipped_step]" in r.getMessage()]
+    assert shown.startswith("[skipped_step] step 1: no group left") and shown.count("step 1") == 1, shown
 
 
 # ----------------------------------------------------------------------------------------------------------
