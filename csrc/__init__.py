@@ -9,8 +9,12 @@ Build cache (first match wins):
 - `$ERPO_FAST_CACHE/torch_extensions`,
 - `$TORCH_EXTENSIONS_DIR`,
 - `~/.cache/erpo_fast/torch_extensions`.
-Builds are keyed by Python, torch and CUDA versions and by a hash of the sources and flags, so two checkouts
-(or two versions) sharing one cache never rebuild over each other. Needs a C++ compiler and `ninja`.
+Builds are keyed by Python, torch and CUDA versions, by a hash of the sources and flags, and by a hash of the
+other paths torch writes into the build script (`build.ninja`): torch's and Python's header and library folders
+(that is, the virtual environment) and the compiler. torch rebuilds whenever `build.ninja` changes, so a key that
+left out a path in it made two environments sharing one cache rebuild over each other on every first use. The
+sources are copied into the build folder and compiled from there, so checkouts with the same sources share
+one build. Needs a C++ compiler and `ninja`.
 
 No build can hang. torch's own build lock (`<build dir>/lock`) holds no owner, so a process killed during
 the build used to leave every later process waiting on it forever. Builds here first take a lock of ours,
@@ -87,11 +91,40 @@ def cache_dir(with_cuda: bool | None = None) -> Path:
     else:
         root = Path.home() / ".cache" / "erpo_fast" / "torch_extensions"
     # A stale .so built against another torch would load and crash, so the key names every ABI input; the
-    # source hash keeps checkouts with different sources apart.
+    # source hash keeps checkouts with different sources apart, the toolchain hash environments with other paths.
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
     tag += f"_cu{torch.version.cuda}_sm{cuda_arch_list().replace(';', '-').replace(' ', '-')}" if with_cuda else "_cpu"
-    tag += f"_{source_hash(with_cuda)}"
+    tag += f"_{source_hash(with_cuda)}_{toolchain_hash(with_cuda)}"
     return root / tag.replace("+", "_")
+
+
+def toolchain_hash(with_cuda: bool) -> str:
+    """12 hex digits of SHA-256 over what build.ninja holds besides the sources: torch's folder (its include and
+    lib paths), Python's include folder, the compiler and, with CUDA, CUDA_HOME and the architecture list."""
+    import sysconfig
+
+    parts = [str(Path(torch.__file__).resolve().parent), sysconfig.get_paths()["include"],
+             os.environ.get("CXX", "c++")]
+    if with_cuda:
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        parts += [str(CUDA_HOME), cuda_arch_list()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def _copy_sources(with_cuda: bool, build_dir: Path) -> Path:
+    """The sources, copied into ``build_dir/src`` (same content by the key), so that build.ninja names no
+    checkout's own path."""
+    src = build_dir / "src"
+    src.mkdir(exist_ok=True)
+    for f in _source_files(with_cuda):
+        target = src / f.name
+        data = f.read_bytes()
+        if not target.is_file() or target.read_bytes() != data:
+            tmp = target.with_suffix(target.suffix + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+    return src
 
 
 def _source_files(with_cuda: bool) -> list[Path]:
@@ -179,9 +212,6 @@ def load_ops(verbose: bool = False) -> None:
         from torch.utils.cpp_extension import load
 
         with_cuda = _with_cuda()
-        sources = sorted(str(p) for p in _HERE.glob("*.cpp"))
-        if with_cuda:
-            sources += sorted(str(p) for p in _HERE.glob("*.cu"))
         build_dir = cache_dir(with_cuda)
         name = "erpo_fast_ops_cuda" if with_cuda else "erpo_fast_ops_cpu"
         try:
@@ -189,11 +219,15 @@ def load_ops(verbose: bool = False) -> None:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
             build_dir.mkdir(parents=True, exist_ok=True)
             with build_lock(build_dir):
+                src = _copy_sources(with_cuda, build_dir)
+                sources = sorted(str(p) for p in src.glob("*.cpp"))
+                if with_cuda:
+                    sources += sorted(str(p) for p in src.glob("*.cu"))
                 if not (build_dir / f"{name}.so").is_file():
                     print(f"erpo_fast: building the sampling op, first use, about {60 if with_cuda else 15} s "
                           f"(cached in {build_dir})", file=sys.stderr, flush=True)
                 load(name=name, sources=sources, extra_cflags=CPU_FLAGS, extra_cuda_cflags=CUDA_FLAGS,
-                     extra_include_paths=[str(_HERE)], build_directory=str(build_dir), is_python_module=False,
+                     extra_include_paths=[str(src)], build_directory=str(build_dir), is_python_module=False,
                      verbose=verbose)
         except Exception as exc:  # compiler/ninja missing, compile error, lock timeout: remembered, not retried
             _STATE["error"] = exc

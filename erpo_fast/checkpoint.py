@@ -463,6 +463,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             "shards_dir": path / SHARDS_DIRNAME if (path / SHARDS_DIRNAME).is_dir() else None}
 
 
+def saved_run_config(output_dir: str | os.PathLike) -> dict | None:
+    """The config of the run in ``output_dir``, from its newest complete checkpoint's config.yaml (checked
+    against the manifest's hash; the weights are not read), or None when there is no checkpoint."""
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        return None
+    try:
+        entry = json.loads((path / COMPLETE_FILENAME).read_text())["files"][CONFIG_FILENAME]
+        if isinstance(entry, dict) and _sha256(path / CONFIG_FILENAME) != entry["sha256"]:
+            raise ValueError(f"its content does not match the SHA-256 in {COMPLETE_FILENAME}")
+        config = yaml.safe_load((path / CONFIG_FILENAME).read_text())
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"corrupted checkpoint file {path / CONFIG_FILENAME}: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"corrupted checkpoint file {path / CONFIG_FILENAME}: not a mapping")
+    return config
+
+
 def capture_rng_state() -> dict:
     """Every random stream a run draws from: python ``random``, numpy's global RNG, torch CPU and all CUDA
     devices. Store it in ``state`` (it is checkpoint-safe) and give it back to ``restore_rng_state``."""

@@ -246,7 +246,14 @@ ALIASES = {
     "resume": "trainer.resume",
     "overwrite": "trainer.overwrite",
     "rollout": "rollout.engine",
+    "lr": "trainer.lr",
 }
+
+# Names other trainers (TRL, verl, HF Trainer) give knobs spelled otherwise here; difflib cannot find these
+# (it suggests trainer.overwrite for trainer.learning_rate).
+SYNONYMS = {"learning_rate": "lr", "num_generations": "n", "beta": "kl_beta", "lr_scheduler_type": "lr_schedule",
+            "max_completion_length": "max_new_tokens", "max_prompt_len": "max_prompt_length",
+            "per_device_train_batch_size": "micro_batch_size", "max_grad_norm": "grad_clip"}
 
 
 # --- value parsing and validation -------------------------------------------------------------------------
@@ -301,6 +308,10 @@ def _coerce(name: str, value: Any, tp) -> Any:
 
 
 def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    synonym = SYNONYMS.get(key.rpartition(".")[2])
+    named = [v for v in valid if synonym and v.rpartition(".")[2] == synonym]
+    if named:
+        return f"; did you mean '{prefix}{named[0]}'?"
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
@@ -492,11 +503,22 @@ def resolve_preset(preset: str | None, *sources: dict[str, Any] | None) -> str:
 
 
 def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults < preset < YAML < overrides, then validation (see resolve_preset for the default preset)."""
+                 overrides: dict[str, Any] | None = None, *, saved: dict[str, Any] | None = None) -> Config:
+    """Defaults < preset < YAML < overrides, then validation (see resolve_preset for the default preset).
+
+    ``saved``: a resumed run's own config (its checkpoint's config.yaml) replaces defaults and preset: the preset
+    it ran with is already in it, so only a preset named here applies on top, then YAML and overrides.
+    """
     cfg = Config()
     from_yaml = load_yaml(yaml_path) if yaml_path is not None else None
-    name = resolve_preset(preset, from_yaml, overrides)
+    if saved is not None:
+        apply_overrides(cfg, saved, source="the checkpoint's config.yaml")
+        cfg.trainer.overwrite = False  # the saved run may have started with --overwrite; this one resumes
+        name = preset if preset is not None else "none"
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}'{_suggest(name, list(PRESETS))}")
+    else:
+        name = resolve_preset(preset, from_yaml, overrides)
     apply_overrides(cfg, PRESETS[name], source=f"preset {name}")
     if from_yaml is not None:
         apply_overrides(cfg, from_yaml, source=str(yaml_path))
@@ -505,9 +527,19 @@ def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
     return validate(cfg)
 
 
-def config_from_cli(argv: list[str]) -> Config:
+def config_from_cli(argv: list[str], saved_config: typing.Callable[[str], dict | None] | None = None) -> Config:
+    """The run's config from the command line. With ``--resume`` and ``saved_config`` (output_dir -> the newest
+    checkpoint's saved config, or None), the run continues with its own config: ``--resume --output-dir D`` alone
+    suffices, and flags given on top override it."""
     preset, yaml_path, overrides = parse_cli(argv)
-    return build_config(preset, yaml_path, overrides)
+    cfg = build_config(preset, yaml_path, overrides)
+    if cfg.trainer.resume and saved_config is not None:
+        saved = saved_config(cfg.trainer.output_dir)
+        if saved is not None:
+            output_dir = cfg.trainer.output_dir  # where it was found, even if the run folder has moved since
+            cfg = build_config(preset, yaml_path, {**overrides, "trainer.output_dir": output_dir,
+                                                   "trainer.resume": True}, saved=saved)
+    return cfg
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

@@ -14,6 +14,7 @@ Three layers, each with one job:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ class PromptRecord:
     key: str  # stable identity of the prompt (explicit id, or sha1 of the prompt text)
     prompt: str
     answer: str
+    origin: str = dataclasses.field(default="", compare=False)  # "file: line N" or "row N", for error messages
 
 
 def prompt_key(prompt: str) -> str:
@@ -135,7 +137,7 @@ def _to_record(path: Path, where: str, row: Mapping[str, Any]) -> PromptRecord:
         raise DataError(f"{path}: {where}: field 'id' must be a string or an integer, "
                         f"got {type(explicit_id).__name__}")
     key = str(explicit_id) if explicit_id is not None else prompt_key(prompt)
-    return PromptRecord(key=key, prompt=prompt, answer=str(answer))
+    return PromptRecord(key=key, prompt=prompt, answer=str(answer), origin=f"{path}: {where}")
 
 
 def builtin_arithmetic(seed: int = 0, num_train: int | None = None, num_heldout: int | None = None,

@@ -10,7 +10,8 @@
     │   └── RunDirError                 an output directory that cannot be used for this run
     ├── NonFiniteLogitsError (ValueError)  NaN/inf logits while sampling: the policy diverged
     └── TrainingAborted (RuntimeError)  the run stopped on purpose; exit code 1
-        └── WeightSyncError             the engine does not sample from the learner's weights
+        ├── WeightSyncError             the engine does not sample from the learner's weights
+        └── RewardFunctionError         every response of a batch failed verification: the verifier is broken
 
 Every class is defined here; the modules that raise them re-export them under their old names.
 """
@@ -63,6 +64,11 @@ class TrainingAborted(ErpoError, RuntimeError):
 
 class WeightSyncError(TrainingAborted):
     """The engine's log-probs on the probe prompt do not match the learner's: the weight sync failed."""
+
+
+class RewardFunctionError(TrainingAborted):
+    """Every response of a batch failed verification (raised, returned None or a non-finite value, timed out):
+    the verifier itself is broken, and training on all-zero rewards would only waste the run."""
 
 
 def first_line(e: BaseException) -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from math import comb
 
 import numpy as np
 
-from erpo_fast.prompting import decode_response, encode_prompts
+from erpo_fast.prompting import decode_response, encode_prompts, stop_token_ids
+from erpo_fast.rewards.pool import check_not_all_failed
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -42,22 +43,43 @@ def summarize(rewards: np.ndarray, ks: Sequence[int], success_threshold: float =
 
 def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,), temperature: float = 1.0,
              max_new_tokens: int = 512, seed: int = 0, chat_template: bool = True, top_k: int | None = None,
-             top_p: float | None = None, max_prompt_length: int | None = None) -> dict[str, float]:
-    """Sample max(ks) responses per held-out record and score them; returns mean@k / pass@k per k."""
+             top_p: float | None = None, max_prompt_length: int | None = None, batch_prompts: int = 64,
+             on_progress: Callable[[int], object] | None = None, success_threshold: float = 1.0
+             ) -> dict[str, float]:
+    """Sample max(ks) responses per held-out record and score them; returns mean@k / pass@k per k.
+
+    Prompts go to the engine ``batch_prompts`` at a time, each with its own seed (``seed + i`` for record i), so
+    the samples do not depend on the batching; ``on_progress(prompts_done)`` is called after each batch.
+    """
     if not records:
         raise ValueError("evaluation set is empty")
     n = max(ks)
     prompts = encode_prompts(tokenizer, [r.prompt for r in records], chat_template=chat_template,
-                             max_length=max_prompt_length)
-    samples = engine.generate(prompts, [temperature] * len(prompts), n, max_new_tokens,
-                              stop_token_ids=[tokenizer.eos_token_id], top_k=top_k, top_p=top_p, seed=seed)
-    pairs = [(decode_response(tokenizer, s.token_ids), r.answer) for r, group in zip(records, samples)
-             for s in group]
-    keys = [f"heldout:{r.key}" for r, group in zip(records, samples) for _ in group]  # names verifier incidents
-    rewards = np.asarray(reward_pool.score(pairs, keys=keys), dtype=np.float64).reshape(len(records), n)
-    out = summarize(rewards, ks)
+                             max_length=max_prompt_length, origins=[r.origin for r in records])
+    stops = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))  # the model's EOS list too
+    rewards = np.zeros((len(records), n), dtype=np.float64)
+    lengths, scored, failed, first_failure = [], 0, 0, None
+    for start in range(0, len(records), batch_prompts):
+        end = min(start + batch_prompts, len(records))
+        samples = engine.generate(prompts[start:end], [temperature] * (end - start), n, max_new_tokens,
+                                  stop_token_ids=stops, top_k=top_k, top_p=top_p,
+                                  seed=[seed + i for i in range(start, end)])
+        pairs = [(decode_response(tokenizer, s.token_ids), r.answer) for r, group in zip(records[start:end], samples)
+                 for s in group]
+        keys = [f"heldout:{r.key}" for r, group in zip(records[start:end], samples) for _ in group]
+        rewards[start:end] = np.asarray(reward_pool.score(pairs, keys=keys), dtype=np.float64).reshape(-1, n)
+        stats = reward_pool.last_stats
+        scored, failed = scored + stats.num_scored, failed + stats.num_failed
+        first_failure = first_failure or stats.first_failure()
+        lengths += [len(s.token_ids) for g in samples for s in g]
+        if on_progress is not None:
+            on_progress(end - start)
+    # A verifier that failed on every held-out response is broken, not strict.
+    check_not_all_failed(reward_pool.name, scored, failed, first_failure, "held-out evaluation")
+    out = summarize(rewards, ks, success_threshold)
     out["num_prompts"] = len(records)
-    out["response_tokens_mean"] = float(np.mean([len(s.token_ids) for g in samples for s in g]))
+    out["seed"] = seed  # with the model, k, temperature and max_new_tokens: all it takes to reproduce these
+    out["response_tokens_mean"] = float(np.mean(lengths))
     return out
 
 
@@ -68,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[4], help="k values (samples per prompt = max k)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--reward", choices=("auto", "arithmetic", "math"), default="auto",
-                        help="auto: math-verify")
+    parser.add_argument("--reward", default="auto",
+                        help="as data.reward: auto (math-verify), arithmetic, math, module:function or "
+                             "path/file.py:function")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--success-threshold", type=float, default=1.0,
+                        help="a reward >= this counts as solved for pass@k (as algorithm.success_threshold)")
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--rollout", choices=("native", "vllm"), default="native")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
@@ -78,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from erpo_fast.data import load_prompts
-    from erpo_fast.errors import UserError
+    from erpo_fast.errors import TrainingAborted, UserError
+    from erpo_fast.logger import Progress
     from erpo_fast.models import load_model, resolve_dtype
     from erpo_fast.rewards import get_reward_fn
     from erpo_fast.rewards.pool import RewardPool
@@ -89,18 +115,24 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--k values must be >= 1, got {args.k}")
         if args.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+        reward_name = "math" if args.reward == "auto" else args.reward
+        reward_fn = get_reward_fn(reward_name)  # a spec that does not import fails before the model loads
         records = load_prompts(args.data)
         model, tokenizer = load_model(args.model)
         engine = make_engine(args.rollout, model) if args.rollout == "native" else make_engine(
             "vllm", args.model, dtype=resolve_dtype("auto"))
-        reward_fn = get_reward_fn("math" if args.reward == "auto" else args.reward)
-        with RewardPool(reward_fn, num_workers=args.workers, timeout_s=args.timeout) as pool:
+        with RewardPool(reward_fn, num_workers=args.workers, timeout_s=args.timeout, name=reward_name) as pool, \
+                Progress(len(records), "evaluate (prompts)") as progress:
             result = evaluate(engine, tokenizer, records, reward_pool=pool, ks=args.k,
                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              chat_template=not args.no_chat_template)
+                              chat_template=not args.no_chat_template, on_progress=progress.update,
+                              success_threshold=args.success_threshold)
     except (UserError, ValueError, ImportError) as e:  # ValueError: e.g. an engine's own argument check
         print(f"erpo_fast.evaluate: error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:  # e.g. a verifier that failed on every response
+        print(f"erpo_fast.evaluate: stopped: {e}", file=sys.stderr)
+        return 1
     for key, value in result.items():
         print(f"{key:>24s}  {value:.4f}" if isinstance(value, float) else f"{key:>24s}  {value}")
     print(json.dumps(result))

@@ -398,6 +398,8 @@ class Learner:
 
     def _prepare(self, model: nn.Module, *, trainable: bool) -> nn.Module:
         model = model.to(device=self.device, dtype=torch.float32)
+        if trainable:  # the export (checkpoint model/) gets the value back: it should load as the original did
+            self.exported_use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         _disable_dropout(model)
         # sdpa on a packed row would attend through a dense [T, T] block-diagonal mask: O(T^2) per micro-batch.
@@ -746,8 +748,9 @@ class Learner:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         self._reshard(self._policy)
-        dcp.save({"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}, checkpoint_id=directory,
-                 no_dist=not dist.is_initialized())
+        with _single_process_dcp():
+            dcp.save({"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}, checkpoint_id=directory,
+                     no_dist=not dist.is_initialized())
 
     def load_optimizer(self, directory: str | Path) -> None:
         """Load :meth:`save_optimizer`'s shards into this learner's (sharded) optimizer; the world size may
@@ -757,8 +760,18 @@ class Learner:
 
         self._reshard(self._policy)
         state = {"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}  # initialised, to load into
-        dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+        with _single_process_dcp():
+            dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
         set_optimizer_state_dict(self._policy, self.optimizer, state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """torch.distributed.checkpoint warns on every save and load without a process group ("torch.distributed is
+    disabled ... assuming the intent is to save in a single process"); one process is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _mismatch_sums(m: dict) -> tuple[list[float], float]:

@@ -98,6 +98,9 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_impl
     attn = resolve_attn_implementation(attn_implementation, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        # A loading option, not a property of the tokenizer: save_pretrained would write it into the export's
+        # tokenizer_config.json, and the export would then refuse to load anything from the Hub for its user.
+        tokenizer.init_kwargs.pop("local_files_only", None)
     except Exception as e:  # transformers raises many types; the caller needs one clear line
         raise ModelLoadError(f"cannot load the tokenizer from {p}: {first_line(e)}") from e
     try:

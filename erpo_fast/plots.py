@@ -73,15 +73,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def with_heldout_ends(metrics: list[dict], before: dict | None, after: dict | None) -> list[dict]:
+    """``metrics`` with the evaluations before RL (step 0) and after it (the last step) as held-out records; the
+    final one lives in summary.json, not in metrics.jsonl, when the last step was not an evaluation step."""
+    metrics = list(metrics)
+    if before:
+        metrics.insert(0, {"step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
+    last = metrics[-1] if metrics else None
+    if after and last is not None and _is_number(last.get("step")) and not any(
+            k.startswith("heldout_") for k in last):
+        metrics.append({"step": last["step"], **{f"heldout_{k}": v for k, v in after.items()}})
+    return metrics
+
+
 def write_plots(metrics: list[dict], out_dir: str | os.PathLike, *,
-                temperatures: np.ndarray | None = None, heldout_before: dict | None = None) -> list[Path]:
+                temperatures: np.ndarray | None = None, heldout_before: dict | None = None,
+                heldout_after: dict | None = None) -> list[Path]:
     """Write the PNG panels that ``metrics`` has data for, and a histogram of ``temperatures`` when given
     (e.g. the final per-prompt temperatures); ``heldout_before`` (the held-out evaluation before RL, keys like
-    ``mean_at_4``) becomes the step-0 point of the held-out curves. Returns the paths written."""
+    ``mean_at_4``) becomes the step-0 point of the held-out curves, and ``heldout_after`` (the final evaluation)
+    their last point, unless the last step's record has one already. Returns the paths written."""
     if not isinstance(metrics, (list, tuple)) or not all(isinstance(r, dict) for r in metrics):
         raise ValueError("metrics must be a list of dicts (the records of metrics.jsonl)")
-    if heldout_before:
-        metrics = [{"step": 0, **{f"heldout_{k}": v for k, v in heldout_before.items()}}, *metrics]
+    metrics = with_heldout_ends(metrics, heldout_before, heldout_after)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -28,10 +28,11 @@ from erpo_fast.algorithms import compute_advantages, dynamic_sampling_filter
 from erpo_fast.config import Config
 from erpo_fast.data import PromptIndex, PromptRecord, PromptSampler
 from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
-from erpo_fast.errors import NonFiniteLogitsError, TrainingAborted
+from erpo_fast.errors import NonFiniteLogitsError, RewardFunctionError, TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.learner import RolloutSequence, StepBatch
-from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts
+from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
+from erpo_fast.rewards.pool import check_not_all_failed
 from erpo_fast.rollout.base import verify_sync
 from erpo_fast.tracker import HistoryTracker
 
@@ -59,8 +60,10 @@ class Rollout:
         self.cfg, self.rt, self.tokenizer, self.engine, self.rewards = cfg, rt, tokenizer, engine, rewards
         self.train, self.heldout = train, heldout
         self.prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
-                                            chat_template=cfg.data.chat_template,
-                                            max_length=cfg.data.max_prompt_length)
+                                         chat_template=cfg.data.chat_template,
+                                         max_length=cfg.data.max_prompt_length, origins=[r.origin for r in train])
+        # The engine knows the model's generation config (its EOS list); the tokenizer may name another EOS.
+        self.stop_token_ids = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))
         self.prompt_index = PromptIndex()
         self.tracker_ids = self.prompt_index.add([r.key for r in train])  # tracker id of each dataset row
         self.tracker = self._new_tracker(len(self.prompt_index))
@@ -147,7 +150,7 @@ class Rollout:
         # One seed per prompt ties each prompt's randomness to (seed, step, round, prompt) alone, so a run split
         # across ranks samples exactly what one process would.
         samples = self._generate(step, [self.prompt_ids[r] for r in rows], temps.tolist(), cfg.rollout.n,
-                                 cfg.rollout.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
+                                 cfg.rollout.max_new_tokens, stop_token_ids=self.stop_token_ids,
                                  top_k=cfg.rollout.top_k or None,
                                  top_p=cfg.rollout.top_p if cfg.rollout.top_p < 1 else None,
                                  seed=[step_seed(cfg.trainer.seed, step, round_, r) for r in rows])
@@ -159,6 +162,16 @@ class Rollout:
                                                                                                cfg.rollout.n)
         t2 = time.perf_counter()
         stats = self.rewards.last_stats
+        # A verifier that fails on every response of the step (all ranks) is broken: stop rather than train on
+        # all-zero rewards. Every rank raises together.
+        counts = all_gather_objects((stats.num_scored, stats.num_failed, stats.first_failure()), self.rt)
+        try:
+            check_not_all_failed(self.rewards.name, sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                 next((c[2] for c in counts if c[2]), None),
+                                 f"step {step}" + (f" (refill round {round_})" if round_ else ""))
+        except RewardFunctionError as e:
+            raise RewardFunctionError(f"{e}. The last checkpoint is kept in {cfg.trainer.output_dir}/checkpoints"
+                                      ) from None
         timing = {"time_rollout_s": t1 - t0, "time_score_s": t2 - t1,
                   "reward_timeouts": stats.num_timeouts, "reward_errors": stats.num_errors,
                   "response_tokens": sum(len(smp.token_ids) for g in samples for smp in g)}
@@ -232,9 +245,12 @@ class Rollout:
                 result = evaluate(self.engine, self.tokenizer, self.heldout, reward_pool=self.rewards,
                                   ks=(cfg.trainer.eval_k,), temperature=cfg.trainer.eval_temperature,
                                   max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.trainer.seed + 7919 * step,
-                                  chat_template=cfg.data.chat_template)
+                                  chat_template=cfg.data.chat_template,
+                                  success_threshold=cfg.algorithm.success_threshold)
             except NonFiniteLogitsError as e:  # a policy diverged in this step's update: stop every rank cleanly
                 result = {"aborted": str(self._diverged(step, e))}
+            except RewardFunctionError as e:
+                result = {"aborted": f"{e}. The last checkpoint is kept in {cfg.trainer.output_dir}/checkpoints"}
         result = broadcast_object(result, self.rt)
         if "aborted" in result:
             raise TrainingAborted(result["aborted"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from erpo_fast.logger import read_metrics
@@ -21,13 +20,15 @@ def finish(s) -> dict:
         return summary
     metrics = read_metrics(out)
     plots = write_plots(metrics, out / "plots", temperatures=temps[seen],
-                        heldout_before=summary["heldout_before"]) if s.cfg.logging.plots else []
+                        heldout_before=summary["heldout_before"],
+                        heldout_after=summary["heldout_after"]) if s.cfg.logging.plots else []
     summary["plots"] = [str(p) for p in plots]
     summary["residual"] = [{k: m.get(k) for k in ("step", "frac_all_correct", "frac_all_wrong", "frac_mixed")}
                            for m in metrics]
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "residual"},
                                                  indent=2, default=str) + "\n")
-    print(format_summary(summary, temps[seen]), file=sys.stderr)
+    # The run's result, on stdout (progress and logs go to stderr): `train ... > result.txt` keeps it.
+    print(format_summary(summary, temps[seen]), flush=True)
     return summary
 
 

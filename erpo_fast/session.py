@@ -98,7 +98,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     if reward_name == "auto":
         reward_name = "math" if cfg.data.path else builtin_reward(cfg.data)
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
-                         timeout_s=cfg.data.reward_timeout_s)
+                         timeout_s=cfg.data.reward_timeout_s, name=reward_name)
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
     session = Session(cfg, rt, base_dir, tokenizer, learner, rollout)
     if ckpt is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from erpo_fast.checkpoint import save_checkpoint
+from erpo_fast.checkpoint import save_checkpoint, saved_run_config
 from erpo_fast.config import Config, config_from_cli, help_text
 from erpo_fast.distributed import barrier, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted, UserError
@@ -66,18 +66,25 @@ def _train(cfg: Config, rt) -> dict:
     try:
         if s.start_step == 0:
             s.heldout_before = s.rollout.evaluate(step=0)
+        last_eval: tuple[int, dict] | None = None  # (step, result) of the newest held-out evaluation
         for step in range(s.start_step + 1, cfg.trainer.max_steps + 1):
             with profiler.step(step):
                 metrics = train_step(s, step, logger)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                metrics.update(_prefixed(s.rollout.evaluate(step), "heldout_"))
+                _phase(logger, "eval")  # timed as time_eval_s, apart from the weight sync before it
+                last_eval = (step, s.rollout.evaluate(step))
+                metrics.update(_prefixed(last_eval[1], "heldout_"))
             if logger:
                 logger.log_step(metrics)
             if step == cfg.trainer.max_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
                 checkpoint(s, step)
         # The final evaluation goes to summary.json, not to the last step's record, so that a run cut short
-        # and resumed logs exactly the steps an uninterrupted run logs.
-        s.heldout_after = s.rollout.evaluate(cfg.trainer.max_steps)
+        # and resumed logs exactly the steps an uninterrupted run logs. When the last step was evaluated already
+        # (max_steps a multiple of eval_every), that result is the final one: the same policy, the same seed.
+        if last_eval is not None and last_eval[0] == cfg.trainer.max_steps:
+            s.heldout_after = last_eval[1]
+        else:
+            s.heldout_after = s.rollout.evaluate(cfg.trainer.max_steps)
         summary = finish(s)
         # Leave together: a rank tearing gloo down while rank 0 still writes plots was seen to abort at exit.
         # (Only on success: after an error on one rank, a barrier would hang the others.)
@@ -135,12 +142,12 @@ def _check_update(s: Session, step: int, learned: dict, logger: RunLogger | None
     if not learned.get("skipped_nonfinite"):
         s.nan_streak = 0
         if logger and not learned.get("num_sequences"):
-            logger.log_event("skipped_step", f"step {step}: no group left to learn from (all dropped by "
+            logger.log_event("skipped_step", "no group left to learn from (all dropped by "
                              "dynamic sampling); no update", step=step)
         return
     s.nan_streak += 1
     if logger:
-        logger.log_event("nonfinite_loss", f"step {step}: non-finite loss or gradient; update skipped",
+        logger.log_event("nonfinite_loss", "non-finite loss or gradient; update skipped",
                          step=step, streak=s.nan_streak)
     if s.nan_streak >= s.cfg.trainer.nan_patience:
         raise TrainingAborted(f"{s.nan_streak} consecutive steps with a non-finite loss; stopping. "
@@ -152,7 +159,12 @@ def checkpoint(s: Session, step: int) -> None:
     full_state = s.learner.full_model_state_dict()  # rank 0 gets it, with CPU offload; the others {}
 
     def save_model(directory: Path) -> None:
-        s.learner.model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        config = s.learner.model.config
+        training_value, config.use_cache = config.use_cache, s.learner.exported_use_cache  # as the model came
+        try:
+            s.learner.model.save_pretrained(directory, state_dict=full_state, safe_serialization=True)
+        finally:
+            config.use_cache = training_value
         s.tokenizer.save_pretrained(directory)
 
     save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, save_shards=s.learner.save_optimizer,
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        cfg = config_from_cli(argv)
+        cfg = config_from_cli(argv, saved_config=saved_run_config)  # --resume: the run's own config
         train(cfg)
     except UserError as e:
         print(f"erpo_fast.train: error: {e}", file=sys.stderr)

@@ -272,3 +272,19 @@ def test_heldout_verdict_line():
     assert heldout_verdict(after, before).startswith("RL lowered held-out accuracy: mean@4 0.670 -> 0.398 (-0.272)")
     assert heldout_verdict(before, {**before, "mean_at_4": 0.405}).startswith("RL did not change")
     assert heldout_verdict({}, after) is None
+
+
+def test_reward_plot_ends_at_the_final_heldout_score(tmp_path, monkeypatch):
+    # max_steps 90 with eval_every 50: the final evaluation (summary.json) is at step 90, not in metrics.jsonl.
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault(path.stem, {
+        line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines}) and path)
+    metrics = [{"step": s, "reward_mean": 0.5} for s in range(1, 91)]
+    metrics[49].update(heldout_mean_at_4=0.55)
+    write_plots(metrics, tmp_path, heldout_before={"mean_at_4": 0.4}, heldout_after={"mean_at_4": 0.6})
+    assert drawn["reward"]["heldout_mean_at_4"] == [0, 50, 90]
+    # When the last step was an evaluation step, its record already holds the final score: no second point.
+    drawn.clear()
+    metrics[89].update(heldout_mean_at_4=0.6)
+    write_plots(metrics, tmp_path, heldout_before={"mean_at_4": 0.4}, heldout_after={"mean_at_4": 0.6})
+    assert drawn["reward"]["heldout_mean_at_4"] == [0, 50, 90]

@@ -118,6 +118,61 @@ def test_build_key_hashes_the_sources(tmp_path, monkeypatch):
     assert csrc.cache_dir(False) != before  # another checkout's sources never share this build
 
 
+def test_build_key_names_the_environment(monkeypatch):
+    # build.ninja holds torch's include/lib folders: another virtual environment must not share the build.
+    import torch
+
+    import erpo_fast.csrc as csrc
+
+    before = csrc.cache_dir(False)
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/lib/python3/site-packages/torch/__init__.py")
+    assert csrc.cache_dir(False) != before
+
+
+_LOAD_FROM = """
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("ops", Path(sys.argv[1]) / "__init__.py",
+                                              submodule_search_locations=[sys.argv[1]])
+ops = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ops)
+ops.load_ops()
+print(ops.cache_dir())
+"""
+
+
+@pytest.mark.slow
+def test_two_checkouts_sharing_a_cache_build_once(tmp_path):
+    """Two checkouts of the same sources (same environment, one cache): the second loads the first's build. Its
+    build.ninja once named each checkout's own source paths, so every first use rebuilt, silently (11-13 s)."""
+    import shutil
+
+    import erpo_fast.csrc as csrc
+
+    here = Path(csrc.__file__).parent
+    checkouts = []
+    for name in ("a", "b"):
+        dest = tmp_path / name / "csrc"
+        shutil.copytree(here, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        checkouts.append(dest)
+    env = {**os.environ, "ERPO_FAST_CACHE": str(tmp_path / "cache")}
+
+    def load(checkout):
+        result = subprocess.run([sys.executable, "-c", _LOAD_FROM, str(checkout)], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return Path(result.stdout.strip().splitlines()[-1]), result.stderr
+
+    build_dir, err = load(checkouts[0])
+    assert "building the sampling op" in err
+    (so,) = build_dir.glob("*.so")
+    built = so.stat().st_mtime_ns
+    for checkout in (checkouts[1], checkouts[0]):
+        again, err = load(checkout)
+        assert again == build_dir and "building" not in err
+        assert so.stat().st_mtime_ns == built  # not rebuilt
+
+
 @pytest.mark.slow
 def test_build_killed_midway_does_not_hang_the_next_process(tmp_path):
     """The issue's repro: kill -9 the first-use build once its lock exists; the next process must finish."""
@@ -194,10 +249,13 @@ def test_overwrite_run_leaves_only_its_own_checkpoints(tmp_path, capsys):
     assert load_checkpoint(out / "checkpoints" / "step_00000002")["config"]["trainer"]["seed"] == 5
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert not (out / LOCK_FILENAME).exists()
-    # Resuming it with another seed is a one-line usage error, not a traceback.
-    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume"]) == 2
+    # Resuming it with another seed given on top of its own config is a one-line usage error, not a traceback.
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume", "--seed", "0"]) == 2
     (line,) = _error_lines(capsys)
     assert "seed" in line
+    # Without --seed, --resume continues with the run's own config (seed 5).
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "3", "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
 
 def test_output_dir_naming_a_file_is_one_line_exit_2(tmp_path, capsys):
@@ -383,7 +441,7 @@ def test_divergence_stop_is_an_event(tmp_path, capsys):
     assert "non-finite" in stop["message"]
 
 
-def test_skipped_step_is_an_event(tmp_path):
+def test_skipped_step_is_an_event(tmp_path, caplog):
     out = tmp_path / "run"
     # Untrained model, exact answers: every group is all-wrong, dynamic sampling drops them all.
     assert main([*TINY, "--output-dir", str(out), "--max-steps", "1", "--model.warm_start_steps", "0",
@@ -391,6 +449,8 @@ def test_skipped_step_is_an_event(tmp_path):
     (record,) = read_metrics(out)
     assert record["sequences_trained"] == 0
     assert [e["kind"] for e in _events(out)] == ["skipped_step"]
+    (shown,) = [r.getMessage() for r in caplog.records if "[skipped_step]" in r.getMessage()]
+    assert shown.startswith("[skipped_step] step 1: no group left") and shown.count("step 1") == 1, shown
 
 
 # ----------------------------------------------------------------------------------------------------------

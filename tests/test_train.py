@@ -126,8 +126,8 @@ def test_help_lists_knobs(capsys):
 
 def test_summary_is_printed(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "2") == 0
-    err = capsys.readouterr().err
-    assert "held-out mean_at_2" in err and "residual prompts" in err and str(Path(tmp_path)) in err
+    out = capsys.readouterr().out  # the run's result on stdout; progress and logs on stderr
+    assert "held-out mean_at_2" in out and "residual prompts" in out and str(Path(tmp_path)) in out
 
 
 def test_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
@@ -188,3 +188,69 @@ def test_resume_with_another_seed_is_a_one_line_usage_error(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "2", "--resume", "--seed", "1") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "--resume from" in err[0] and "seed" in err[0], err
+
+
+COUNTING_VERIFIER = '''
+import os
+
+
+def counting(response, answer):
+    with open(os.environ["ERPO_TEST_CALLS"], "a") as f:
+        f.write("x\\n")
+    return float(response.strip() == answer)
+'''
+
+
+def test_final_heldout_evaluation_runs_once_when_the_last_step_was_evaluated(tmp_path, monkeypatch):
+    # max_steps % eval_every == 0 (as at the defaults): the evaluation of the last step is the final one.
+    verifier, calls = tmp_path / "counting.py", tmp_path / "calls.txt"
+    verifier.write_text(COUNTING_VERIFIER)
+    monkeypatch.setenv("ERPO_TEST_CALLS", str(calls))
+    assert _run(tmp_path / "run", "--max-steps", "2", "--data.reward", f"{verifier}:counting") == 0
+    train_calls = 2 * 4 * 4  # steps x prompts_per_step x rollout.n
+    heldout_calls = 8 * 2  # num_heldout x eval_k, at steps 0 and 2 only
+    assert len(calls.read_text().splitlines()) == train_calls + 2 * heldout_calls
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    last = read_metrics(tmp_path / "run")[-1]
+    assert summary["heldout_after"]["mean_at_2"] == last["heldout_mean_at_2"]
+    assert last["time_eval_s"] > 0  # evaluation has its own time, apart from the weight sync
+
+
+def test_export_loads_as_the_original_and_checkpoints_warn_nothing(tmp_path, recwarn):
+    from transformers import AutoConfig
+
+    model_dir = _tiny_model_dir(tmp_path)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "use_cache": True}))  # as most models ship
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": a + b}) + "\n" for a in range(6)
+                            for b in range(2)))
+    args = [*TINY, "--model", str(model_dir), "--data", str(data), "--data.reward", "arithmetic"]
+    assert main([*args, "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 0
+    assert main([*args, "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--resume"]) == 0
+    export = tmp_path / "run" / "checkpoints" / "step_00000002" / "model"
+    assert AutoConfig.from_pretrained(export).use_cache is True
+    assert "local_files_only" not in json.loads((export / "tokenizer_config.json").read_text())
+    # one process: torch.distributed.checkpoint's "torch.distributed is disabled" warning says nothing to a user
+    assert not [w for w in recwarn if "torch.distributed is disabled" in str(w.message)]
+
+
+def test_too_long_prompt_names_its_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]
+    rows[3] = {"prompt": "1+" * 40 + "1=", "answer": "41"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main([*TINY, "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--model",
+                 str(_tiny_model_dir(tmp_path)), "--data", str(data), "--data.max_prompt_length", "20"])
+    assert code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "d.jsonl: line 4: prompt of" in line and "max_prompt_length=20" in line, line
+
+
+def test_lr_alias_and_other_trainers_names_suggest_ours(tmp_path, capsys):
+    from erpo_fast.config import config_from_cli
+
+    assert config_from_cli(["--lr", "3e-5"]).trainer.lr == 3e-5
+    assert main([*TINY, "--output-dir", str(tmp_path), "--trainer.learning_rate", "1e-5"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "did you mean '--trainer.lr'" in line or "did you mean 'trainer.lr'" in line, line

@@ -27,7 +27,13 @@ responses to it score 0 at once, instead of each costing another `timeout_s`.
 
 Every timeout and error is also an incident in `last_stats.incidents` (with the item's key, e.g. its
 prompt id, when `score(pairs, keys=...)` is given), and goes to `on_event(kind, message, **details)`
-when that is set (the trainer points it at the run's events.jsonl).
+when that is set (the trainer points it at the run's events.jsonl). Only the first few of one call are shown
+at WARNING (the rest at DEBUG, all still in events.jsonl), then one line counting the others: a verifier that
+fails often must not bury the run's output.
+
+Occasional failures are the verifier's business (a response it cannot parse); a call in which *every*
+response failed means the verifier itself is broken. ``check_not_all_failed`` turns that into a
+RewardFunctionError naming the function and the first error (the trainer stops with exit code 1).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from erpo_fast.errors import RewardFunctionError
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
@@ -51,6 +59,7 @@ RewardFn = Callable[[str, str], float]
 _MAX_CHUNK = 32
 _MAX_LOGGED_CHARS = 80
 _MAX_SLOW_GOLD = 10_000  # gold answers remembered as timing out
+_SHOWN_INCIDENTS = 3  # incidents of one score() call logged at WARNING; the rest at DEBUG
 
 
 @dataclass
@@ -65,6 +74,19 @@ class RewardStats:
     # Timeouts and errors of one score() call: {"kind", "index", "prompt_id", "slow" | "error", "response"}
     # (not summed into total_stats).
     incidents: list = field(default_factory=list)
+
+    @property
+    def num_failed(self) -> int:
+        return self.num_timeouts + self.num_errors
+
+    def first_failure(self) -> str | None:
+        """The first incident of the call, in words (None when there was none)."""
+        if not self.incidents:
+            return None
+        inc = self.incidents[0]
+        if inc["kind"] == "verifier_timeout":
+            return f"timed out after {inc['timeout_s']:g} s"
+        return inc["error"]
 
     def add(self, other: RewardStats) -> None:
         self.num_scored += other.num_scored
@@ -141,6 +163,13 @@ class _Worker:
         self.conn.close()
 
 
+def check_not_all_failed(name: str, scored: int, failed: int, first_failure: str | None, where: str) -> None:
+    """Raise RewardFunctionError when every one of ``scored`` (> 0) responses failed verification."""
+    if scored and failed >= scored:
+        raise RewardFunctionError(f"{where}: the reward function {name} failed on every response ({failed} of "
+                                  f"{scored}), first error: {first_failure}")
+
+
 def _default_start_method() -> str:
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
@@ -153,7 +182,7 @@ class RewardPool:
     """
 
     def __init__(self, fn: RewardFn, num_workers: int = 2, timeout_s: float = 5.0, *,
-                 start_method: str | None = None, startup_timeout_s: float = 120.0):
+                 start_method: str | None = None, startup_timeout_s: float = 120.0, name: str | None = None):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -163,6 +192,8 @@ class RewardPool:
         if not startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s!r}")
         self.fn = fn
+        # How errors name the verifier: the user's spec (data.reward) when given, else the function's own name.
+        self.name = name or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
         self.has_gold_stage = getattr(fn, "prepare_answer", None) is not None
         self.on_event: Callable[..., object] | None = None  # e.g. RunLogger.log_event
         self._slow_gold: set[str] = set()
@@ -262,7 +293,7 @@ class RewardPool:
         stats.incidents.append(incident)
 
     def _report(self, stats: RewardStats) -> None:
-        for inc in stats.incidents:
+        for shown, inc in enumerate(stats.incidents):
             details = {k: v for k, v in inc.items() if k != "kind"}
             where = f"prompt {inc['prompt_id']}" if inc["prompt_id"] is not None else f"item {inc['index']}"
             if inc["kind"] == "verifier_timeout":
@@ -272,10 +303,15 @@ class RewardPool:
                            "scored 0")
             else:
                 message = f"verification of {where} failed ({inc['error']}); scored 0"
+            level = logging.WARNING if shown < _SHOWN_INCIDENTS else logging.DEBUG
             if self.on_event is not None:
-                self.on_event(inc["kind"], message, **details)
+                self.on_event(inc["kind"], message, level=level, **details)
             else:
-                logger.warning("%s (%s)", message, ", ".join(f"{k}={v}" for k, v in details.items()))
+                logger.log(level, "%s (%s)", message, ", ".join(f"{k}={v}" for k, v in details.items()))
+        hidden = len(stats.incidents) - _SHOWN_INCIDENTS
+        if hidden > 0:
+            where = " (all in events.jsonl)" if self.on_event is not None else ""
+            logger.warning("%d more verification failures in this batch of %d%s", hidden, stats.num_scored, where)
 
     def _replace(self, slot: int, stats: RewardStats) -> None:
         self._workers[slot].stop(graceful=False)

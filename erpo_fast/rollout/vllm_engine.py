@@ -56,8 +56,10 @@ def vllm_available() -> bool:
 
 
 def _import_vllm():
-    # vLLM logs every request at INFO; a training run wants its warnings only (users can override).
+    # vLLM logs every request at INFO; a training run wants its warnings only (users can override). And it logs
+    # to stdout by default, where `evaluate` prints its result: its messages go to stderr with ours.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as e:
@@ -103,6 +105,28 @@ def request_seed(prompt_seed: int, n: int) -> int:
     (prompt, sample) pair of a call on its own stream: prompt seeds that differ modulo 2**32 never share one.
     """
     return (int(prompt_seed) % _SEED_SPACE) * n
+
+
+def seeded_chunked_prefill_works(device_type: str) -> bool:
+    """Can vLLM split a seeded request's prefill over several scheduler steps on this device?
+
+    It samples a request whose prefill is still partial, discards that token and rewinds the request's seeded
+    generator with ``Generator.set_offset``. A CPU generator has no offset ("CPU Generator does not use
+    offset"), so on vLLM's CPU build any generate call holding more prompt tokens than one step's budget
+    (``max_num_batched_tokens``, 4,096 there) crashed. CUDA generators (Philox) have an offset.
+    """
+    try:
+        torch.Generator(device=device_type).get_offset()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _no_chunked_prefill(max_model_len: int | None, llm_kwargs: dict) -> dict:
+    """vLLM arguments that schedule every prefill whole (see ``seeded_chunked_prefill_works``). The step budget
+    must hold the longest sequence; below that vLLM's own default (4,096 on CPU) is kept."""
+    budget = llm_kwargs.get("max_num_batched_tokens") or max(4096, max_model_len or 0)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
 
 
 def _worker_reload_takes_iterator(worker) -> bool:
@@ -154,6 +178,15 @@ class _ExpectedReloadWarnings(logging.Filter):
             return True
         layer = message.split(":", 1)[0]
         return not (layer.endswith("RotaryEmbedding") or (self.tied and layer == "ParallelLMHead"))
+
+
+class _ExpectedChunkedPrefillWarning(logging.Filter):
+    """Drops vLLM's "does not officially support disabling chunked prefill" warning, which it prints for any
+    model when chunked prefill is turned off. Here it is off only where seeded chunked prefill crashes (see
+    ``seeded_chunked_prefill_works``); vLLM's CPU platform turns it off itself for MLA models."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "support disabling chunked prefill" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -252,6 +285,12 @@ class VLLMEngine:
         if max_model_len is not None and context:
             max_model_len = min(max_model_len, context)
         self._tp_group = self._make_tp_group(tensor_parallel_size)
+        self.chunked_prefill = seeded_chunked_prefill_works(str(current_platform.device_type))
+        if not self.chunked_prefill and "enable_chunked_prefill" not in llm_kwargs:
+            llm_kwargs.update(_no_chunked_prefill(max_model_len or context or None, llm_kwargs))
+            args_log = logging.getLogger("vllm.engine.arg_utils")
+            if not any(isinstance(f, _ExpectedChunkedPrefillWarning) for f in args_log.filters):
+                args_log.addFilter(_ExpectedChunkedPrefillWarning())
         rank = int(os.environ.get("RANK", "0"))
         with _shield_from_kernel_scan(current_platform.is_cpu()):
             self.llm = vllm.LLM(
