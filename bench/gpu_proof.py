@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # run by path: `bench` and `erpo_fast` from the c
 
 PHASES = ("P0", "P1", "P2", "P3", "P4", "P5")
 # Deadlines in seconds (GPU, rehearsal). bench/GPU.md's call plan adds these up.
-DEADLINES = {"P0": (30, 60), "P1": (120, 150), "P2": (80, 60), "P3": (50, 60), "P4": (100, 90), "P5": (200, 240)}
+DEADLINES = {"P0": (30, 60), "P1": (100, 150), "P2": (70, 60), "P3": (40, 60), "P4": (80, 90), "P5": (200, 240)}
 VOCAB = 151936
 QWEN2_SHAPES = {  # Qwen2.5 0.5B / 1.5B (hidden, intermediate, layers, heads, kv heads), tied embeddings
     "0.5B": (896, 4864, 24, 14, 2),
