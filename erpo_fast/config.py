@@ -73,7 +73,7 @@ class DataConfig:
                                   "None: the built-in task (data.task).")
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
-    reward: str = knob("auto", "Verifier: auto (arithmetic for the built-in task, math-verify otherwise), "
+    reward: str = knob("auto", "Verifier: auto (the built-in task's own verifier, math-verify otherwise), "
                                "arithmetic, math, or your own function as module:function or path/file.py:function "
                                "(see Custom rewards).")
     task: str = knob("arithmetic", "Built-in task (when data.path is None): arithmetic (answer-only integer "
@@ -593,6 +593,31 @@ def markdown_reference() -> str:
     return "\n".join(lines)
 
 
+def preset_reference(name: str = DEFAULT_PRESET) -> str:
+    """The README's table of what a preset sets, generated from PRESETS (tests keep the two in sync)."""
+    lines = [f"| knob | `{name}` | default |", "|---|---|---|"]
+    for dotted, value in _flatten(PRESETS[name]).items():
+        section, key = dotted.split(".")
+        default = next(f.default for f in dataclasses.fields(_section_cls(section)) if f.name == key)
+        lines.append(f"| `{dotted}` | `{value!r}` | `{default!r}` |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_blocks() -> dict[str, str]:
+    """Generated README sections, by marker: ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``."""
+    return {"config-reference": markdown_reference(), "preset-reference": preset_reference()}
+
+
+def write_readme(path: Path) -> None:
+    """Replace each generated section of the README at ``path`` with its current text."""
+    text = path.read_text()
+    for name, body in readme_blocks().items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        head, rest = text.split(begin)
+        text = f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+    path.write_text(text)
+
+
 def _allowed_text(meta: dict) -> str:
     if meta.get("choices"):
         return " One of: " + ", ".join(f"`{c}`" for c in meta["choices"]) + "."
@@ -602,4 +627,6 @@ def _allowed_text(meta: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_reference())
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    write_readme(readme)
+    print(f"regenerated the configuration and preset tables in {readme}")

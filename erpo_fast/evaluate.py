@@ -83,7 +83,7 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m erpo_fast.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local Hugging Face model directory (with tokenizer)")
     parser.add_argument("--data", required=True, help=".jsonl/.parquet with prompt and answer fields")
@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", choices=("native", "vllm"), default="native")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-response verification timeout (s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
 
     from erpo_fast.data import load_prompts
     from erpo_fast.errors import TrainingAborted, UserError
