@@ -1,7 +1,7 @@
 """The first-GPU proof: environment, correctness, fused loss, sampler, learner step, colocated vLLM, in phases.
 
 Each phase has its own deadline, writes ``$OUT/<phase>.json`` as soon as it ends and prints one table row, so a
-run that is cut off still reports what it finished. Goals (from issue 25) print as PASS / FAIL / n/a.
+run that is cut off still reports what it finished. Goals print as PASS / FAIL / n/a.
 
 - P0 environment: versions, SMs, measured bf16 matmul peak (8192^3) and device copy bandwidth (4 GiB); starts
   the csrc CUDA build in the background (one arch, this device's).

@@ -214,16 +214,14 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 # Named starting points. `tiny-cpu` (the default) is the embedded job: built-in model and task, on a CPU laptop.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
-    # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
+    # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, "Learning demo
+    # trials").
     "tiny-cpu": {
         "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3,
                   "warm_start_restart_after": 1000},
@@ -540,13 +538,6 @@ def config_from_cli(argv: list[str], saved_config: typing.Callable[[str], dict |
             cfg = build_config(preset, yaml_path, {**overrides, "trainer.output_dir": output_dir,
                                                    "trainer.resume": True}, saved=saved)
     return cfg
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a saved config exactly (no preset applied), e.g. from a checkpoint."""
-    cfg = Config()
-    apply_overrides(cfg, d, source="saved config")
-    return validate(cfg)
 
 
 def help_text(argv: list[str] | None = None) -> str:

@@ -17,6 +17,7 @@ from math import comb
 
 import numpy as np
 
+from erpo_fast import choices as C
 from erpo_fast.prompting import decode_response, encode_prompts, stop_token_ids
 from erpo_fast.rewards.pool import check_not_all_failed
 
@@ -97,7 +98,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--success-threshold", type=float, default=1.0,
                         help="a reward >= this counts as solved for pass@k (as algorithm.success_threshold)")
     parser.add_argument("--no-chat-template", action="store_true")
-    parser.add_argument("--rollout", choices=("native", "vllm"), default="native")
+    parser.add_argument("--rollout", choices=C.ENGINES, default="native")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-response verification timeout (s)")
     return parser

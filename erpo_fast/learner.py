@@ -137,11 +137,6 @@ class PackedBatch:
         return self._layout
 
     @property
-    def shares_prompts(self) -> bool:
-        """Whether some prompt is stored once for several sequences (only packed attention can run that)."""
-        return len({seg[0] for seg in self.segments}) < len(self.segments)
-
-    @property
     def num_tokens(self) -> int:
         return int(self.label_index.numel())
 

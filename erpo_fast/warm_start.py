@@ -4,7 +4,7 @@ RL from a random policy would see only all-wrong groups (zero signal). Supervise
 problems that are neither RL prompts nor held-out ones give a policy that has the task's procedure but still
 errs, which is where GRPO and ERPO have something to learn: the stage stops at a target loss, and a start still
 stuck on the loss plateau is replaced by a new initialisation (see `supervised_finetune` and bench/NOTES.md,
-issue 13). The result is an ordinary HF model folder (+ tokenizer) under the cache directory, keyed by
+"Learning demo trials"). The result is an ordinary HF model folder (+ tokenizer) under the cache directory, keyed by
 everything that determines it, written atomically and reused by later runs.
 """
 
@@ -79,7 +79,7 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int,
         left, attempt = model_cfg.warm_start_steps, 0
         while True:
             # A start that is still on the loss plateau after warm_start_restart_after steps is dropped for a new
-            # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, issue 13).
+            # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, "Learning demo trials").
             check = model_cfg.warm_start_restart_after
             final_loss, steps = supervised_finetune(
                 model, examples, steps=left, lr=model_cfg.warm_start_lr,
@@ -113,7 +113,7 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     tenth, if shorter), the full rate until half-way, then a cosine to zero. Weight decay applies to matrices,
     not to norms and embeddings. On the digits task the loss sits on a plateau until the model finds the digit
     alignment, after a seed-dependent number of steps; decay and the flat first half got seeds off it that a
-    plain cosine left there (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean
+    plain cosine left there (bench/NOTES.md, "Learning demo trials"). With `target_loss` > 0 the run stops once the mean
     loss of the last LOSS_WINDOW steps is below it, so RL starts from comparable competence on every seed.
     With `give_up` = (k, loss) the run also stops after k steps if that mean loss is still above `loss`.
     """

@@ -539,7 +539,7 @@ def test_split_plan_never_adds_a_nearly_empty_wave():
             assert slots // 2 < programs <= slots, row_blocks
         else:
             assert n_splits == 1
-    assert tk.split_plan(14, vocab, block_n, sms) == (4224, 36)  # the case: 504 programs, 4 waves, not 5
+    assert tk.split_plan(14, vocab, block_n, sms) == (4224, 36)  # 504 programs: 4 waves, not 5
 
 
 def test_chunk_budget_by_device(monkeypatch):

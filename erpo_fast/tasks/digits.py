@@ -34,8 +34,8 @@ of its problems to the held-out split).
 The verifier (`digits_reward`) reads the response's last run of digits and compares it with the gold answer
 as text ("036" is not "36").
 
-Default levels: 4 alone; this is the embedded default job's task (preset tiny-cpu). In the issue-13 trials
-(bench/NOTES.md, "Learning demo trials (issue 13)") a level-2 mix was memorised (4,095 problems: GRPO raised its
+Default levels: 4 alone; this is the embedded default job's task (preset tiny-cpu). In the trials in
+bench/NOTES.md ("Learning demo trials") a level-2 mix was memorised (4,095 problems: GRPO raised its
 training prompts, not held-out ones), and the tiny model's warm start learnt the digit alignment of one operand
 width but not the other in a 3,4 mix, depending on the seed. With level 4 alone, the warm start's loss sits on
 a plateau until the model finds the alignment, after a seed-dependent number of steps; weight decay and many
