@@ -721,17 +721,7 @@ def policy_loss(
     the advantage's sign: ``clip_frac_low`` (ratio < 1 - cispo_eps_low), ``clip_frac_high`` (ratio >
     1 + cispo_eps_high).
     """
-    _check_1d("logprobs", logprobs)
-    if not logprobs.is_floating_point():
-        raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
-    n = logprobs.shape[0]
-    _check_1d("old_logprobs", old_logprobs, n)
-    _check_1d("advantages", advantages, n)
-    _check_1d("mask", mask, n)
-    if ref_logprobs is not None:
-        _check_1d("ref_logprobs", ref_logprobs, n)
-    if is_weights is not None:
-        _check_1d("is_weights", is_weights, n)
+    _check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, is_weights)
     spec = LossSpec.resolve(spec, settings)
     if spec.ratio_level == "sequence" and seq_ids is None:
         raise ValueError("ratio_level='sequence' (GSPO) needs seq_ids (the sequence label of every token)")
@@ -755,33 +745,54 @@ def policy_loss(
 
     per_token = per_token_policy_loss(lp, old, adv, spec, is_weights=isw, ref_logprobs=ref)
     loss = (weights * per_token).sum()
-    eps_low, eps_high, dual_clip, max_log_ratio = spec.eps_low, spec.eps_high, spec.dual_clip, spec.max_log_ratio
+    return loss, _policy_loss_metrics(lp.detach(), old, adv, ref, mb, spec)
 
-    with torch.no_grad():
-        ratio = torch.exp((lp.detach() - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
-        m = mb.to(dtype)
-        count = m.sum().clamp(min=1)
-        zero = torch.zeros((), dtype=dtype, device=lp.device)
-        if spec.loss_type == "cispo":
-            low = (ratio < 1.0 - spec.cispo_eps_low)
-            high = (ratio > 1.0 + spec.cispo_eps_high)
-        else:
-            low = (ratio < 1.0 - eps_low) & (adv < 0)
-            high = (ratio > 1.0 + eps_high) & (adv > 0)
-        stats = {
-            "clip_frac_low": low.to(dtype),
-            "clip_frac_high": high.to(dtype),
-            "kl_mean": per_token_kl(lp.detach(), ref, spec.kl) if ref is not None else None,
-            "ratio_mean": ratio,
-        }
-        if dual_clip is not None:
-            clipped_obj = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-            stats["dual_clip_frac"] = ((adv < 0) & (dual_clip * adv > clipped_obj)).to(dtype)
-        values = {k: (v * m).sum() / count if v is not None else zero for k, v in stats.items()}
-        # Ratios are positive, so zeroing unmasked ones leaves the masked max (or 0 when nothing is masked).
-        values["ratio_max"] = torch.where(mb, ratio, zero).amax() if n else zero
-        # One device->host copy for all metrics.
-        floats = torch.stack(list(values.values())).tolist()
-        metrics = dict(zip(values.keys(), floats))
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    return loss, metrics
+
+def _check_loss_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                       ref_logprobs: Tensor | None, is_weights: Tensor | None) -> None:
+    _check_1d("logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
+    n = logprobs.shape[0]
+    _check_1d("old_logprobs", old_logprobs, n)
+    _check_1d("advantages", advantages, n)
+    _check_1d("mask", mask, n)
+    if ref_logprobs is not None:
+        _check_1d("ref_logprobs", ref_logprobs, n)
+    if is_weights is not None:
+        _check_1d("is_weights", is_weights, n)
+
+
+@torch.no_grad()
+def _policy_loss_metrics(lp: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, mb: Tensor,
+                         spec: LossSpec) -> dict[str, float]:
+    """`policy_loss`'s metrics from its safe (masked-out = 0) inputs; see its docstring."""
+    eps_low, eps_high, dual_clip, max_log_ratio = spec.eps_low, spec.eps_high, spec.dual_clip, spec.max_log_ratio
+    dtype, n = lp.dtype, lp.shape[0]
+    ratio = torch.exp((lp - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
+    m = mb.to(dtype)
+    count = m.sum().clamp(min=1)
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    if spec.loss_type == "cispo":
+        low = (ratio < 1.0 - spec.cispo_eps_low)
+        high = (ratio > 1.0 + spec.cispo_eps_high)
+    else:
+        low = (ratio < 1.0 - eps_low) & (adv < 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+    stats = {
+        "clip_frac_low": low.to(dtype),
+        "clip_frac_high": high.to(dtype),
+        "kl_mean": per_token_kl(lp, ref, spec.kl) if ref is not None else None,
+        "ratio_mean": ratio,
+    }
+    if dual_clip is not None:
+        clipped_obj = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+        stats["dual_clip_frac"] = ((adv < 0) & (dual_clip * adv > clipped_obj)).to(dtype)
+    values = {k: (v * m).sum() / count if v is not None else zero for k, v in stats.items()}
+    # Ratios are positive, so zeroing unmasked ones leaves the masked max (or 0 when nothing is masked).
+    values["ratio_max"] = torch.where(mb, ratio, zero).amax() if n else zero
+    # One device->host copy for all metrics.
+    floats = torch.stack(list(values.values())).tolist()
+    metrics = dict(zip(values.keys(), floats))
+    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    return metrics
