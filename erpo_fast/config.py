@@ -74,12 +74,11 @@ class DataConfig:
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
     reward: str = knob("auto", "Verifier: auto (the built-in task's own verifier, math-verify otherwise), "
-                               "arithmetic, math, or your own function as module:function or path/file.py:function "
-                               "(see Custom rewards).")
-    task: str = knob("arithmetic", "Built-in task (when data.path is None): arithmetic (answer-only integer "
-                                   "arithmetic) or digits (reversed-digit addition, see erpo_fast/tasks/digits.py; "
-                                   "the tiny-cpu preset's task).",
-                     choices=("arithmetic", "digits"))
+                               "a built-in task's verifier (arithmetic, digits), math, or your own function as "
+                               "module:function or path/file.py:function (see Custom rewards).")
+    task: str = knob("digits", "Built-in task (when data.path is None): digits (reversed-digit addition, see "
+                               "erpo_fast/tasks/digits.py) or arithmetic (answer-only integer arithmetic).",
+                     choices=C.TASKS)
     task_levels: str | None = knob(None, "Built-in task: comma-separated levels to draw problems from (e.g. 2,3,4); "
                                          "None: the task's default levels.")
     seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
@@ -225,7 +224,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-cpu": {
         "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3,
                   "warm_start_restart_after": 1000},
-        "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
+        "data": {"num_train": 4000, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 8},
         "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,
                     "eval_every": 150, "save_every": 150, "output_dir": "runs/tiny-cpu", "threads": 1},

@@ -45,9 +45,8 @@ def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> s
     """Hash of everything that determines the warm-started weights."""
     fields = {k: v for k, v in vars(model_cfg).items() if k.startswith(("tiny_", "warm_start_"))}
     fields.update(num_train=data_cfg.num_train, num_heldout=data_cfg.num_heldout, seed=seed,
-                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__)
-    if data_cfg.task != "arithmetic" or data_cfg.task_levels is not None:  # (keeps the arithmetic caches' keys)
-        fields.update(task=data_cfg.task, task_levels=data_cfg.task_levels)
+                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__,
+                  task=data_cfg.task, task_levels=data_cfg.task_levels)
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
