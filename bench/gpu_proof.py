@@ -460,8 +460,9 @@ class Proof:
         torch = self.torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
+        from erpo_fast.batch import RolloutSequence
         from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-        from erpo_fast.learner import Learner, RolloutSequence
+        from erpo_fast.learner import Learner
 
         cfg = Qwen2Config(vocab_size=vocab, hidden_size=hid, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
@@ -476,8 +477,10 @@ class Proof:
         for i in range(prompts):
             prompt = torch.randint(3, vocab, (p_len,), generator=g).tolist()
             for j in range(group):
-                seqs.append(RolloutSequence(prompt, torch.randint(3, vocab, (r_len,), generator=g).tolist(), [],
-                                            temperature=0.7 + 0.1 * i, advantage=float(torch.randn(1, generator=g)),
+                seqs.append(RolloutSequence(prompt_ids=prompt,
+                                            response_ids=torch.randint(3, vocab, (r_len,), generator=g).tolist(),
+                                            rollout_logprobs=[], temperature=0.7 + 0.1 * i,
+                                            advantage=float(torch.randn(1, generator=g)),
                                             seq_key=i * group + j))
         return learner, seqs, params
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from erpo_fast.batch import RolloutSequence, pack_sequences
 from erpo_fast.config import DataConfig, ModelConfig
 from erpo_fast.kernels.fused_linear import linear_logprobs
-from erpo_fast.learner import RolloutSequence, pack_sequences
 from erpo_fast.logger import Progress
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
 from erpo_fast.prompting import encode_completion
@@ -135,8 +135,9 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     for _ in range(steps):
         done += 1
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
-                               temperature=1.0)
+        batch = pack_sequences([RolloutSequence(prompt_ids=examples[i][0], response_ids=examples[i][1],
+                                                rollout_logprobs=[], temperature=1.0, advantage=0.0, seq_key=key)
+                                for key, i in enumerate(pick)], temperature=1.0)
         hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.label_index]
         loss = -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean()
         opt.zero_grad(set_to_none=True)

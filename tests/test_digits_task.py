@@ -132,8 +132,8 @@ def _tiny_model(seed=0):
 def test_warm_start_stops_at_the_target_loss():
     import torch
 
+    from erpo_fast.batch import RolloutSequence, pack_sequences
     from erpo_fast.kernels.fused_linear import linear_logprobs
-    from erpo_fast.learner import RolloutSequence, pack_sequences
     from erpo_fast.models import last_hidden_state, lm_head_weight
     from erpo_fast.warm_start import LOSS_WINDOW, supervised_finetune
 

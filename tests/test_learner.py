@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from erpo_fast import algorithms
+from erpo_fast.batch import IGNORE_INDEX, RolloutSequence, pack_sequences
 from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from erpo_fast.learner import IGNORE_INDEX, Learner, RolloutSequence, lr_factor, pack_sequences
+from erpo_fast.learner import Learner, lr_factor
 from erpo_fast.models import (
     ModelLoadError,
     build_tiny_qwen2,

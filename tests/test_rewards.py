@@ -53,7 +53,8 @@ def test_math_reward_uses_symbolic_equivalence():
 def test_get_reward_fn():
     assert get_reward_fn("arithmetic") is arithmetic_reward
     assert get_reward_fn("math").__name__ == "math_reward"
-    with pytest.raises(ValueError, match="unknown reward 'code'; choose from arithmetic, digits, math, or module:function"):
+    with pytest.raises(ValueError,
+                       match="unknown reward 'code'; choose from arithmetic, digits, math, or module:function"):
         get_reward_fn("code")
 
 
