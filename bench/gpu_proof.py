@@ -232,7 +232,7 @@ class Proof:
                 def loss_pass(backend, hid, w, labels=labels, temp=temp, adv=adv, mask=mask, old=old):
                     hh, ww = hid.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
                     loss, _ = linear_grpo_loss(hh, ww, labels, temp, adv, mask, old_logprobs=old, ref_logprobs=old,
-                                               beta=0.04, kl="k3", loss_agg="token_mean", backend=backend)
+                                               kl_beta=0.04, kl_estimator="k3", loss_agg="token_mean", backend=backend)
                     loss.backward()
                     return loss, hh.grad, ww.grad
 

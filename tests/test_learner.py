@@ -97,8 +97,8 @@ def reference_loss(model64, sequences, algo, *, old=None, ref_model64=None, roll
         is_w = torch.exp(diff).clamp(max=algo.is_clip)
     old_t = lp.detach() if old is None else torch.cat(old).double()
     loss, metrics = algorithms.policy_loss(
-        lp, old_t, adv, mask, ref_logprobs=ref, beta=algo.kl_beta, kl=algo.kl_estimator, eps_low=algo.eps_low,
-        eps_high=algo.eps_high, dual_clip=algo.dual_clip, loss_agg=algo.loss_agg, seq_ids=seq_ids,
+        lp, old_t, adv, mask, ref_logprobs=ref, kl_beta=algo.kl_beta, kl_estimator=algo.kl_estimator,
+        eps_low=algo.eps_low, eps_high=algo.eps_high, dual_clip=algo.dual_clip, loss_agg=algo.loss_agg, seq_ids=seq_ids,
         max_len=MAX_LEN, ratio_level=algo.ratio_level, is_weights=is_w)
     model64.zero_grad(set_to_none=True)
     loss.backward()

@@ -238,7 +238,7 @@ class _LossInputs:
         # by chunk; a sequence-level weight or mask needs the whole sequence first (one extra pass, as GSPO).
         self.is_from_logp = is_correction is not None and self.old is None
         self.needs_full_logp = self.is_from_logp and "sequence" in (is_correction.get("is_level"),
-                                                                     is_correction.get("mask_level"))
+                                                                     is_correction.get("is_mask"))
         if is_correction is not None and self.old is not None:
             self.set_is(self.old)
 
@@ -368,7 +368,7 @@ def linear_grpo_loss(
 
     Per-token inputs are packed ``[N]`` vectors: ``advantages``, ``mask`` (tokens that are trained),
     ``old_logprobs`` (``None`` = on-policy, i.e. ``logprobs.detach()``), ``ref_logprobs`` (for the KL term when
-    ``beta > 0``), ``is_weights`` (truncated importance weights) and ``seq_ids`` (needed by the ``seq_*``
+    ``kl_beta > 0``), ``is_weights`` (truncated importance weights) and ``seq_ids`` (needed by the ``seq_*``
     aggregations and by ``ratio_level="sequence"``, GSPO). The remaining keywords are `policy_loss`'s.
 
     ``loss_type="cispo"`` selects CISPO (a clipped, stop-gradient IS weight times the log-prob, bounds
