@@ -74,8 +74,9 @@ def _drop_grads(p: dict) -> None:
 def ours(p: dict, backend: str):
     def step():
         loss, _ = linear_grpo_loss(p["hidden"], p["weight"], p["labels"], p["temperature"], p["advantages"],
-                                   p["mask"], old_logprobs=p["old"], ref_logprobs=p["ref"], beta=BETA, kl="k3",
-                                   eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_agg="token_mean", backend=backend)
+                                   p["mask"], old_logprobs=p["old"], ref_logprobs=p["ref"], kl_beta=BETA,
+                                   kl_estimator="k3", eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_agg="token_mean",
+                                   backend=backend)
         loss.backward()
         _drop_grads(p)  # so every call (and every contender) starts without gradient buffers
         return loss.detach()
@@ -178,7 +179,8 @@ def main() -> None:
 
     payload = dict(device_type=device, dtype=str(dtype), threads=torch.get_num_threads(),
                    shapes=[list(s) for s in shapes], iters=iters, flops_per_step="6*N*H*V",
-                   loss=dict(loss_agg="token_mean", beta=BETA, kl="k3", eps_low=EPS_LOW, eps_high=EPS_HIGH),
+                   loss=dict(loss_agg="token_mean", kl_beta=BETA, kl_estimator="k3", eps_low=EPS_LOW,
+                             eps_high=EPS_HIGH),
                    rows=rows)
     if not use_gpu:
         goal = {r["contender"]: r for r in rows if (r["N"], r["H"], r["V"]) == CPU_GOAL_SHAPE}

@@ -1,7 +1,7 @@
 """The first-GPU proof: environment, correctness, fused loss, sampler, learner step, colocated vLLM, in phases.
 
 Each phase has its own deadline, writes ``$OUT/<phase>.json`` as soon as it ends and prints one table row, so a
-run that is cut off still reports what it finished. Goals (from issue 25) print as PASS / FAIL / n/a.
+run that is cut off still reports what it finished. Goals print as PASS / FAIL / n/a.
 
 - P0 environment: versions, SMs, measured bf16 matmul peak (8192^3) and device copy bandwidth (4 GiB); starts
   the csrc CUDA build in the background (one arch, this device's).
@@ -232,7 +232,7 @@ class Proof:
                 def loss_pass(backend, hid, w, labels=labels, temp=temp, adv=adv, mask=mask, old=old):
                     hh, ww = hid.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
                     loss, _ = linear_grpo_loss(hh, ww, labels, temp, adv, mask, old_logprobs=old, ref_logprobs=old,
-                                               beta=0.04, kl="k3", loss_agg="token_mean", backend=backend)
+                                               kl_beta=0.04, kl_estimator="k3", loss_agg="token_mean", backend=backend)
                     loss.backward()
                     return loss, hh.grad, ww.grad
 
@@ -460,8 +460,9 @@ class Proof:
         torch = self.torch
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
+        from erpo_fast.batch import RolloutSequence
         from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-        from erpo_fast.learner import Learner, RolloutSequence
+        from erpo_fast.learner import Learner
 
         cfg = Qwen2Config(vocab_size=vocab, hidden_size=hid, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=True,
@@ -476,8 +477,10 @@ class Proof:
         for i in range(prompts):
             prompt = torch.randint(3, vocab, (p_len,), generator=g).tolist()
             for j in range(group):
-                seqs.append(RolloutSequence(prompt, torch.randint(3, vocab, (r_len,), generator=g).tolist(), [],
-                                            temperature=0.7 + 0.1 * i, advantage=float(torch.randn(1, generator=g)),
+                seqs.append(RolloutSequence(prompt_ids=prompt,
+                                            response_ids=torch.randint(3, vocab, (r_len,), generator=g).tolist(),
+                                            rollout_logprobs=[], temperature=0.7 + 0.1 * i,
+                                            advantage=float(torch.randn(1, generator=g)),
                                             seq_key=i * group + j))
         return learner, seqs, params
 

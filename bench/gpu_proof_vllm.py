@@ -41,8 +41,9 @@ def run_colocated(proof) -> dict:
     import torch
 
     from bench.gpu_proof import goal
+    from erpo_fast.batch import RolloutSequence
     from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from erpo_fast.learner import Learner, RolloutSequence
+    from erpo_fast.learner import Learner
     from erpo_fast.rollout.vllm_engine import VLLMEngine, WeightSyncError, teacher_forced_logprobs
 
     if proof.cuda:
@@ -81,7 +82,8 @@ def run_colocated(proof) -> dict:
 
             learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=prompts * n), ModelConfig(),
                               device=proof.device, max_len=new_tokens)
-            seqs = [RolloutSequence(batch[i], s.token_ids, s.logprobs, temperature=temps[i],
+            seqs = [RolloutSequence(prompt_ids=batch[i], response_ids=s.token_ids, rollout_logprobs=s.logprobs,
+                                    temperature=temps[i],
                                     advantage=float(torch.randn(1, generator=g)), seq_key=i * n + j)
                     for i, group in enumerate(samples) for j, s in enumerate(group)]
             t0 = time.perf_counter()

@@ -74,7 +74,7 @@ class LossSpec:
       ``dual_clip``) or cispo (clipped stop-gradient IS weight, ``cispo_eps_low``/``cispo_eps_high``);
       ``ratio_level`` token or sequence (GSPO); ``max_log_ratio``: clamp of the log-ratio before exp;
     - aggregation: ``loss_agg`` (see :func:`aggregation_weights`), ``max_len`` (Dr. GRPO's constant);
-    - KL penalty: ``beta`` times the ``kl`` estimator against the reference log-probs;
+    - KL penalty: ``kl_beta`` times the ``kl_estimator`` against the reference log-probs;
     - rollout correction (used by the fused kernel): ``is_level`` / ``is_clip`` (truncated IS), ``is_mask`` /
       ``is_mask_low`` / ``is_mask_high`` (masked IS), ``mismatch_ratio_bound`` (a metric's band).
     """
@@ -89,8 +89,8 @@ class LossSpec:
     max_log_ratio: float = 20.0
     loss_agg: str = "token_mean"
     max_len: int | None = None
-    beta: float = 0.0
-    kl: str = "k3"
+    kl_beta: float = 0.0
+    kl_estimator: str = "k3"
     is_level: str | None = None
     is_clip: float = 2.0
     is_mask: str | None = None
@@ -99,10 +99,10 @@ class LossSpec:
     mismatch_ratio_bound: float = 2.0
 
     def __post_init__(self) -> None:
-        _check_clip_args(self.eps_low, self.eps_high, self.dual_clip, self.beta)
+        _check_clip_args(self.eps_low, self.eps_high, self.dual_clip, self.kl_beta)
         _check_loss_type(self.loss_type, self.cispo_eps_low, self.cispo_eps_high, self.dual_clip)
-        if self.kl not in KL_KINDS:
-            raise ValueError(f"unknown kl kind {self.kl!r}; valid: {', '.join(KL_KINDS)}")
+        if self.kl_estimator not in KL_KINDS:
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {', '.join(KL_KINDS)}")
         if self.ratio_level not in RATIO_LEVELS:
             raise ValueError(f"unknown ratio_level {self.ratio_level!r}; valid: {', '.join(RATIO_LEVELS)}")
         if not (self.max_log_ratio > 0):
@@ -115,8 +115,8 @@ class LossSpec:
         """The spec of an `AlgorithmConfig` (``"none"`` IS settings become None); ``max_len``: the response budget."""
         return cls(loss_type=algo.loss_type, eps_low=algo.eps_low, eps_high=algo.eps_high, dual_clip=algo.dual_clip,
                    cispo_eps_low=algo.cispo_eps_low, cispo_eps_high=algo.cispo_eps_high,
-                   ratio_level=algo.ratio_level, loss_agg=algo.loss_agg, max_len=max_len, beta=algo.kl_beta,
-                   kl=algo.kl_estimator, is_level=None if algo.is_level == "none" else algo.is_level,
+                   ratio_level=algo.ratio_level, loss_agg=algo.loss_agg, max_len=max_len, kl_beta=algo.kl_beta,
+                   kl_estimator=algo.kl_estimator, is_level=None if algo.is_level == "none" else algo.is_level,
                    is_clip=algo.is_clip, is_mask=None if algo.is_mask == "none" else algo.is_mask,
                    is_mask_low=algo.is_mask_low, is_mask_high=algo.is_mask_high,
                    mismatch_ratio_bound=algo.mismatch_ratio_bound)
@@ -133,8 +133,8 @@ class LossSpec:
         """`is_correction_weights`'s keywords, or None when neither truncated nor masked IS is on."""
         if self.is_level is None and self.is_mask is None:
             return None
-        return dict(is_level=self.is_level, is_clip=self.is_clip, mask_level=self.is_mask,
-                    mask_low=self.is_mask_low, mask_high=self.is_mask_high)
+        return dict(is_level=self.is_level, is_clip=self.is_clip, is_mask=self.is_mask,
+                    is_mask_low=self.is_mask_low, is_mask_high=self.is_mask_high)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -517,17 +517,17 @@ def is_correction_weights(
     *,
     is_level: str | None = None,
     is_clip: float = 2.0,
-    mask_level: str | None = None,
-    mask_low: float = 0.5,
-    mask_high: float = 2.0,
+    is_mask: str | None = None,
+    is_mask_low: float = 0.5,
+    is_mask_high: float = 2.0,
     seq_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rollout-correction weights [N] and the keep mask [N] of masked IS (no grad).
 
     ``weights = truncated_is_weights(...)`` (``is_level`` token/sequence; 1 when ``None``) times
-    ``is_mask_keep(...)`` (``mask_level`` token/sequence; all kept when ``None``). A masked-out token gets weight 0
+    ``is_mask_keep(...)`` (``is_mask`` token/sequence; all kept when ``None``). A masked-out token gets weight 0
     but stays in the loss normaliser, as in IcePop and TRL's ``*_mask`` modes (verl's ``rollout_rs`` instead
-    drops it from the response mask). Token-level truncation plus a token-level mask with ``is_clip >= mask_high``
+    drops it from the response mask). Token-level truncation plus a token-level mask with ``is_clip >= is_mask_high``
     is IcePop: the ratio inside the band, 0 outside. Tokens with ``mask == 0`` get weight 0.
     """
     mb = _mask_bool(mask)
@@ -536,9 +536,9 @@ def is_correction_weights(
                                        seq_ids=seq_ids)
     else:
         weights = mb.to(torch.promote_types(learner_logprobs.dtype, torch.float32))
-    if mask_level is None:
+    if is_mask is None:
         return weights, mb
-    keep = is_mask_keep(learner_logprobs, rollout_logprobs, mb, level=mask_level, low=mask_low, high=mask_high,
+    keep = is_mask_keep(learner_logprobs, rollout_logprobs, mb, level=is_mask, low=is_mask_low, high=is_mask_high,
                         seq_ids=seq_ids)
     return torch.where(keep, weights, torch.zeros_like(weights)), keep
 
@@ -611,7 +611,8 @@ def per_token_policy_loss(
     - dual clip (``dual_clip = c > 1``): for ``A < 0``, ``obj = max(obj, c A)``, bounding the loss of tokens
       whose ratio exploded (dual-clip PPO);
     - loss = ``-obj * is_weights`` (truncated-IS weights scale the surrogate only; they are detached);
-    - plus ``beta * per_token_kl(logprobs, ref_logprobs, kl)`` when ``ref_logprobs`` is given and beta > 0.
+    - plus ``kl_beta * per_token_kl(logprobs, ref_logprobs, kl_estimator)`` when ``ref_logprobs`` is given and
+      kl_beta > 0.
 
     ``loss_type="cispo"`` (MiniMax-M1's CISPO) replaces the clipped surrogate by a clipped, stop-gradient IS weight
     times the log-prob: ``loss = -sg(clip(r, 1 - cispo_eps_low, 1 + cispo_eps_high)) * A * logprobs`` (times the
@@ -636,20 +637,20 @@ def per_token_policy_loss(
         loss = -obj
     if is_weights is not None:
         loss = loss * is_weights.detach()
-    if ref_logprobs is not None and s.beta > 0:
-        loss = loss + s.beta * per_token_kl(logprobs, ref_logprobs, s.kl)
+    if ref_logprobs is not None and s.kl_beta > 0:
+        loss = loss + s.kl_beta * per_token_kl(logprobs, ref_logprobs, s.kl_estimator)
     return loss
 
 
-def _check_clip_args(eps_low: float, eps_high: float, dual_clip: float | None, beta: float) -> None:
+def _check_clip_args(eps_low: float, eps_high: float, dual_clip: float | None, kl_beta: float) -> None:
     if not (0.0 <= eps_low <= 1.0):
         raise ValueError(f"eps_low must be in [0, 1] (lower clip bound 1 - eps_low >= 0), got {eps_low}")
     if not (eps_high >= 0.0 and math.isfinite(eps_high)):
         raise ValueError(f"eps_high must be a finite number >= 0, got {eps_high}")
     if dual_clip is not None and not (dual_clip > 1.0 and math.isfinite(dual_clip)):
         raise ValueError(f"dual_clip must be a finite number > 1 (or None to disable), got {dual_clip}")
-    if not (beta >= 0.0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if not (kl_beta >= 0.0 and math.isfinite(kl_beta)):
+        raise ValueError(f"kl_beta must be a finite number >= 0, got {kl_beta}")
 
 
 def _check_loss_type(loss_type: str, cispo_eps_low: float, cispo_eps_high: float, dual_clip: float | None) -> None:
@@ -715,23 +716,13 @@ def policy_loss(
 
     Metrics (python floats, computed without grad, plain means over masked tokens; 0 when no token is masked):
     ``clip_frac_low`` (ratio < 1 - eps_low and A < 0), ``clip_frac_high`` (ratio > 1 + eps_high and A > 0),
-    ``clip_frac`` (their sum), ``kl_mean`` (the ``kl`` estimator vs ``ref_logprobs``; 0 without a reference),
+    ``clip_frac`` (their sum), ``kl_mean`` (the ``kl_estimator`` vs ``ref_logprobs``; 0 without a reference),
     ``ratio_mean``, ``ratio_max``, and ``dual_clip_frac`` (A < 0 and the ``c A`` bound active) when dual clip
     is on. With ``loss_type="cispo"`` the clip fractions count the tokens whose IS weight is clipped, whatever
     the advantage's sign: ``clip_frac_low`` (ratio < 1 - cispo_eps_low), ``clip_frac_high`` (ratio >
     1 + cispo_eps_high).
     """
-    _check_1d("logprobs", logprobs)
-    if not logprobs.is_floating_point():
-        raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
-    n = logprobs.shape[0]
-    _check_1d("old_logprobs", old_logprobs, n)
-    _check_1d("advantages", advantages, n)
-    _check_1d("mask", mask, n)
-    if ref_logprobs is not None:
-        _check_1d("ref_logprobs", ref_logprobs, n)
-    if is_weights is not None:
-        _check_1d("is_weights", is_weights, n)
+    _check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, is_weights)
     spec = LossSpec.resolve(spec, settings)
     if spec.ratio_level == "sequence" and seq_ids is None:
         raise ValueError("ratio_level='sequence' (GSPO) needs seq_ids (the sequence label of every token)")
@@ -755,33 +746,54 @@ def policy_loss(
 
     per_token = per_token_policy_loss(lp, old, adv, spec, is_weights=isw, ref_logprobs=ref)
     loss = (weights * per_token).sum()
-    eps_low, eps_high, dual_clip, max_log_ratio = spec.eps_low, spec.eps_high, spec.dual_clip, spec.max_log_ratio
+    return loss, _policy_loss_metrics(lp.detach(), old, adv, ref, mb, spec)
 
-    with torch.no_grad():
-        ratio = torch.exp((lp.detach() - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
-        m = mb.to(dtype)
-        count = m.sum().clamp(min=1)
-        zero = torch.zeros((), dtype=dtype, device=lp.device)
-        if spec.loss_type == "cispo":
-            low = (ratio < 1.0 - spec.cispo_eps_low)
-            high = (ratio > 1.0 + spec.cispo_eps_high)
-        else:
-            low = (ratio < 1.0 - eps_low) & (adv < 0)
-            high = (ratio > 1.0 + eps_high) & (adv > 0)
-        stats = {
-            "clip_frac_low": low.to(dtype),
-            "clip_frac_high": high.to(dtype),
-            "kl_mean": per_token_kl(lp.detach(), ref, spec.kl) if ref is not None else None,
-            "ratio_mean": ratio,
-        }
-        if dual_clip is not None:
-            clipped_obj = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-            stats["dual_clip_frac"] = ((adv < 0) & (dual_clip * adv > clipped_obj)).to(dtype)
-        values = {k: (v * m).sum() / count if v is not None else zero for k, v in stats.items()}
-        # Ratios are positive, so zeroing unmasked ones leaves the masked max (or 0 when nothing is masked).
-        values["ratio_max"] = torch.where(mb, ratio, zero).amax() if n else zero
-        # One device->host copy for all metrics.
-        floats = torch.stack(list(values.values())).tolist()
-        metrics = dict(zip(values.keys(), floats))
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    return loss, metrics
+
+def _check_loss_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                       ref_logprobs: Tensor | None, is_weights: Tensor | None) -> None:
+    _check_1d("logprobs", logprobs)
+    if not logprobs.is_floating_point():
+        raise ValueError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
+    n = logprobs.shape[0]
+    _check_1d("old_logprobs", old_logprobs, n)
+    _check_1d("advantages", advantages, n)
+    _check_1d("mask", mask, n)
+    if ref_logprobs is not None:
+        _check_1d("ref_logprobs", ref_logprobs, n)
+    if is_weights is not None:
+        _check_1d("is_weights", is_weights, n)
+
+
+@torch.no_grad()
+def _policy_loss_metrics(lp: Tensor, old: Tensor, adv: Tensor, ref: Tensor | None, mb: Tensor,
+                         spec: LossSpec) -> dict[str, float]:
+    """`policy_loss`'s metrics from its safe (masked-out = 0) inputs; see its docstring."""
+    eps_low, eps_high, dual_clip, max_log_ratio = spec.eps_low, spec.eps_high, spec.dual_clip, spec.max_log_ratio
+    dtype, n = lp.dtype, lp.shape[0]
+    ratio = torch.exp((lp - old).clamp(-max_log_ratio, max_log_ratio))  # as the loss saw it
+    m = mb.to(dtype)
+    count = m.sum().clamp(min=1)
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    if spec.loss_type == "cispo":
+        low = (ratio < 1.0 - spec.cispo_eps_low)
+        high = (ratio > 1.0 + spec.cispo_eps_high)
+    else:
+        low = (ratio < 1.0 - eps_low) & (adv < 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+    stats = {
+        "clip_frac_low": low.to(dtype),
+        "clip_frac_high": high.to(dtype),
+        "kl_mean": per_token_kl(lp, ref, spec.kl_estimator) if ref is not None else None,
+        "ratio_mean": ratio,
+    }
+    if dual_clip is not None:
+        clipped_obj = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+        stats["dual_clip_frac"] = ((adv < 0) & (dual_clip * adv > clipped_obj)).to(dtype)
+    values = {k: (v * m).sum() / count if v is not None else zero for k, v in stats.items()}
+    # Ratios are positive, so zeroing unmasked ones leaves the masked max (or 0 when nothing is masked).
+    values["ratio_max"] = torch.where(mb, ratio, zero).amax() if n else zero
+    # One device->host copy for all metrics.
+    floats = torch.stack(list(values.values())).tolist()
+    metrics = dict(zip(values.keys(), floats))
+    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    return metrics

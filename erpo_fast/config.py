@@ -73,13 +73,12 @@ class DataConfig:
                                   "None: the built-in task (data.task).")
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
-    reward: str = knob("auto", "Verifier: auto (arithmetic for the built-in task, math-verify otherwise), "
-                               "arithmetic, math, or your own function as module:function or path/file.py:function "
-                               "(see Custom rewards).")
-    task: str = knob("arithmetic", "Built-in task (when data.path is None): arithmetic (answer-only integer "
-                                   "arithmetic) or digits (reversed-digit addition, see erpo_fast/tasks/digits.py; "
-                                   "the tiny-cpu preset's task).",
-                     choices=("arithmetic", "digits"))
+    reward: str = knob("auto", "Verifier: auto (the built-in task's own verifier, math-verify otherwise), "
+                               "a built-in task's verifier (arithmetic, digits), math, or your own function as "
+                               "module:function or path/file.py:function (see Custom rewards).")
+    task: str = knob("digits", "Built-in task (when data.path is None): digits (reversed-digit addition, see "
+                               "erpo_fast/tasks/digits.py) or arithmetic (answer-only integer arithmetic).",
+                     choices=C.TASKS)
     task_levels: str | None = knob(None, "Built-in task: comma-separated levels to draw problems from (e.g. 2,3,4); "
                                          "None: the task's default levels.")
     seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
@@ -214,20 +213,18 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 # Named starting points. `tiny-cpu` (the default) is the embedded job: built-in model and task, on a CPU laptop.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Reversed-digit addition of 4-digit numbers (erpo_fast/tasks/digits.py): a procedure, not facts to memorise.
-    # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, issue 13).
+    # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, "Learning demo
+    # trials").
     "tiny-cpu": {
         "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3,
                   "warm_start_restart_after": 1000},
-        "data": {"task": "digits", "num_train": 4000, "num_heldout": 200},
+        "data": {"num_train": 4000, "num_heldout": 200},
         "rollout": {"n": 8, "max_new_tokens": 8},
         "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,
                     "eval_every": 150, "save_every": 150, "output_dir": "runs/tiny-cpu", "threads": 1},
@@ -542,13 +539,6 @@ def config_from_cli(argv: list[str], saved_config: typing.Callable[[str], dict |
     return cfg
 
 
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a saved config exactly (no preset applied), e.g. from a checkpoint."""
-    cfg = Config()
-    apply_overrides(cfg, d, source="saved config")
-    return validate(cfg)
-
-
 def help_text(argv: list[str] | None = None) -> str:
     """Every knob with the value a run given ``argv`` would use (preset, YAML and overrides applied), its
     default when that differs, and its documentation: ``--help`` shows what will really run."""
@@ -593,6 +583,31 @@ def markdown_reference() -> str:
     return "\n".join(lines)
 
 
+def preset_reference(name: str = DEFAULT_PRESET) -> str:
+    """The README's table of what a preset sets, generated from PRESETS (tests keep the two in sync)."""
+    lines = [f"| knob | `{name}` | default |", "|---|---|---|"]
+    for dotted, value in _flatten(PRESETS[name]).items():
+        section, key = dotted.split(".")
+        default = next(f.default for f in dataclasses.fields(_section_cls(section)) if f.name == key)
+        lines.append(f"| `{dotted}` | `{value!r}` | `{default!r}` |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_blocks() -> dict[str, str]:
+    """Generated README sections, by marker: ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``."""
+    return {"config-reference": markdown_reference(), "preset-reference": preset_reference()}
+
+
+def write_readme(path: Path) -> None:
+    """Replace each generated section of the README at ``path`` with its current text."""
+    text = path.read_text()
+    for name, body in readme_blocks().items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        head, rest = text.split(begin)
+        text = f"{head}{begin}\n{body}{end}{rest.split(end, 1)[1]}"
+    path.write_text(text)
+
+
 def _allowed_text(meta: dict) -> str:
     if meta.get("choices"):
         return " One of: " + ", ".join(f"`{c}`" for c in meta["choices"]) + "."
@@ -602,4 +617,6 @@ def _allowed_text(meta: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown_reference())
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    write_readme(readme)
+    print(f"regenerated the configuration and preset tables in {readme}")

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,20 +140,6 @@ def _to_record(path: Path, where: str, row: Mapping[str, Any]) -> PromptRecord:
     return PromptRecord(key=key, prompt=prompt, answer=str(answer), origin=f"{path}: {where}")
 
 
-def builtin_arithmetic(seed: int = 0, num_train: int | None = None, num_heldout: int | None = None,
-                       levels: Sequence[int] | None = None) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """(train, held-out) records of the built-in arithmetic task; keys are the problem ids.
-
-    Arguments left as None take `erpo_fast.tasks.arithmetic.make_splits`'s defaults.
-    """
-    from erpo_fast.tasks.arithmetic import make_splits
-
-    kwargs = {k: v for k, v in (("num_train", num_train), ("num_heldout", num_heldout), ("levels", levels))
-              if v is not None}
-    train, heldout = make_splits(seed=seed, **kwargs)
-    return problem_records(train), problem_records(heldout)
-
-
 def problem_records(problems) -> list[PromptRecord]:
     """Prompt records of built-in task problems (anything with id, prompt and answer); keys are the ids."""
     return [PromptRecord(key=p.id, prompt=p.prompt, answer=p.answer) for p in problems]
@@ -243,10 +229,6 @@ class PromptSampler:
         self.epoch = 0
         self.cursor = 0  # index of the next global batch in this epoch's permutation
         self._order: np.ndarray | None = None  # permutation of self.epoch, built on demand
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.num_prompts // self.batch_size
 
     @property
     def local_batch_size(self) -> int:

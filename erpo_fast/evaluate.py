@@ -17,6 +17,7 @@ from math import comb
 
 import numpy as np
 
+from erpo_fast import choices as C
 from erpo_fast.prompting import decode_response, encode_prompts, stop_token_ids
 from erpo_fast.rewards.pool import check_not_all_failed
 
@@ -83,7 +84,7 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m erpo_fast.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="local Hugging Face model directory (with tokenizer)")
     parser.add_argument("--data", required=True, help=".jsonl/.parquet with prompt and answer fields")
@@ -97,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--success-threshold", type=float, default=1.0,
                         help="a reward >= this counts as solved for pass@k (as algorithm.success_threshold)")
     parser.add_argument("--no-chat-template", action="store_true")
-    parser.add_argument("--rollout", choices=("native", "vllm"), default="native")
+    parser.add_argument("--rollout", choices=C.ENGINES, default="native")
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-response verification timeout (s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
 
     from erpo_fast.data import load_prompts
     from erpo_fast.errors import TrainingAborted, UserError

@@ -50,17 +50,6 @@ class PackedLayout:
     total: int
 
     @classmethod
-    def from_lengths(cls, lengths: Sequence[int], device: torch.device | str = "cpu") -> PackedLayout:
-        """Layout of sequences of ``lengths`` (in row order, each > 0) packed back to back into one row."""
-        lengths = [int(n) for n in lengths]
-        if not lengths or min(lengths) <= 0:
-            raise ValueError(f"a packed layout needs sequences of positive length, got {lengths}")
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        return cls.from_segments([(s, n, s + n, 0) for s, n in zip(starts, lengths)], sum(lengths), device)
-
-    @classmethod
     def from_segments(cls, segments: Sequence[tuple[int, int, int, int]], total: int,
                       device: torch.device | str = "cpu") -> PackedLayout:
         """Layout of attention sequences that are each two ranges of a row of ``total`` tokens.

@@ -11,7 +11,7 @@ Names, one meaning each. A prompt has a ``row`` (its index in the training recor
 ``key`` (its stable string identity, from the data), a ``tracker_id`` (the dense integer the
 :class:`~erpo_fast.data.PromptIndex` gives that key: the tracker's array row, stable across resumes) and
 ``prompt_ids`` (its token ids, as everywhere in erpo-fast). In the learner's batch a sequence has a ``seq_key``
-(its index in the batch); `erpo_fast.learner.PackedBatch.label_index` indexes the packed row.
+(its index in the batch); `erpo_fast.batch.PackedBatch.label_index` indexes the packed row.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from erpo_fast.algorithms import compute_advantages, dynamic_sampling_filter
+from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.config import Config
 from erpo_fast.data import PromptIndex, PromptRecord, PromptSampler
 from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
 from erpo_fast.errors import NonFiniteLogitsError, RewardFunctionError, TrainingAborted
 from erpo_fast.evaluate import evaluate
-from erpo_fast.learner import RolloutSequence, StepBatch
 from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
 from erpo_fast.rewards.pool import check_not_all_failed
 from erpo_fast.rollout.base import verify_sync
@@ -229,8 +229,9 @@ class Rollout:
         probe = encode_prompt(self.tokenizer, self.train[0].prompt, chat_template=cfg.data.chat_template)
         sample = self._generate(step, [probe], [1.0], 1, min(16, cfg.rollout.max_new_tokens), stop_token_ids=[],
                                 seed=[1234 + step])[0][0]
-        ours = learner.compute_logprobs([RolloutSequence(probe, list(sample.token_ids), [], 1.0, 0.0, 0)],
-                                        temperature=1.0)[0]
+        probe_seq = RolloutSequence(prompt_ids=probe, response_ids=list(sample.token_ids), rollout_logprobs=[],
+                                    temperature=1.0, advantage=0.0, seq_key=0)
+        ours = learner.compute_logprobs([probe_seq], temperature=1.0)[0]
         return verify_sync(sample.logprobs, ours, atol=cfg.rollout.sync_check_atol,
                            what=f"weight sync check at step {step} (rollout.sync_check_atol)")
 

@@ -4,7 +4,7 @@ RL from a random policy would see only all-wrong groups (zero signal). Supervise
 problems that are neither RL prompts nor held-out ones give a policy that has the task's procedure but still
 errs, which is where GRPO and ERPO have something to learn: the stage stops at a target loss, and a start still
 stuck on the loss plateau is replaced by a new initialisation (see `supervised_finetune` and bench/NOTES.md,
-issue 13). The result is an ordinary HF model folder (+ tokenizer) under the cache directory, keyed by
+"Learning demo trials"). The result is an ordinary HF model folder (+ tokenizer) under the cache directory, keyed by
 everything that determines it, written atomically and reused by later runs.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from erpo_fast.batch import RolloutSequence, pack_sequences
 from erpo_fast.config import DataConfig, ModelConfig
 from erpo_fast.kernels.fused_linear import linear_logprobs
-from erpo_fast.learner import RolloutSequence, pack_sequences
 from erpo_fast.logger import Progress
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
 from erpo_fast.prompting import encode_completion
@@ -45,9 +45,8 @@ def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> s
     """Hash of everything that determines the warm-started weights."""
     fields = {k: v for k, v in vars(model_cfg).items() if k.startswith(("tiny_", "warm_start_"))}
     fields.update(num_train=data_cfg.num_train, num_heldout=data_cfg.num_heldout, seed=seed,
-                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__)
-    if data_cfg.task != "arithmetic" or data_cfg.task_levels is not None:  # (keeps the arithmetic caches' keys)
-        fields.update(task=data_cfg.task, task_levels=data_cfg.task_levels)
+                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__,
+                  task=data_cfg.task, task_levels=data_cfg.task_levels)
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,7 +78,7 @@ def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int,
         left, attempt = model_cfg.warm_start_steps, 0
         while True:
             # A start that is still on the loss plateau after warm_start_restart_after steps is dropped for a new
-            # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, issue 13).
+            # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, "Learning demo trials").
             check = model_cfg.warm_start_restart_after
             final_loss, steps = supervised_finetune(
                 model, examples, steps=left, lr=model_cfg.warm_start_lr,
@@ -113,7 +112,7 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     tenth, if shorter), the full rate until half-way, then a cosine to zero. Weight decay applies to matrices,
     not to norms and embeddings. On the digits task the loss sits on a plateau until the model finds the digit
     alignment, after a seed-dependent number of steps; decay and the flat first half got seeds off it that a
-    plain cosine left there (bench/NOTES.md, issue 13). With `target_loss` > 0 the run stops once the mean
+    plain cosine left there (bench/NOTES.md, "Learning demo trials"). With `target_loss` > 0 the run stops once the mean
     loss of the last LOSS_WINDOW steps is below it, so RL starts from comparable competence on every seed.
     With `give_up` = (k, loss) the run also stops after k steps if that mean loss is still above `loss`.
     """
@@ -136,8 +135,9 @@ def supervised_finetune(model, examples: list[tuple[list[int], list[int]]], *, s
     for _ in range(steps):
         done += 1
         pick = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        batch = pack_sequences([RolloutSequence(*examples[i], [], 1.0, 0.0, key) for key, i in enumerate(pick)],
-                               temperature=1.0)
+        batch = pack_sequences([RolloutSequence(prompt_ids=examples[i][0], response_ids=examples[i][1],
+                                                rollout_logprobs=[], temperature=1.0, advantage=0.0, seq_key=key)
+                                for key, i in enumerate(pick)], temperature=1.0)
         hidden = last_hidden_state(model, batch.input_ids, batch.position_ids)[0, batch.label_index]
         loss = -linear_logprobs(hidden, lm_head_weight(model), batch.target_ids, 1.0).mean()
         opt.zero_grad(set_to_none=True)

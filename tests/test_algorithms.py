@@ -227,13 +227,13 @@ def test_per_token_kl_estimators_hand_values():
 def test_kl_term_in_loss(kind, kl_value, kl_grad):
     # One token, ratio 1, A = 1: surrogate -1 (grad -1); KL d = 0.5 weighted by beta = 0.1.
     lp = torch.zeros(1, dtype=F64, requires_grad=True)
-    loss, m = policy_loss(lp, t([0.0]), t([1.0]), torch.ones(1), ref_logprobs=t([-0.5]), beta=0.1, kl=kind)
+    loss, m = policy_loss(lp, t([0.0]), t([1.0]), torch.ones(1), ref_logprobs=t([-0.5]), kl_beta=0.1, kl_estimator=kind)
     close(loss, -1.0 + 0.1 * kl_value)
     loss.backward()
     close(lp.grad, [-1.0 + 0.1 * kl_grad])
     assert m["kl_mean"] == pytest.approx(kl_value)
     # beta = 0: no KL in the loss, but the metric still reports it.
-    loss0, m0 = policy_loss(lp.detach(), t([0.0]), t([1.0]), torch.ones(1), ref_logprobs=t([-0.5]), kl=kind)
+    loss0, m0 = policy_loss(lp.detach(), t([0.0]), t([1.0]), torch.ones(1), ref_logprobs=t([-0.5]), kl_estimator=kind)
     close(loss0, -1.0)
     assert m0["kl_mean"] == pytest.approx(kl_value)
 
@@ -241,7 +241,7 @@ def test_kl_term_in_loss(kind, kl_value, kl_grad):
 def test_is_weights_scale_surrogate_not_kl():
     lp = torch.zeros(2, dtype=F64, requires_grad=True)
     loss, _ = policy_loss(lp, t([0.0, 0.0]), t([1.0, -2.0]), torch.ones(2), ref_logprobs=t([-0.5, -0.5]),
-                          beta=0.1, kl="k1", is_weights=t([0.5, 2.0]))
+                          kl_beta=0.1, kl_estimator="k1", is_weights=t([0.5, 2.0]))
     # Token 0: -1 * 0.5 + 0.05;  token 1: +2 * 2 + 0.05.
     close(loss, ((-0.5 + 0.05) + (4.0 + 0.05)) / 2)
     loss.backward()
@@ -305,7 +305,7 @@ def test_masked_garbage_and_empty_mask(loss_agg):
     adv = t([1.0, float("nan"), -1.0, 5.0])
     mask, seq = torch.tensor([True, False, True, False]), torch.tensor([0, 0, 1, 1])
     loss, m = policy_loss(lp, old, adv, mask, loss_agg=loss_agg, seq_ids=seq, max_len=3,
-                          ref_logprobs=t([0.0, float("nan"), 0.0, 0.0]), beta=0.1)
+                          ref_logprobs=t([0.0, float("nan"), 0.0, 0.0]), kl_beta=0.1)
     loss.backward()
     assert torch.isfinite(loss) and bool(torch.isfinite(lp.grad).all())
     assert lp.grad[1] == 0 and lp.grad[3] == 0
@@ -324,7 +324,8 @@ def test_policy_loss_is_weighted_sum_of_per_token_loss():
     g = torch.Generator().manual_seed(1)
     lp, old, adv, ref = (torch.randn(9, dtype=F64, generator=g) * 0.5 for _ in range(4))
     isw = torch.rand(9, dtype=F64, generator=g) + 0.5
-    kwargs = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, is_weights=isw, ref_logprobs=ref, beta=0.05, kl="k2")
+    kwargs = dict(eps_low=0.2, eps_high=0.28, dual_clip=3.0, is_weights=isw, ref_logprobs=ref, kl_beta=0.05,
+                  kl_estimator="k2")
     for agg in LOSS_AGGREGATIONS:
         loss, _ = policy_loss(lp, old, adv, MASK, loss_agg=agg, seq_ids=SEQ_IDS, max_len=4, **kwargs)
         w = aggregation_weights(MASK, SEQ_IDS, agg, 4, dtype=F64)
@@ -336,11 +337,11 @@ def test_per_token_policy_loss_is_elementwise():
     g = torch.Generator().manual_seed(2)
     lp = (torch.randn(10, dtype=F64, generator=g) * 0.4).requires_grad_(True)
     old, adv, ref = (torch.randn(10, dtype=F64, generator=g) * 0.4 for _ in range(3))
-    kwargs = dict(dual_clip=2.5, ref_logprobs=ref, beta=0.1)
+    kwargs = dict(dual_clip=2.5, ref_logprobs=ref, kl_beta=0.1)
     full = per_token_policy_loss(lp, old, adv, **kwargs)
     (grad_full,) = torch.autograd.grad(full.sum(), lp)
     parts = [per_token_policy_loss(lp[i:i + 3], old[i:i + 3], adv[i:i + 3], dual_clip=2.5,
-                                   ref_logprobs=ref[i:i + 3], beta=0.1) for i in range(0, 10, 3)]
+                                   ref_logprobs=ref[i:i + 3], kl_beta=0.1) for i in range(0, 10, 3)]
     close(torch.cat(parts), full.detach(), atol=1e-14)
     grads = [torch.autograd.grad(per_token_policy_loss(lp[i:i + 1], old[i:i + 1], adv[i:i + 1], **{
         **kwargs, "ref_logprobs": ref[i:i + 1]}).sum(), lp)[0][i] for i in range(10)]
@@ -424,7 +425,8 @@ def test_policy_loss_gradcheck(loss_agg, option):
     lp = (old + LOG_RATIOS).requires_grad_(True)
     kwargs = dict(loss_agg=loss_agg, seq_ids=GC_SEQ, max_len=5, eps_low=0.2, eps_high=0.28)
     if option.startswith("kl_"):
-        kwargs.update(ref_logprobs=old + 0.3 * torch.randn(10, dtype=F64, generator=g), beta=0.1, kl=option[3:])
+        kwargs.update(ref_logprobs=old + 0.3 * torch.randn(10, dtype=F64, generator=g), kl_beta=0.1,
+                      kl_estimator=option[3:])
     elif option == "dual_clip":
         kwargs.update(dual_clip=3.0)
     elif option == "is_weights":
@@ -456,7 +458,7 @@ def test_policy_loss_input_validation():
     with pytest.raises(ValueError, match="valid: token_mean"):
         policy_loss(z, z, z, one, loss_agg="sum")
     with pytest.raises(ValueError, match="valid: k1"):
-        policy_loss(z, z, z, one, kl="k4")
+        policy_loss(z, z, z, one, kl_estimator="k4")
     with pytest.raises(ValueError, match="valid: token"):
         policy_loss(z, z, z, one, ratio_level="group")
     with pytest.raises(ValueError, match="eps_low"):
@@ -466,7 +468,7 @@ def test_policy_loss_input_validation():
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(z, z, z, one, dual_clip=1.0)
     with pytest.raises(ValueError, match="beta"):
-        policy_loss(z, z, z, one, beta=-1.0)
+        policy_loss(z, z, z, one, kl_beta=-1.0)
     with pytest.raises(ValueError, match="needs seq_ids"):
         policy_loss(z, z, z, one, loss_agg="seq_mean_token_mean")
     with pytest.raises(ValueError, match="needs seq_ids"):

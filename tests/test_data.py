@@ -15,8 +15,8 @@ from erpo_fast.data import (
     PromptIndex,
     PromptRecord,
     PromptSampler,
-    builtin_arithmetic,
     load_prompts,
+    problem_records,
 )
 from erpo_fast.tasks.arithmetic import make_splits
 
@@ -125,8 +125,8 @@ def test_prompt_ids_survive_restart_reorder_and_growth(tmp_path):
 
 
 def test_builtin_arithmetic_records():
-    train, heldout = builtin_arithmetic(seed=3, num_train=40, num_heldout=10)
     problems_train, problems_heldout = make_splits(seed=3, num_train=40, num_heldout=10)
+    train, heldout = problem_records(problems_train), problem_records(problems_heldout)
     assert [(r.key, r.prompt, r.answer) for r in train] == [(p.id, p.prompt, p.answer) for p in problems_train]
     assert [(r.key, r.prompt, r.answer) for r in heldout] == \
         [(p.id, p.prompt, p.answer) for p in problems_heldout]
@@ -134,7 +134,12 @@ def test_builtin_arithmetic_records():
 
 def test_sampler_epochs_are_shuffled_permutations():
     sampler = PromptSampler(num_prompts=10, batch_size=4, seed=1)
-    assert sampler.batches_per_epoch == 2
+    counter = PromptSampler(num_prompts=10, batch_size=4, seed=1)
+    epoch_after = []
+    for _ in range(3):
+        counter.next_batch()
+        epoch_after.append(counter.epoch)
+    assert epoch_after == [0, 0, 1]  # 2 batches per epoch
     epochs = [[i for _ in range(2) for i in sampler.next_batch()] for _ in range(3)]
     for epoch in epochs:  # 8 distinct prompts per epoch; the 2-prompt tail is skipped
         assert len(set(epoch)) == 8 and set(epoch) <= set(range(10))

@@ -11,7 +11,8 @@ import pytest
 from erpo_fast.config import ConfigError, build_config
 from erpo_fast.tasks import builtin
 from erpo_fast.tasks.arithmetic import make_splits as arithmetic_splits
-from erpo_fast.tasks.digits import digits_reward, iter_level, level_size, make_problem, make_splits
+from erpo_fast.tasks.digits import iter_level, level_size, make_problem, make_splits
+from erpo_fast.tasks.digits import reward as digits_reward
 
 
 def parse(prompt: str) -> tuple[int, int]:
@@ -99,7 +100,7 @@ def test_config_selects_the_task_and_levels():
                                   "data.num_heldout": 10})
     train, heldout, warm = builtin.splits(cfg.data, num_warm_start=20)
     assert {p.level for p in train + heldout + warm} == {3, 4}
-    assert builtin.reward_name(cfg.data) == "erpo_fast.tasks.digits:digits_reward"
+    assert builtin.reward_name(cfg.data) == "digits"
     assert builtin.reward_name(build_config(overrides={"data.task": "arithmetic"}).data) == "arithmetic"
     assert build_config().data.task == "digits"  # the embedded default job's task (preset tiny-cpu)
     for bad in ("3,x", "3,3", "9"):
@@ -131,8 +132,8 @@ def _tiny_model(seed=0):
 def test_warm_start_stops_at_the_target_loss():
     import torch
 
+    from erpo_fast.batch import RolloutSequence, pack_sequences
     from erpo_fast.kernels.fused_linear import linear_logprobs
-    from erpo_fast.learner import RolloutSequence, pack_sequences
     from erpo_fast.models import last_hidden_state, lm_head_weight
     from erpo_fast.warm_start import LOSS_WINDOW, supervised_finetune
 

@@ -3,7 +3,7 @@ lists as tested are the ones in the committed locks."""
 
 from pathlib import Path
 
-from erpo_fast.config import markdown_reference
+from erpo_fast.config import markdown_reference, readme_blocks
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
@@ -15,6 +15,16 @@ def test_readme_config_reference_is_current():
     documented = text.split(BEGIN)[1].split(END)[0].strip()
     assert documented == markdown_reference().strip(), (
         "README config reference is stale: regenerate it with `python -m erpo_fast.config`")
+
+
+def test_readme_generated_sections_are_current():
+    # The preset table, like the config reference: the README cannot state other preset values than config.py's.
+    text = README.read_text()
+    for name, body in readme_blocks().items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        assert begin in text and end in text, name
+        assert text.split(begin)[1].split(end)[0].strip() == body.strip(), (
+            f"README {name} is stale: regenerate it with `python -m erpo_fast.config`")
 
 
 def _pins(lock: Path) -> dict[str, str]:

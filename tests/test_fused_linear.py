@@ -171,13 +171,13 @@ def make_loss_inputs(seed, hidden, weight, labels, temperature, *, n_seqs=8, wit
 
 LOSS_OPTIONS = {
     "token_mean_on_policy": dict(loss_agg="token_mean", _old=False),
-    "token_mean_k3": dict(loss_agg="token_mean", beta=0.05, kl="k3"),
-    "seq_mean_token_mean_k1": dict(loss_agg="seq_mean_token_mean", beta=0.1, kl="k1"),
-    "seq_mean_token_sum_norm_k2_dualclip_is": dict(loss_agg="seq_mean_token_sum_norm", max_len=17, beta=0.2,
-                                                   kl="k2", dual_clip=3.0, _is=True, eps_high=0.2),
-    "gspo": dict(ratio_level="sequence", loss_agg="seq_mean_token_mean", beta=0.05, eps_low=3e-4, eps_high=4e-4),
+    "token_mean_k3": dict(loss_agg="token_mean", kl_beta=0.05, kl_estimator="k3"),
+    "seq_mean_token_mean_k1": dict(loss_agg="seq_mean_token_mean", kl_beta=0.1, kl_estimator="k1"),
+    "seq_mean_token_sum_norm_k2_dualclip_is": dict(loss_agg="seq_mean_token_sum_norm", max_len=17, kl_beta=0.2,
+                                                   kl_estimator="k2", dual_clip=3.0, _is=True, eps_high=0.2),
+    "gspo": dict(ratio_level="sequence", loss_agg="seq_mean_token_mean", kl_beta=0.05, eps_low=3e-4, eps_high=4e-4),
     "gspo_on_policy_is": dict(ratio_level="sequence", _old=False, _is=True),
-    "cispo": dict(loss_type="cispo", cispo_eps_low=0.2, cispo_eps_high=0.3, beta=0.05, _rollout=True),
+    "cispo": dict(loss_type="cispo", cispo_eps_low=0.2, cispo_eps_high=0.3, kl_beta=0.05, _rollout=True),
     "cispo_on_policy_seq_mean": dict(loss_type="cispo", loss_agg="seq_mean_token_mean", _old=False),
     # IS weights from rollout_logprobs, learner side = this call's own log-probs (computed chunk by chunk)
     "icepop_on_policy": dict(_old=False, _rollout=True, is_level="token", is_clip=5.0, is_mask="token",
@@ -351,7 +351,7 @@ def test_grpo_loss_triton_backend_matches_reference(small_chunks, on_backend_dev
 def test_grpo_loss_frozen_weight_and_no_grad(small_chunks):
     hidden, weight, labels, temperature = make_inputs(8, 31, 16, 1003, torch.float32)
     inputs = make_loss_inputs(9, hidden, weight, labels, temperature)
-    kwargs = dict(old_logprobs=inputs["old_logprobs"], ref_logprobs=inputs["ref_logprobs"], beta=0.1)
+    kwargs = dict(old_logprobs=inputs["old_logprobs"], ref_logprobs=inputs["ref_logprobs"], kl_beta=0.1)
     h = hidden.clone().requires_grad_(True)
     loss, _ = linear_grpo_loss(h, weight, labels, temperature, inputs["advantages"], inputs["mask"],
                                backend="torch", **kwargs)
@@ -382,7 +382,7 @@ def test_grpo_loss_masked_garbage_does_not_leak(small_chunks):
         h = hidden.to(dt).requires_grad_(True)
         w = weight.to(dt).requires_grad_(True)
         loss, _ = linear_grpo_loss(h, w, labels, temperature, inputs["advantages"], inputs["mask"],
-                                   old_logprobs=old, ref_logprobs=ref_lp, beta=0.1, backend=backend)
+                                   old_logprobs=old, ref_logprobs=ref_lp, kl_beta=0.1, backend=backend)
         loss.backward()
         results.append((loss, h.grad, w.grad))
     for a, b in zip(results[0], results[1]):
@@ -436,7 +436,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="needs seq_ids"):
         linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, ratio_level="sequence")
     with pytest.raises(ValueError, match="unknown kl"):
-        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, kl="k4")
+        linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, kl_estimator="k4")
     with pytest.raises(ValueError, match="dual_clip"):
         linear_grpo_loss(hidden, weight, labels, temperature, adv, mask, dual_clip=0.5)
 
@@ -539,7 +539,7 @@ def test_split_plan_never_adds_a_nearly_empty_wave():
             assert slots // 2 < programs <= slots, row_blocks
         else:
             assert n_splits == 1
-    assert tk.split_plan(14, vocab, block_n, sms) == (4224, 36)  # the case: 504 programs, 4 waves, not 5
+    assert tk.split_plan(14, vocab, block_n, sms) == (4224, 36)  # 504 programs: 4 waves, not 5
 
 
 def test_chunk_budget_by_device(monkeypatch):
@@ -685,8 +685,8 @@ def test_token_mean_loss_equals_liger_dapo(with_old):
     w_o = weight.clone().requires_grad_(True)
     loss_o, metrics_o = linear_grpo_loss(
         x_o, w_o, ids.reshape(-1), temp, adv[:, None].expand(b, s).reshape(-1), attn.reshape(-1),
-        old_logprobs=None if old is None else old.reshape(-1), ref_logprobs=ref_lp.reshape(-1), beta=beta,
-        kl="k3", eps_low=0.2, eps_high=0.28, loss_agg="token_mean", backend="torch")
+        old_logprobs=None if old is None else old.reshape(-1), ref_logprobs=ref_lp.reshape(-1), kl_beta=beta,
+        kl_estimator="k3", eps_low=0.2, eps_high=0.28, loss_agg="token_mean", backend="torch")
     loss_o.backward()
 
     assert loss_o.item() == pytest.approx(loss_l.item(), rel=1e-5, abs=1e-7)

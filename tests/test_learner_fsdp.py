@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from erpo_fast.batch import RolloutSequence
 from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from erpo_fast.learner import Learner, RolloutSequence
+from erpo_fast.learner import Learner
 from erpo_fast.models import build_tiny_qwen2
 from erpo_fast.tokenizer import build_char_tokenizer
 

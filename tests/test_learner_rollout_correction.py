@@ -16,8 +16,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from erpo_fast import algorithms
+from erpo_fast.batch import RolloutSequence
 from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from erpo_fast.learner import Learner, RolloutSequence
+from erpo_fast.learner import Learner
 from erpo_fast.rollout import NativeEngine
 
 VOCAB = 96

@@ -32,10 +32,16 @@ def random_sequences(lengths, seed=0, vocab=97):
     return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
 
 
+def layout_of(lengths):
+    """Layout of sequences of ``lengths`` packed back to back into one row (no shared prompts)."""
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return PackedLayout.from_segments([(s, n, s + n, 0) for s, n in zip(starts, lengths)], sum(lengths))
+
+
 def packed_inputs(seqs):
     ids = torch.cat(seqs)[None]
     pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
-    return ids, pos, PackedLayout.from_lengths([len(s) for s in seqs])
+    return ids, pos, layout_of([len(s) for s in seqs])
 
 
 # Lengths from 1 to 40 in shuffled order: several attention blocks, singletons, and sequences whose row order
@@ -44,7 +50,7 @@ LENGTHS = [7, 1, 40, 13, 13, 2, 31, 33, 5, 19, 8, 40, 3]
 
 
 def test_layout_is_a_permutation_into_real_slots():
-    layout = PackedLayout.from_lengths(LENGTHS)
+    layout = layout_of(LENGTHS)
     starts = torch.tensor([0] + LENGTHS[:-1]).cumsum(0)
     gathered = torch.cat([g for g, _, _ in layout.blocks])
     # Token t of the row sits at slot scatter[t], and that slot gathers token t back.
@@ -59,9 +65,9 @@ def test_layout_is_a_permutation_into_real_slots():
         assert all(LENGTHS[i] >= 0.8 * width for i in seq_of)
     assert 1 < len(layout.blocks) < len(LENGTHS)
     with pytest.raises(ValueError, match="positive length"):
-        PackedLayout.from_lengths([3, 0])
+        layout_of([3, 0])
     with pytest.raises(ValueError, match="positive length"):
-        PackedLayout.from_lengths([])
+        layout_of([])
 
 
 def test_packed_forward_and_gradients_equal_each_sequence_alone_float64():

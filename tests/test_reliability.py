@@ -1,4 +1,4 @@
-"""Reliability and first use (issue 14): builds that cannot hang, one run per output directory, verified
+"""Reliability and first use: builds that cannot hang, one run per output directory, verified
 checkpoints with resume fallback, events, an honest CLI, progress off a terminal, custom rewards."""
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_two_checkouts_sharing_a_cache_build_once(tmp_path):
 
 @pytest.mark.slow
 def test_build_killed_midway_does_not_hang_the_next_process(tmp_path):
-    """The issue's repro: kill -9 the first-use build once its lock exists; the next process must finish."""
+    """Kill -9 the first-use build once its lock exists; the next process must finish."""
     env = {**os.environ, "ERPO_FAST_CACHE": str(tmp_path)}
     code = "from erpo_fast.csrc import load_ops, cache_dir; load_ops(); print(cache_dir())"
     first = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from erpo_fast.rewards import RewardPool, get_reward_fn
-from erpo_fast.rewards.arithmetic import arithmetic_reward, extract_final_integer
+from erpo_fast.tasks.arithmetic import extract_final_integer
+from erpo_fast.tasks.arithmetic import reward as arithmetic_reward
 
 
 @pytest.mark.parametrize("response, answer, expected", [
@@ -52,7 +53,8 @@ def test_math_reward_uses_symbolic_equivalence():
 def test_get_reward_fn():
     assert get_reward_fn("arithmetic") is arithmetic_reward
     assert get_reward_fn("math").__name__ == "math_reward"
-    with pytest.raises(ValueError, match="unknown reward 'code'; choose from arithmetic, math, or module:function"):
+    with pytest.raises(ValueError,
+                       match="unknown reward 'code'; choose from arithmetic, digits, math, or module:function"):
         get_reward_fn("code")
 
 

@@ -80,7 +80,7 @@ def test_cispo_on_policy_gradient_equals_ppo():
 def test_cispo_scales_by_is_weights_and_adds_kl():
     lp = t([0.0, 0.0]).requires_grad_(True)
     loss, _ = policy_loss(lp, t([0.0, 0.0]), t([1.0, -2.0]), torch.ones(2), loss_type="cispo",
-                          is_weights=t([0.5, 2.0]), ref_logprobs=t([-0.5, -0.5]), beta=0.1, kl="k1")
+                          is_weights=t([0.5, 2.0]), ref_logprobs=t([-0.5, -0.5]), kl_beta=0.1, kl_estimator="k1")
     # logp = 0, so the CISPO term's value is 0; the k1 KL adds 0.1 * 0.5 per token. Gradients: -w A isw + beta.
     close(loss, t(0.05))
     loss.backward()
@@ -144,12 +144,12 @@ def test_icepop_weights_are_the_ratio_inside_the_band_and_zero_outside():
     ratios = [0.3, 0.6, 1.2, 1.9, 2.5]
     learner, rollout = t([math.log(r) for r in ratios]), torch.zeros(5, dtype=F64)
     w, keep = is_correction_weights(learner, rollout, torch.ones(5), is_level="token", is_clip=5.0,
-                                    mask_level="token", mask_low=0.5, mask_high=2.0)
+                                    is_mask="token", is_mask_low=0.5, is_mask_high=2.0)
     close(w, [0.0, 0.6, 1.2, 1.9, 0.0])
     assert keep.tolist() == [False, True, True, True, False]
     # Mask only (no truncated IS): plain rejection, weight 1 inside the band.
-    w_mask, _ = is_correction_weights(learner, rollout, torch.ones(5), mask_level="token", mask_low=0.5,
-                                      mask_high=2.0)
+    w_mask, _ = is_correction_weights(learner, rollout, torch.ones(5), is_mask="token", is_mask_low=0.5,
+                                      is_mask_high=2.0)
     close(w_mask, [0.0, 1.0, 1.0, 1.0, 0.0])
     # Truncation only equals truncated_is_weights; the keep mask is then the loss mask.
     w_tis, keep_tis = is_correction_weights(learner, rollout, t([1, 1, 1, 1, 0]), is_level="token", is_clip=2.0)
@@ -162,14 +162,14 @@ def test_sequence_truncation_with_token_mask():
     learner = t([math.log(1.5), math.log(3.0), math.log(0.9)])
     seq = torch.tensor([0, 0, 1])
     w, _ = is_correction_weights(learner, torch.zeros(3, dtype=F64), torch.ones(3), is_level="sequence",
-                                 is_clip=2.0, mask_level="token", mask_low=0.5, mask_high=2.0, seq_ids=seq)
+                                 is_clip=2.0, is_mask="token", is_mask_low=0.5, is_mask_high=2.0, seq_ids=seq)
     close(w, [2.0, 0.0, 0.9])
 
 
 def test_masked_tokens_keep_their_place_in_the_normaliser():
     """A rejected token contributes 0 but still counts in token_mean's denominator (IcePop / TRL convention)."""
     lp = t([0.0, math.log(3.0)]).requires_grad_(True)
-    w, _ = is_correction_weights(lp.detach(), torch.zeros(2, dtype=F64), torch.ones(2), mask_level="token")
+    w, _ = is_correction_weights(lp.detach(), torch.zeros(2, dtype=F64), torch.ones(2), is_mask="token")
     loss, _ = policy_loss(lp, lp.detach(), t([1.0, 1.0]), torch.ones(2), is_weights=w)
     close(loss, t(-0.5))  # -(1 * 1) / 2: the surviving token's surrogate divided by both tokens
     loss.backward()

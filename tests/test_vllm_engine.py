@@ -149,7 +149,7 @@ def _chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
 def test_generate_contract_and_processed_logprobs_match_the_learner(qwen):
     """Shapes and finish reasons, and every sampled token's log-prob equals the learner's recomputation at
     that row's temperature (what the importance ratio compares)."""
-    from erpo_fast.learner import RolloutSequence
+    from erpo_fast.batch import RolloutSequence
 
     engine, base = qwen
     prompts = [_probe(1, 7), _probe(2, 12), _probe(4, 5)]

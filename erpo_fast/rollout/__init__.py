@@ -9,11 +9,11 @@ See ``base.py`` for the contract every engine follows.
 
 from __future__ import annotations
 
+from erpo_fast.choices import ENGINES
+
 from .base import RolloutEngine, Sample, validate_generate_args
 from .native import NativeEngine
 from .vllm_engine import VLLMEngine, vllm_available
-
-ENGINE_KINDS = ("native", "vllm")
 
 
 def make_engine(kind: str, model, **kwargs) -> RolloutEngine:
@@ -26,8 +26,8 @@ def make_engine(kind: str, model, **kwargs) -> RolloutEngine:
         return NativeEngine(model, **kwargs)
     if kind == "vllm":
         return VLLMEngine(model, **kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; choose one of {ENGINE_KINDS}")
+    raise ValueError(f"unknown rollout engine {kind!r}; choose one of {ENGINES}")
 
 
-__all__ = ["ENGINE_KINDS", "NativeEngine", "RolloutEngine", "Sample", "VLLMEngine", "make_engine",
+__all__ = ["NativeEngine", "RolloutEngine", "Sample", "VLLMEngine", "make_engine",
            "validate_generate_args", "vllm_available"]

@@ -498,16 +498,7 @@ class NativeEngine:
         cache.num_prompts = num_prompts
         sampling = _RowSampling(temps, top_ks, top_ps, n, device, generator, prompt_seeds, self.sampling_backend)
 
-        logits = torch.empty(num_prompts, self.vocab_size, dtype=torch.float32, device=device)
-        for bucket in _length_buckets(lengths_list):
-            width = lengths_list[bucket[0]]
-            ids = torch.zeros(len(bucket), width, dtype=torch.long)
-            for row, i in enumerate(bucket):
-                ids[row, : lengths_list[i]] = torch.as_tensor(prompts[i], dtype=torch.long)
-            index = torch.as_tensor(bucket, device=device)
-            cache.prefill_prompts = index
-            bucket_lengths = torch.as_tensor([lengths_list[i] for i in bucket], device=device)
-            logits[index] = self.runner.prefill(ids.to(device), bucket_lengths, cache).float()
+        logits = self._prefill(prompts, lengths_list, cache)
         if n > 1:
             logits = logits.repeat_interleave(n, dim=0)
         row_ids = torch.arange(rows, device=device)  # live batch position -> output row
@@ -553,20 +544,22 @@ class NativeEngine:
             positions = positions + 1
             tokens, logprobs = sampling.sample(logits, t + 1)
 
-        lens = gen_len.tolist()
-        stop_flags = stopped.tolist()
-        token_rows = out_tokens.tolist()
-        logprob_rows = out_logprobs.tolist()
-        results = []
-        for i in range(num_prompts):
-            group = []
-            for j in range(n):
-                r = i * n + j
-                group.append(Sample(token_ids=token_rows[r][: lens[r]], logprobs=logprob_rows[r][: lens[r]],
-                                    finish_reason="stop" if stop_flags[r] else "length",
-                                    prompt_index=first_index + i))
-            results.append(group)
-        return results
+        return _groups(out_tokens, out_logprobs, gen_len, stopped, n, first_index)
+
+    def _prefill(self, prompts, lengths_list: list[int], cache: RaggedKVCache) -> torch.Tensor:
+        """Each prompt's last-position logits [num_prompts, V] (fp32), prefilling the cache in length buckets."""
+        device = self.device
+        logits = torch.empty(len(prompts), self.vocab_size, dtype=torch.float32, device=device)
+        for bucket in _length_buckets(lengths_list):
+            width = lengths_list[bucket[0]]
+            ids = torch.zeros(len(bucket), width, dtype=torch.long)
+            for row, i in enumerate(bucket):
+                ids[row, : lengths_list[i]] = torch.as_tensor(prompts[i], dtype=torch.long)
+            index = torch.as_tensor(bucket, device=device)
+            cache.prefill_prompts = index
+            bucket_lengths = torch.as_tensor([lengths_list[i] for i in bucket], device=device)
+            logits[index] = self.runner.prefill(ids.to(device), bucket_lengths, cache).float()
+        return logits
 
     # ---- weights and memory ------------------------------------------------------------------------
 
@@ -610,6 +603,22 @@ class NativeEngine:
     @property
     def is_sleeping(self) -> bool:
         return self._asleep
+
+
+def _groups(out_tokens: torch.Tensor, out_logprobs: torch.Tensor, gen_len: torch.Tensor, stopped: torch.Tensor,
+            n: int, first_index: int) -> list[list[Sample]]:
+    """The per-row output buffers [rows, max_new_tokens] as groups of n Samples, cut at each row's length."""
+    lens, stop_flags = gen_len.tolist(), stopped.tolist()
+    token_rows, logprob_rows = out_tokens.tolist(), out_logprobs.tolist()
+    results = []
+    for i in range(len(lens) // n):
+        group = []
+        for j in range(n):
+            r = i * n + j
+            group.append(Sample(token_ids=token_rows[r][: lens[r]], logprobs=logprob_rows[r][: lens[r]],
+                                finish_reason="stop" if stop_flags[r] else "length", prompt_index=first_index + i))
+        results.append(group)
+    return results
 
 
 class _RowSampling:

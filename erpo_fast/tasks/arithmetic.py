@@ -42,6 +42,7 @@ levels' sizes allow (a level gives at most a fifth of its problems to the held-o
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ class Problem:
     id: str  # "L<level>:<expression>", stable across seeds and split sizes
     prompt: str  # "47+8="
     answer: str  # "55"
-    solution: str  # the warm-start target; ends in the answer, which `arithmetic_reward` extracts
+    solution: str  # the warm-start target; ends in the answer, which `reward` extracts
     level: int
 
 
@@ -162,8 +163,15 @@ def _spread(total: int, caps: Sequence[int], what: str) -> list[int]:
 
 
 def make_splits(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN, num_heldout: int = DEFAULT_NUM_HELDOUT,
-                levels: Sequence[int] = DEFAULT_LEVELS) -> tuple[list[Problem], list[Problem]]:
-    """(train, held-out) problems over `levels`, disjoint in expression text, deterministic in `seed`."""
+                levels: Sequence[int] = DEFAULT_LEVELS, num_warm_start: int = 0
+                ) -> tuple[list[Problem], list[Problem]] | tuple[list[Problem], list[Problem], list[Problem]]:
+    """(train, held-out) problems over `levels`, disjoint in expression text, deterministic in `seed`; with
+    `num_warm_start` > 0 also that many warm-start problems: the ones a larger train split would add."""
+    if num_warm_start:
+        train, heldout = make_splits(seed, num_train, num_heldout, levels)
+        pool, _ = make_splits(seed, num_train + num_warm_start, num_heldout, levels)
+        rl_ids = {p.id for p in train}
+        return train, heldout, [p for p in pool if p.id not in rl_ids][:num_warm_start]
     levels = list(levels)
     if not levels:
         raise ValueError("levels must name at least one level")
@@ -183,3 +191,37 @@ def make_splits(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN, num_heldout: 
         heldout.extend(next(stream) for _ in range(n_heldout))
         train.extend(next(stream) for _ in range(n_train))
     return train, heldout
+
+
+# --- the verifier: exact check of integer answers -------------------------------------------------------------
+# Extraction rule: the response's final answer is its LAST integer literal, read with Python's `re` as
+# `(?<!\d)-?\d+`: an optional minus sign directly before the digits counts as the number's sign, so
+# "3-7=-4" ends in -4, while in "12-5" the final integer is 5 (a minus that follows a digit is the operator).
+# The reward is 1.0 when that literal equals the gold answer exactly as text (so "085" does not match "85"),
+# else 0.0; a response without any integer scores 0.0.
+
+_INTEGER = re.compile(r"(?<!\d)-?\d+")
+_GOLD = re.compile(r"-?\d+")
+
+
+def extract_final_integer(response: str) -> str | None:
+    """The last integer literal in `response` (with its sign), or None when there is none."""
+    last = None
+    for last in _INTEGER.finditer(response):  # noqa: B007 - only the last match is wanted
+        pass
+    return None if last is None else last.group()
+
+
+def _check_gold(answer: str) -> str:
+    gold = str(answer).strip()
+    if not _GOLD.fullmatch(gold):
+        raise ValueError(f"the arithmetic verifier needs an integer answer, got {answer!r}")
+    return gold
+
+
+def reward(response: str, answer: str) -> float:
+    """1.0 when the response's last integer equals the integer `answer` exactly, else 0.0."""
+    return 1.0 if extract_final_integer(response) == _check_gold(answer) else 0.0
+
+
+reward.prepare_answer = _check_gold  # the gold-only stage (see erpo_fast.rewards.pool)

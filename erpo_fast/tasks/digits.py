@@ -31,11 +31,11 @@ go to the held-out split, the next to the train split, the next to the warm star
 only `num_train` does. Counts are spread as evenly as the levels' sizes allow (a level gives at most a fifth
 of its problems to the held-out split).
 
-The verifier (`digits_reward`) reads the response's last run of digits and compares it with the gold answer
+The verifier (`reward`) reads the response's last run of digits and compares it with the gold answer
 as text ("036" is not "36").
 
-Default levels: 4 alone; this is the embedded default job's task (preset tiny-cpu). In the issue-13 trials
-(bench/NOTES.md, "Learning demo trials (issue 13)") a level-2 mix was memorised (4,095 problems: GRPO raised its
+Default levels: 4 alone; this is the embedded default job's task (preset tiny-cpu). In the trials in
+bench/NOTES.md ("Learning demo trials") a level-2 mix was memorised (4,095 problems: GRPO raised its
 training prompts, not held-out ones), and the tiny model's warm start learnt the digit alignment of one operand
 width but not the other in a 3,4 mix, depending on the seed. With level 4 alone, the warm start's loss sits on
 a plateau until the model finds the alignment, after a seed-dependent number of steps; weight decay and many
@@ -135,10 +135,10 @@ def make_splits(seed: int = 0, num_train: int = DEFAULT_NUM_TRAIN, num_heldout: 
     return (train, heldout, warm) if num_warm_start else (train, heldout)
 
 
-def digits_reward(response: str, answer: str) -> float:
+def reward(response: str, answer: str) -> float:
     """1.0 when the response's last run of digits equals `answer` exactly as text, else 0.0."""
     gold = str(answer).strip()
     if not _DIGITS.fullmatch(gold):
-        raise ValueError(f"digits_reward needs a digit-string answer, got {answer!r}")
+        raise ValueError(f"the digits verifier needs a digit-string answer, got {answer!r}")
     runs = _DIGITS.findall(response)
     return 1.0 if runs and runs[-1] == gold else 0.0
