@@ -179,8 +179,12 @@ def test_every_flag_the_readme_names_exists():
         for span in re.findall(r"`([^`]*)`", line) + ([line.split("#")[0]] if command else []):
             for flag in re.findall(r"(?<![\w-])--([a-z][\w.-]*)", span):
                 checked += 1
+                script = re.match(r"\s*(?:\S*python\S* )?(?:-m )?(bench[/.]\w+)", span)
                 if span.lstrip().startswith("python -m erpo_fast.evaluate"):
                     assert flag in evaluate_flags, (flag, line)
+                elif script:  # a bench script's own flag: its argparse names it
+                    source = (ROOT / (script.group(1).replace(".", "/") + ".py")).read_text()
+                    assert f'"--{flag}"' in source, (flag, line)
                 else:
                     assert flag in train_flags | evaluate_flags | OTHER_TOOLS, (flag, line)
     assert checked > 20
