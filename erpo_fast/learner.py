@@ -5,13 +5,14 @@ One :meth:`Learner.train_on` call is one training step on this rank's rollout se
 1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1`` (and
    row-temperature log-probs for the mismatch metrics when the loss runs at T=1). IS weights (truncated and/or
    masked) need no pass: ``linear_grpo_loss`` takes them from the rollout log-probs and the learner side it has;
-2. for each of the ``updates_per_step`` mini-batches: micro-batches of ``micro_batch_size`` sequences are
-   packed into ONE row without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs
-   per sequence through :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences
-   instead of quadratic in the packed length), run to the last hidden state, and scored by ``linear_grpo_loss``
-   with the LM-head weight; each micro-batch loss is scaled by its share of the GLOBAL normaliser (all
-   micro-batches, all ranks), so gradient accumulation gives exactly the full-batch gradient; then grad
-   clipping and an AdamW step (skipped when the loss or the gradient norm is not finite);
+2. for each of the ``updates_per_step`` mini-batches: micro-batches of at most ``micro_batch_size`` sequences
+   and (``micro_batch_tokens > 0``) at most that many packed tokens (:func:`micro_batches`) are packed into ONE row
+   without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs per sequence through
+   :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences instead of quadratic in the
+   packed length), run to the last hidden state, and scored by ``linear_grpo_loss`` with the LM-head weight; each
+   micro-batch loss is scaled by its share of the GLOBAL normaliser (all micro-batches, all ranks), so gradient
+   accumulation gives exactly the full-batch gradient; then grad clipping and an AdamW step (fused where torch
+   has it for the device; skipped when the loss or the gradient norm is not finite);
 3. one LR-scheduler step.
 
 Precision: parameters and AdamW state stay float32 ("master weights"): at RL learning rates (~1e-6) a bf16
@@ -50,7 +51,8 @@ from .distributed import all_reduce_floats
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
-__all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "StepBatch", "lr_factor", "pack_sequences"]
+__all__ = ["IGNORE_INDEX", "Learner", "PackedBatch", "RolloutSequence", "StepBatch", "adamw_impl_kwargs", "lr_factor",
+           "micro_batches", "pack_sequences", "packed_length"]
 
 IGNORE_INDEX = -100
 
@@ -236,8 +238,41 @@ def _placeholder_batch(device: torch.device) -> PackedBatch:
     return pack_sequences([seq], device=device)
 
 
-def _chunks(items: Sequence, size: int) -> list[Sequence]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def packed_length(sequences: Sequence[RolloutSequence], *, share_prompts: bool) -> int:
+    """Length of the row :func:`pack_sequences` builds from ``sequences`` (a shared prompt counts once)."""
+    total, last = 0, None
+    for seq in sequences:
+        if not (share_prompts and seq.prompt_ids == last):
+            total += len(seq.prompt_ids)
+            last = seq.prompt_ids
+        total += len(seq.response_ids)
+    return total
+
+
+def micro_batches(sequences: Sequence[RolloutSequence], *, max_sequences: int, max_tokens: int = 0,
+                  share_prompts: bool = False) -> list[list[int]]:
+    """Contiguous index ranges of ``sequences``, each at most ``max_sequences`` long and, when ``max_tokens > 0``,
+    packing to at most ``max_tokens`` row positions (a single longer sequence forms its own micro-batch).
+
+    Greedy in order, so a group's samples stay together (and share their prompt) wherever the budget allows;
+    the gradient does not depend on the split (every micro-batch is scaled by the global normaliser).
+    """
+    out: list[list[int]] = []
+    current: list[int] = []
+    tokens, last = 0, None
+    for i, seq in enumerate(sequences):
+        shared = share_prompts and bool(current) and seq.prompt_ids == last
+        cost = len(seq.response_ids) + (0 if shared else len(seq.prompt_ids))
+        if current and (len(current) >= max_sequences or (max_tokens > 0 and tokens + cost > max_tokens)):
+            out.append(current)
+            current, tokens = [], 0
+            cost = len(seq.response_ids) + len(seq.prompt_ids)  # a new row repeats the prompt
+        current.append(i)
+        tokens += cost
+        last = seq.prompt_ids
+    if current:
+        out.append(current)
+    return out
 
 
 def _split_even(items: Sequence, parts: int) -> list[Sequence]:
@@ -275,6 +310,29 @@ def lr_factor(step: int, trainer: TrainerConfig) -> float:
     if trainer.lr_schedule == "cosine":
         return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
     raise ValueError(f"unknown lr_schedule {trainer.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+
+
+def adamw_impl_kwargs(impl: str, device: torch.device, distributed: bool) -> dict[str, bool]:
+    """``torch.optim.AdamW`` keyword arguments for ``trainer.optimizer_impl``.
+
+    ``auto``: the fused kernel (one pass over all tensors, no per-parameter Python loop) where this torch has it for
+    the device and the parameters are plain tensors; foreach otherwise (FSDP2's DTensor parameters, other devices).
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused_ok = device.type in _get_fused_kernels_supported_devices()
+    if impl == "auto":
+        impl = "fused" if fused_ok and not distributed else "foreach"
+    if impl == "fused":
+        if not fused_ok:
+            raise ValueError(f"trainer.optimizer_impl=fused: this torch has no fused AdamW for {device.type}; "
+                             "use auto or foreach")
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "loop":
+        return {"foreach": False, "fused": False}
+    raise ValueError(f"unknown optimizer_impl {impl!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,8 +412,9 @@ class Learner:
         max_len: the response-length budget (``rollout.max_new_tokens``), Dr. GRPO's constant normaliser.
         ref_model: frozen reference for the KL penalty; required when ``algo.kl_beta > 0``, unused otherwise.
 
-    The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping),
-    so a rollout engine must hold its own copy and receive weights through :meth:`named_weights`.
+    The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping).
+    A rollout engine either holds its own copy and receives weights through :meth:`named_weights`, or (same dtype
+    and device, not sharded) reads these very parameters, which the optimizer updates in place.
     """
 
     def __init__(self, model: nn.Module, algo: AlgorithmConfig, trainer: TrainerConfig,
@@ -391,7 +450,8 @@ class Learner:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         betas = (trainer.adam_beta1, trainer.adam_beta2)
-        self.optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas)
+        self.optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas,
+                                           **adamw_impl_kwargs(trainer.optimizer_impl, self.device, self.distributed))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, trainer))
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -470,6 +530,10 @@ class Learner:
         hidden, weight = self._hidden(root, batch)
         return linear_logprobs(hidden, weight, batch.target_ids, batch.temperature).float()
 
+    def _micro_batches(self, sequences: Sequence[RolloutSequence]) -> list[list[int]]:
+        return micro_batches(sequences, max_sequences=self.trainer.micro_batch_size,
+                             max_tokens=self.trainer.micro_batch_tokens, share_prompts=self._packed)
+
     def _loss_temperature(self) -> str | float:
         return "row" if self.algo.logprob_temperature == "row" else 1.0
 
@@ -481,10 +545,10 @@ class Learner:
         ``temperature="row"``: each sequence at its own sampling temperature; a float: that temperature.
         Micro-batched like training. Collective under FSDP (all ranks call it, with their own sequences).
         """
-        batches = [pack_sequences(chunk, temperature=temperature, vocab_size=self.vocab_size,
-                                  share_prompts=self._packed,
-                                  device=self.device)
-                   for chunk in _chunks(list(sequences), self.trainer.micro_batch_size)]
+        sequences = list(sequences)
+        batches = [pack_sequences([sequences[i] for i in idx], temperature=temperature, vocab_size=self.vocab_size,
+                                  share_prompts=self._packed, device=self.device)
+                   for idx in self._micro_batches(sequences)]
         (num,) = all_reduce_floats([len(batches)], op="max")
         out: list[Tensor] = []
         for i in range(int(num)):
@@ -646,7 +710,7 @@ class Learner:
 
         temperature = self._loss_temperature()
         mini = list(range(len(sequences)))
-        micro = _chunks(mini, self.trainer.micro_batch_size)
+        micro = self._micro_batches(sequences)
         tokens, seqs = all_reduce_floats([
             sum(len(sequences[i].response_ids) for i in mini),
             sum(1 for i in mini if sequences[i].response_ids)])

@@ -25,6 +25,7 @@ from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
+from erpo_fast.memory_plan import ModelShape, current_rss, device_budget, fit, native_shares_weights
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
@@ -79,6 +80,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     model_dir = ckpt["model_dir"] if ckpt else base_dir
 
     device = rt.device
+    rss_before_model = current_rss()
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
     if tokenizer.eos_token_id is None:
@@ -87,9 +89,15 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     if cfg.algorithm.kl_beta > 0:  # the reference is the run's starting policy, also after a resume
         ref_model, _ = load_model(base_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
-    # The engine samples from its own copy: the learner's weights may be sharded (FSDP2) or mid-update, and
-    # the copy makes every step exercise (and verify) the weight sync.
-    engine = _make_engine(cfg, model, model_dir, device)
+    # One copy of the weights where one suffices: a native engine in the learner's dtype on its device reads the
+    # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
+    shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
+    plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
+               runtime_bytes=rss_before_model if device.type == "cpu" else None, shares_weights=shares,
+               distributed_world=rt.world_size)  # may turn model.gradient_checkpointing on (logged)
+    if rt.is_main:
+        log.info("%s", plan.table())
+    engine = _make_engine(cfg, model, model_dir, device, share=shares)
     learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
                       max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
     from erpo_fast.tasks.builtin import reward_name as builtin_reward
@@ -144,7 +152,13 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     return path
 
 
-def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
+def _fused_backend(model) -> bool:
+    from erpo_fast.rollout.native import FUSED_MODEL_TYPES
+
+    return getattr(model.config, "model_type", "") in FUSED_MODEL_TYPES
+
+
+def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False):
     if cfg.rollout.engine == "vllm":
         from erpo_fast.rollout import vllm_available
 
@@ -159,5 +173,8 @@ def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
                            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                            cpu_threads=cfg.trainer.threads or None,
                            dtype=resolve_dtype(cfg.model.dtype, device))
-    engine_model = copy.deepcopy(model)
-    return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device))
+    # Otherwise the engine samples from its own copy (bf16 engine and fp32 master weights, FSDP2 shards, or
+    # rollout.share_weights off), and every step exercises the weight sync.
+    engine_model = model if share else copy.deepcopy(model)
+    return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
+                       **({"backend": "fused"} if share else {}))
