@@ -60,8 +60,8 @@ def _saved_bytes(learner, batch, params):
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_saved_activations_match_autograds_saved_tensors(ckpt):
     model = qwen2()
-    learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=1000), ModelConfig(gradient_checkpointing=ckpt), device="cpu",
-                      max_len=64)
+    learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=1000),
+                      ModelConfig(gradient_checkpointing=ckpt), device="cpu", max_len=64)
     g = torch.Generator().manual_seed(0)
     seqs = [RolloutSequence(list(range(5, 45)) if i < 4 else list(range(7, 37)),
                             torch.randint(3, 300, (50,), generator=g).tolist(), [], 1.0, 1.0, i) for i in range(8)]
