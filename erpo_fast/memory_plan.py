@@ -177,6 +177,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     shard = max(1, distributed_world)  # FSDP2 shards weights, gradients and optimizer state
     terms = {"weights (fp32 master)": 4 * p // shard, "gradients (fp32)": 4 * p // shard,
              "optimizer state (AdamW, fp32)": 8 * p // shard}
+    if cfg.algorithm.kl_beta > 0:
+        terms["reference model (fp32, for the KL term)"] = 4 * p // shard
 
     # Activations: packed attention (sdpa) shares a group's prompt; other attention runs every sequence whole.
     share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
@@ -223,7 +225,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
 
     runtime = RUNTIME_BYTES.get(device.type, RUNTIME_BYTES["cpu"]) if runtime_bytes is None else runtime_bytes
     terms = {"runtime (torch, libraries)": runtime, **terms}
-    resident = runtime + terms["weights (fp32 master)"] + terms["optimizer state (AdamW, fp32)"] + engine_weights
+    resident = (runtime + terms["weights (fp32 master)"] + terms["optimizer state (AdamW, fp32)"] + engine_weights
+                + terms.get("reference model (fp32, for the KL term)", 0))
     learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk)"]
     phases = {"rollout": resident + rollout_transient, "learning": resident + learn}
     return MemoryPlan(device=str(device), compute_dtype=compute, engine=cfg.rollout.engine,

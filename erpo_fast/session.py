@@ -25,7 +25,7 @@ from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
-from erpo_fast.memory_plan import ModelShape, current_rss, device_budget, fit, native_shares_weights
+from erpo_fast.memory_plan import MemoryPlan, ModelShape, current_rss, device_budget, fit, native_shares_weights
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
@@ -50,6 +50,7 @@ class Session:
     nan_streak: int = 0  # consecutive steps whose update was skipped for a non-finite loss
     heldout_before: dict = field(default_factory=dict)  # held-out metrics of the starting policy
     heldout_after: dict = field(default_factory=dict)  # ... and of the final one (not checkpointed)
+    memory_plan: MemoryPlan | None = None  # what the start-up plan predicted (bench/bench_memory.py compares it)
 
     def state_dict(self) -> dict:
         return {**self.rollout.state_dict(), "learner": self.learner.state_dict(),
@@ -80,7 +81,6 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     model_dir = ckpt["model_dir"] if ckpt else base_dir
 
     device = rt.device
-    rss_before_model = current_rss()
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
     if tokenizer.eos_token_id is None:
@@ -93,7 +93,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
     shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
     plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
-               runtime_bytes=rss_before_model if device.type == "cpu" else None, shares_weights=shares,
+               runtime_bytes=_runtime_rss(model, ref_model) if device.type == "cpu" else None, shares_weights=shares,
                distributed_world=rt.world_size)  # may turn model.gradient_checkpointing on (logged)
     if rt.is_main:
         log.info("%s", plan.table())
@@ -108,7 +108,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s)
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
-    session = Session(cfg, rt, base_dir, tokenizer, learner, rollout)
+    session = Session(cfg, rt, base_dir, tokenizer, learner, rollout, memory_plan=plan)
     if ckpt is not None:
         if ckpt["shards_dir"] is None:
             raise CheckpointError(f"{resume_from} has no sharded optimizer state ({SHARDS_DIRNAME}/); it was written "
@@ -150,6 +150,13 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     if not rt.is_main:
         path = builtin_model_for(cfg)  # cached by rank 0
     return path
+
+
+def _runtime_rss(*models) -> int:
+    """What this process holds besides the models' weights (interpreter, torch, transformers, tokenizer, data):
+    measured now, once transformers is imported and the model loaded, minus the weights."""
+    weights = sum(p.numel() * p.element_size() for m in models if m is not None for p in m.parameters())
+    return max(0, current_rss() - weights)
 
 
 def _fused_backend(model) -> bool:
