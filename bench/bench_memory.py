@@ -85,6 +85,8 @@ def main() -> None:
                                                              "which exists from the end of step 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-copy-run", action="store_true", help="skip the rollout.share_weights=false run")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="model.dtype runs (bfloat16 on CPU: autocast learner, bf16 engine copy)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
@@ -101,19 +103,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for name in args.models:
             assets = build_assets(name, Path(tmp), "gsm60-200", new_tokens=args.new_tokens)
-            runs = [(b, True) for b in args.budgets]
+            runs = [(b, True, dtype) for dtype in args.dtypes for b in args.budgets]
             if not args.no_copy_run and name == args.models[-1]:
-                runs.append((args.budgets[-1], False))
-            for budget, share in runs:
+                runs.append((args.budgets[-1], False, args.dtypes[0]))
+            for budget, share, dtype in runs:
                 a = dict(assets, threads=args.threads, overrides={
-                    "trainer.micro_batch_tokens": budget, "rollout.share_weights": share,
+                    "trainer.micro_batch_tokens": budget, "rollout.share_weights": share, "model.dtype": dtype,
                     "trainer.prompts_per_step": args.prompts_per_step, "trainer.micro_batch_size": 1024})
                 res = run_worker(a, args.steps, 0)
                 steps = res["steps"]
                 last = steps[-1]
                 flops = last["learner_flops"]
                 achieved = flops["total"] / last["train_on_s"]
-                row = {"model": name, "micro_batch_tokens": budget, "share_weights": share,
+                row = {"model": name, "dtype": dtype, "micro_batch_tokens": budget, "share_weights": share,
                        "plan_micro_batch_tokens": res["plan_micro_batch_tokens"],
                        "peak_rss_gb": res["peak_rss_bytes"] / 1e9, "plan_peak_gb": res["plan_peak_bytes"] / 1e9,
                        "plan_over_measured": res["plan_peak_bytes"] / res["peak_rss_bytes"],
@@ -122,21 +124,23 @@ def main() -> None:
                        "packed_tokens": flops["packed_tokens"], "trained_tokens": flops["trained_tokens"],
                        "learner_gflops": achieved / 1e9, "matmul_gflops": res["matmul_flops_per_s"] / 1e9,
                        "flops_fraction": achieved / res["matmul_flops_per_s"],
+                       "mismatch": [{k: v for k, v in st.items() if k.startswith("mismatch_")} for st in steps],
                        "plan_terms_gb": {k: v / 1e9 for k, v in res["plan_terms"].items()},
                        "plan_phases_gb": {k: v / 1e9 for k, v in res["plan_phases"].items()}}
                 rows.append(row)
-                print(f"model {name} budget {budget} share {share}: peak RSS {row['peak_rss_gb']:.2f} GB, plan "
+                print(f"model {name} {dtype} budget {budget} share {share}: peak RSS {row['peak_rss_gb']:.2f} GB, plan "
                       f"{row['plan_peak_gb']:.2f} GB ({row['plan_over_measured']:.3f}x), learner "
                       f"{row['learner_gflops']:.1f} GFLOP/s = {row['flops_fraction']:.2f} of matmul "
                       f"{row['matmul_gflops']:.1f}", flush=True)
-    print_table(rows, ["model", "micro_batch_tokens", "share_weights", "peak_rss_gb", "plan_peak_gb",
+    print_table(rows, ["model", "dtype", "micro_batch_tokens", "share_weights", "peak_rss_gb", "plan_peak_gb",
                        "plan_over_measured", "learner_gflops", "matmul_gflops", "flops_fraction"],
                 title="memory plan vs measured peak RSS; learner FLOP/s vs a same-run fp32 matmul")
-    write_results("memory_plan_" + "".join(args.models), {
+    tag = "" if args.dtypes == ["float32"] else "_" + "_".join(args.dtypes)
+    write_results("memory_plan_" + "".join(args.models) + tag, {
         "threads": args.threads, "steps_per_run": args.steps,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "new_tokens": args.new_tokens,
                      "prompt_tokens": "60-200 (uniform, one letter = one token)", "dtype": "float32",
-                     "full_length": "no stop tokens", "checkpointing": False},
+                     "full_length": "no stop tokens", "checkpointing": False, "dtypes": args.dtypes},
         "models": {name: MODELS[name] for name in args.models}, "rows": rows,
         "notes": f"shared 2-core machine; load average {load_start} at start, {os.getloadavg()} at end; each run in "
                  "its own subprocess (peak RSS is its own)"})

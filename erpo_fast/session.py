@@ -25,7 +25,15 @@ from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
-from erpo_fast.memory_plan import MemoryPlan, ModelShape, current_rss, device_budget, fit, native_shares_weights
+from erpo_fast.memory_plan import (
+    MemoryPlan,
+    ModelShape,
+    current_rss,
+    device_budget,
+    fit,
+    native_shares_weights,
+    return_freed_memory_to_the_os,
+)
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
@@ -81,6 +89,8 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     model_dir = ckpt["model_dir"] if ckpt else base_dir
 
     device = rt.device
+    if device.type == "cpu":
+        return_freed_memory_to_the_os()  # before the weights: their big blocks get their own mappings too
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
     if tokenizer.eos_token_id is None:

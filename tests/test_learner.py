@@ -169,6 +169,37 @@ def test_load_model_round_trip_and_errors(tokenizer, tmp_path):
     assert issubclass(ModelLoadError, ValueError)
 
 
+def _file_mappings(path) -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == str(path):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                out.append((start, end))
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_load_model_owns_its_memory(tokenizer, tmp_path):
+    """No loaded parameter may stay a view of the memory-mapped checkpoint (its pages would count twice)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").resolve()
+
+    def inside(model, mappings):
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in mappings)]
+
+    # Control: transformers' own load does leave parameters inside the file mapping (so the check is live).
+    raw = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert inside(raw, _file_mappings(weights))
+    del raw
+    model, _ = load_model(tmp_path, dtype="float32", device="cpu")
+    assert not inside(model, _file_mappings(weights))
+
+
 def test_resolve_defaults_on_cpu():
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
     assert resolve_attn_implementation("eager", "cpu") == "eager"
