@@ -8,7 +8,9 @@ architecture on the meta device). Terms, in bytes:
 - **activations**: what autograd saves for one micro-batch (counted from the saved tensors of transformers'
   Llama-family decoder under our packed attention, see ``_saved_per_token``), plus the backward's transients.
   Packed tokens come from simulating :func:`erpo_fast.learner.micro_batches` on full-length sequences.
-- **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``ROW_CHUNK_BYTES``).
+- **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``ROW_CHUNK_BYTES``) and, with a tied
+  embedding, its ``[V, H]`` weight gradient, which autograd holds through the backward until the embedding's
+  share joins it.
 - **engine weights**: 0 when the native engine reads the learner's parameters (same dtype and device), else one
   more copy in the engine's dtype; vLLM: inside its ``gpu_memory_utilization`` share.
 - **KV cache**: the native engine's static cache, every row at the longest prompt plus ``max_new_tokens``.
@@ -51,6 +53,7 @@ class ModelShape:
     head_dim: int
     intermediate: int
     vocab: int
+    tied: bool = False  # input and output embeddings share one weight
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -63,7 +66,8 @@ class ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(params=params, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
-                   intermediate=config.intermediate_size, vocab=config.vocab_size)
+                   intermediate=config.intermediate_size, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
 
     @property
     def kv_width(self) -> int:
@@ -192,7 +196,10 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     activations = saved + recompute + backward
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
     rows = max(1, ROW_CHUNK_BYTES // (shape.vocab * act_bytes))
-    terms["loss workspace (logits chunk)"] = min(trained, rows) * shape.vocab * act_bytes * 2
+    workspace = min(trained, rows) * shape.vocab * act_bytes * 2
+    if shape.tied:  # the loss's [V, H] weight gradient waits through the backward for the embedding's share
+        workspace += shape.vocab * shape.hidden * 4
+    terms["loss workspace (logits chunk, LM-head gradient)"] = workspace
 
     rows_total = cfg.trainer.prompts_per_step * cfg.rollout.n // shard
     if native:
@@ -227,7 +234,7 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     terms = {"runtime (torch, libraries)": runtime, **terms}
     resident = (runtime + terms["weights (fp32 master)"] + terms["optimizer state (AdamW, fp32)"] + engine_weights
                 + terms.get("reference model (fp32, for the KL term)", 0))
-    learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk)"]
+    learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk, LM-head gradient)"]
     phases = {"rollout": resident + rollout_transient, "learning": resident + learn}
     return MemoryPlan(device=str(device), compute_dtype=compute, engine=cfg.rollout.engine,
                       shares_weights=native and shares_weights, checkpointing=ckpt, micro_batch_tokens=packed,

@@ -102,14 +102,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     # One copy of the weights where one suffices: a native engine in the learner's dtype on its device reads the
     # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
     shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
-    plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
-               runtime_bytes=_runtime_rss(model, ref_model) if device.type == "cpu" else None, shares_weights=shares,
-               distributed_world=rt.world_size)  # may turn model.gradient_checkpointing on (logged)
-    if rt.is_main:
-        log.info("%s", plan.table())
     engine = _make_engine(cfg, model, model_dir, device, share=shares)
-    learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
-                      max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
     from erpo_fast.tasks.builtin import reward_name as builtin_reward
 
     reward_name = cfg.data.reward
@@ -118,6 +111,16 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s)
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
+    # The plan runs before the learner allocates anything (it may turn model.gradient_checkpointing on, logged);
+    # on CPU its runtime term is what the process holds now (libraries, data, the tracker's JIT) besides weights.
+    engine_copy = None if shares or cfg.rollout.engine != "native" else engine.model
+    plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
+               runtime_bytes=_runtime_rss(model, ref_model, engine_copy) if device.type == "cpu" else None,
+               shares_weights=shares, distributed_world=rt.world_size)
+    if rt.is_main:
+        log.info("%s", plan.table())
+    learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
+                      max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
     session = Session(cfg, rt, base_dir, tokenizer, learner, rollout, memory_plan=plan)
     if ckpt is not None:
         if ckpt["shards_dir"] is None:
