@@ -49,15 +49,25 @@ MODELS = {
     "qwen2-char": dict(vocab_size=58, hidden_size=384, intermediate_size=1152, num_hidden_layers=6,
                        num_attention_heads=6, num_key_value_heads=2),
 }
+# Real shapes (issue 24; random weights): SmolLM2-135M (a Llama) and Qwen2.5-0.5B, as in bench_vs_trl.py.
+MODELS["C"] = dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3)
+MODELS["D"] = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                   num_attention_heads=14, num_key_value_heads=2)
 NEW_TOKENS = 64
+WORKLOADS = ("32x1", "4x8", "32x1-stop")
 
 
-def build_model(shape: dict) -> Qwen2ForCausalLM:
-    config = Qwen2Config(**shape, tie_word_embeddings=True, max_position_embeddings=256)
+def build_model(shape: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = shape.get("arch") == "llama"
+    arch = {k: v for k, v in shape.items() if k != "arch"}
+    config = (LlamaConfig if llama else Qwen2Config)(**arch, tie_word_embeddings=True, max_position_embeddings=256)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return Qwen2ForCausalLM(config).eval()
+        return (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).eval()
 
 
 def make_prompts(num: int, vocab: int, seed: int = 1) -> list[list[int]]:
@@ -156,9 +166,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (same for every engine)")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["qwen2-v16k", "qwen2-char"], choices=list(MODELS))
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
                         help="add VLLMEngine (auto: when vLLM imports, e.g. in .venv-vllm)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--short", action="store_true",
+                        help="only HF generate, NativeEngine as the trainer calls it, and vLLM (real-size models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -185,8 +198,10 @@ def main() -> None:
         workloads = [("32x1", make_prompts(32, vocab), 1, None), ("4x8", make_prompts(4, vocab), 8, None),
                      ("32x1-stop", make_prompts(32, vocab), 1, stops)]
         for workload, prompts, n, stop in workloads:
+            if workload not in args.workloads:
+                continue
             contenders = [("hf-generate", hf_runner(model, prompts, n, stop))]
-            for engine_name, (engine, compact_below) in engines.items():
+            for engine_name, (engine, compact_below) in ({} if args.short else engines).items():
                 if "compact" in engine_name and stop is None:
                     continue  # identical to "native" without stops
                 contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below)))
@@ -207,12 +222,14 @@ def main() -> None:
         if vllm is not None:
             vllm.close()  # one vLLM engine per process at a time
 
-    write_results("rollout", {
+    default = args.models == [m for m in MODELS if m not in ("C", "D")] and not args.short
+    write_results("rollout" if default else "rollout_" + "".join(args.models), {
         "threads": args.threads,
         "iters": args.iters,
         "new_tokens_per_row": NEW_TOKENS,
         "load_average_at_end": os.getloadavg(),
         "models": {name: {**MODELS[name], "tie_word_embeddings": True} for name in args.models},
+        "workloads": args.workloads, "contenders": "short" if args.short else "all",
         "rows": rows,
         # vLLM's CPU build (when run): engine start-up, sleep/wake (no-ops without sleep mode), full weight
         # sync from memory and the probe check, in seconds. Not GPU figures.

@@ -1,14 +1,23 @@
 """erpo-fast's trainer against Hugging Face TRL's ``GRPOTrainer`` on the same model, data and settings (CPU).
 
-Both trainers run the same work per step: 16 prompts x 8 samples, full-length completions forced, fp32, one
-torch thread, no KL (no reference model), DAPO loss (token mean, clip 0.2 / 0.28), micro-batch 32 (TRL:
-``per_device_train_batch_size=32``, 4 gradient-accumulation steps, one generation per optimizer step), the
-same reward function in-process (:func:`parity_reward`: about half the completions score 1, so nearly every
-group has signal and no trainer could skip zero-advantage work), lr 1e-6, AdamW. Models are random-weight
-Qwen2s built from configs and saved with a word-level tokenizer made offline with ``tokenizers`` (no hub):
+Both trainers run the same work per step: ``--prompts-per-step`` prompts (default 16) x 8 samples, full-length
+completions forced, fp32, one torch thread, no KL (no reference model), DAPO loss (token mean, clip 0.2 / 0.28),
+micro-batch ``--micro-batch`` sequences (default 32; TRL: ``per_device_train_batch_size``, with gradient
+accumulation over the step, one generation per optimizer step), the same reward function in-process
+(:func:`parity_reward`: about half the completions score 1, so nearly every group has signal and no trainer could
+skip zero-advantage work), lr 1e-6, AdamW, and the same activation-checkpointing setting (``--checkpointing``,
+default off; TRL 1.16's ``GRPOConfig`` defaults it to on, which the bench overrides). Models are random-weight
+Qwen2s (C: a Llama) built from configs and saved with a word-level tokenizer made offline with ``tokenizers``:
 
 - ``A``: hidden 128, 4 layers, 4 heads (2 KV), MLP 384, vocabulary 1,024, 32 new tokens;
-- ``B``: hidden 256, 2 layers, 4 heads (2 KV), MLP 768, vocabulary 151,936, 64 new tokens.
+- ``B``: hidden 256, 2 layers, 4 heads (2 KV), MLP 768, vocabulary 151,936, 64 new tokens;
+- ``C``: SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads (3 KV), MLP 1536, vocabulary 49,152, tied;
+- ``D``: Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads (2 KV), MLP 4864, vocabulary 151,936, tied.
+
+Prompts (``--prompts``): random letters, one token each, of ``var16-40`` (16-40 tokens, the original regime),
+``fixed15`` (15 tokens: nothing for padding to waste, little for prompt sharing to save) or ``gsm60-200``
+(60-200 tokens, GSM8K-like). TRL left-pads each batch's prompts to its longest; erpo-fast packs without padding
+and runs a group's prompt once.
 
 Forcing full length: TRL gets ``generation_kwargs={"min_new_tokens": N}`` (transformers then never samples
 EOS early); our engine is called with no stop tokens. Either way every completion has exactly N tokens, so
@@ -20,8 +29,9 @@ contenders alternate (ours, TRL, TRL, ours, ...) over ``--rounds`` rounds. A sub
 rounds. "generation" is the time inside the engine (ours) or ``model.generate`` (TRL); "score" the verifier
 calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's bookkeeping).
 
-Run: ``python -m bench.bench_vs_trl [--models A B] [--rounds 2] [--steps 2] [--warmup 1]`` from the repository
-root (results: ``bench/results/vs_trl_<models>-cpu.json``); needs the ``bench`` extra (``pip install trl
+Run: ``python -m bench.bench_vs_trl [--models A B] [--prompts var16-40 fixed15] [--checkpointing off]
+[--rounds 2] [--steps 2] [--warmup 1]`` from the repository root (results:
+``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>-cpu.json``); needs the ``bench`` extra (``pip install trl
 --no-deps`` plus its light dependencies).
 """
 
@@ -50,7 +60,15 @@ MODELS = {
               intermediate_size=384, vocab_size=1024, new_tokens=32),
     "B": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=768, vocab_size=151936, new_tokens=64),
+    # Real shapes, random weights: SmolLM2-135M (a Llama) and Qwen2.5-0.5B (a Qwen2).
+    "C": dict(arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+              intermediate_size=1536, vocab_size=49152, new_tokens=64),
+    "D": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+              intermediate_size=4864, vocab_size=151936, new_tokens=64),
 }
+# Prompt-length regimes (tokens; one letter = one token): the legacy 16-40, fixed 15 (no length spread for
+# padding to waste, little for prompt sharing to save) and GSM8K-like 60-200.
+PROMPT_LENGTHS = {"var16-40": (16, 40), "fixed15": (15, 15), "gsm60-200": (60, 200)}
 PROMPTS_PER_STEP = 16
 GROUP = 8
 MICRO_BATCH = 32
@@ -66,7 +84,7 @@ def parity_reward(response: str, answer: str) -> float:
     return float(zlib.crc32(response.encode()) & 1)
 
 
-def build_assets(name: str, root: Path) -> dict:
+def build_assets(name: str, root: Path, prompts: str = "var16-40", new_tokens: int | None = None) -> dict:
     """Save the model + tokenizer folder and the prompt set for model ``name`` under ``root``."""
     import torch
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
@@ -84,24 +102,35 @@ def build_assets(name: str, root: Path) -> dict:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
                                         unk_token="<unk>")
-    config = Qwen2Config(**{k: v for k, v in spec.items() if k != "new_tokens"}, tie_word_embeddings=True,
-                         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                         use_cache=True)
+    arch = {k: v for k, v in spec.items() if k not in ("new_tokens", "arch")}
+    if spec.get("arch") == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**arch, tie_word_embeddings=True, max_position_embeddings=2048, pad_token_id=0,
+                             eos_token_id=1, bos_token_id=None, use_cache=True, rope_theta=100000.0)
+        model_cls = LlamaForCausalLM
+    else:
+        config = Qwen2Config(**arch, tie_word_embeddings=True, max_position_embeddings=2048, pad_token_id=0,
+                             eos_token_id=1, bos_token_id=None, use_cache=True)
+        model_cls = Qwen2ForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
+        model = model_cls(config)
     model_dir = root / f"model-{name}"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    # Prompts of 16..40 random letters (one token each); the answer is never produced by a random model.
+    if not (model_dir / "config.json").is_file():
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    # Prompts of random letters (one token each); the answer is never produced by a random model.
+    lo, hi = PROMPT_LENGTHS[prompts]
     g = torch.Generator().manual_seed(1)
-    data = root / f"prompts-{name}.jsonl"
+    data = root / f"prompts-{name}-{prompts}.jsonl"
     with data.open("w") as f:
         for i in range(NUM_PROMPTS):
-            n = int(torch.randint(16, 41, (1,), generator=g))
+            n = int(torch.randint(lo, hi + 1, (1,), generator=g))
             text = "".join(string.ascii_lowercase[j] for j in torch.randint(0, 26, (n,), generator=g).tolist())
             f.write(json.dumps({"id": f"p{i}", "prompt": text, "answer": "42"}) + "\n")
-    return {"model": name, "model_dir": str(model_dir), "data": str(data), "new_tokens": spec["new_tokens"]}
+    return {"model": name, "model_dir": str(model_dir), "data": str(data), "prompts": prompts,
+            "prompt_tokens": [lo, hi], "new_tokens": new_tokens or spec["new_tokens"]}
 
 
 # --- workers (one per subprocess) ----------------------------------------------------------------------------
@@ -118,7 +147,8 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     from erpo_fast.session import build_session
     from erpo_fast.train import train_step
 
-    torch.set_num_threads(1)
+    threads = assets.get("threads", 1)
+    torch.set_num_threads(threads)
     cfg = build_config("none", overrides={
         "model.path": assets["model_dir"], "model.dtype": "float32",
         "data.path": assets["data"], "data.reward": f"{Path(__file__).resolve()}:parity_reward",
@@ -126,11 +156,25 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         "rollout.n": GROUP, "rollout.max_new_tokens": assets["new_tokens"], "rollout.sync_check_every": 0,
         "algorithm.erpo": False, "algorithm.kl_beta": 0.0, "algorithm.loss_agg": "token_mean",
         "algorithm.eps_low": 0.2, "algorithm.eps_high": 0.28,
-        "trainer.prompts_per_step": PROMPTS_PER_STEP, "trainer.micro_batch_size": MICRO_BATCH, "trainer.lr": LR,
-        "trainer.max_steps": warmup + steps, "trainer.device": "cpu", "trainer.threads": 1,
+        "trainer.prompts_per_step": assets.get("prompts_per_step", PROMPTS_PER_STEP),
+        "trainer.micro_batch_size": assets.get("micro_batch", MICRO_BATCH), "trainer.lr": LR,
+        "trainer.max_steps": warmup + steps, "trainer.device": "cpu",
         "trainer.eval_every": 0, "trainer.save_every": 0, "trainer.output_dir": str(out_dir),
-        "logging.progress": False, "logging.plots": False})
+        "data.max_prompt_length": assets["prompt_tokens"][1], "trainer.threads": threads,
+        "trainer.memory_budget_gb": 1000.0,  # the bench fixes the checkpointing setting; the plan must not
+        "model.gradient_checkpointing": assets.get("checkpointing", False),
+        "logging.progress": False, "logging.plots": False, **assets.get("overrides", {})})
     session = build_session(cfg, init_runtime("cpu"))
+    learn_batches = []
+    train_on = session.learner.train_on
+
+    def recorded_train_on(batch):  # what the learner ran, for the FLOP count
+        t0 = time.perf_counter()
+        out = train_on(batch)
+        learn_batches.append((time.perf_counter() - t0, list(batch.sequences)))
+        return out
+
+    session.learner.train_on = recorded_train_on
     generate = session.rollout.engine.generate
 
     def full_length(*args, **kwargs):  # forced full-length completions: no stop token
@@ -142,12 +186,38 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     try:
         for step in range(1, warmup + steps + 1):
             m = train_step(session, step, None)
+            learn_s, seqs = learn_batches[-1]
             rows.append({"step_s": m["time_step_s"], "generation_s": m["time_rollout_s"], "score_s": m["time_score_s"],
-                         "learner_s": m["time_learn_s"], "sync_s": m["time_sync_s"],
-                         "tokens": round(m["tokens_per_s"] * m["time_step_s"]), "sequences": m["sequences_trained"]})
+                         "learner_s": m["time_learn_s"], "sync_s": m["time_sync_s"], "train_on_s": learn_s,
+                         "tokens": round(m["tokens_per_s"] * m["time_step_s"]), "sequences": m["sequences_trained"],
+                         "learner_flops": learner_flops(session, seqs),
+                         **{k: m[k] for k in m if k.startswith("mismatch_")}})
     finally:
         session.close()
-    return {"steps": rows[warmup:], "peak_rss_bytes": _peak_rss_bytes()}
+    plan = session.memory_plan
+    return {"steps": rows[warmup:], "peak_rss_bytes": _peak_rss_bytes(), "plan_peak_bytes": plan.peak,
+            "plan_terms": plan.terms, "plan_phases": plan.phases, "plan_micro_batch_tokens": plan.micro_batch_tokens}
+
+
+def learner_flops(session, sequences) -> dict:
+    """Model FLOPs of one learner step on ``sequences``: 6 x decoder parameters x packed tokens (prompts run
+    through the decoder too; a shared prompt once per micro-batch), 6 x V x H per trained token (the fused LM
+    head: logits, grad hidden, grad weight), and causal attention 6 x H x L^2 per layer and sequence."""
+    from erpo_fast.batch import micro_batches, packed_length
+
+    learner = session.learner
+    model = learner.model
+    cfg = model.config
+    vocab, hidden = cfg.vocab_size, cfg.hidden_size
+    decoder_params = sum(p.numel() for p in model.parameters()) - vocab * hidden  # tied embedding excluded
+    parts = micro_batches(sequences, max_sequences=learner.trainer.micro_batch_size,
+                          max_tokens=learner.trainer.micro_batch_tokens, share_prompts=learner._packed)
+    packed = sum(packed_length([sequences[i] for i in p], share_prompts=learner._packed) for p in parts)
+    trained = sum(len(s.response_ids) for s in sequences)
+    layers = cfg.num_hidden_layers
+    attention = sum(6 * hidden * (len(s.prompt_ids) + len(s.response_ids)) ** 2 for s in sequences) * layers
+    total = 6 * decoder_params * packed + 6 * vocab * hidden * trained + attention
+    return {"total": total, "packed_tokens": packed, "trained_tokens": trained, "decoder_params": decoder_params}
 
 
 def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
@@ -158,8 +228,9 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 
     from erpo_fast.data import load_prompts
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(assets.get("threads", 1))
     new_tokens = assets["new_tokens"]
+    prompts, micro = assets.get("prompts_per_step", PROMPTS_PER_STEP), assets.get("micro_batch", MICRO_BATCH)
     records = load_prompts(assets["data"])
     dataset = Dataset.from_list([{"prompt": r.prompt, "answer": r.answer} for r in records])
     score_time = [0.0]
@@ -174,12 +245,14 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(assets["model_dir"], local_files_only=True, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     args = GRPOConfig(
-        output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH, num_generations=GROUP,
+        output_dir=str(out_dir), max_steps=warmup + steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=prompts * GROUP // micro, num_generations=GROUP,
         max_completion_length=new_tokens, generation_kwargs={"min_new_tokens": new_tokens},
         temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, num_iterations=1,
         use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1,
+        # TRL 1.16 turns gradient checkpointing ON by default; both contenders get the bench's one setting.
+        gradient_checkpointing=assets.get("checkpointing", False),
         disable_tqdm=True, dataloader_num_workers=0, seed=0, log_completions=False)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
@@ -204,8 +277,8 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             rows.append({"step_s": time.perf_counter() - self.t0, "generation_s": gen_time[0],
                          "score_s": score_time[0],
-                         "tokens": PROMPTS_PER_STEP * GROUP * new_tokens,
-                         "sequences": PROMPTS_PER_STEP * GROUP})
+                         "tokens": prompts * GROUP * new_tokens,
+                         "sequences": prompts * GROUP})
 
     trainer.add_callback(StepTimer())
     trainer.train()
@@ -252,15 +325,24 @@ def summarise(name: str, contender: str, runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["A", "B"], choices=list(MODELS))
+    parser.add_argument("--prompts", nargs="+", default=["var16-40"], choices=list(PROMPT_LENGTHS),
+                        help="prompt-length regimes (tokens)")
+    parser.add_argument("--checkpointing", choices=("off", "on"), default="off",
+                        help="activation checkpointing, the same for both contenders (TRL's own default is on)")
+    parser.add_argument("--new-tokens", type=int, default=0, help="completion length (0: the model's default)")
+    parser.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP)
+    parser.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="sequences per forward/backward")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two contenders")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per subprocess")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--worker", choices=("erpo-fast", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
-        parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or args.new_tokens < 0:
+        parser.error("--rounds and --steps must be >= 1, --warmup and --new-tokens >= 0")
+    if (args.prompts_per_step * GROUP) % args.micro_batch:
+        parser.error(f"--micro-batch must divide --prompts-per-step x {GROUP} (TRL's gradient accumulation)")
     if args.worker:
         worker(args.worker, json.loads(args.assets), args.steps, args.warmup)
         return
@@ -277,31 +359,40 @@ def main() -> None:
     rows, ratios = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         for name in args.models:
-            assets = build_assets(name, Path(tmp))
-            runs = {"erpo-fast": [], "trl": []}
-            for r in range(args.rounds):
-                order = ["erpo-fast", "trl"] if r % 2 == 0 else ["trl", "erpo-fast"]
-                for contender in order:
-                    res = run_worker(contender, assets, args.steps, args.warmup)
-                    runs[contender].append(res)
-                    print(f"model {name} round {r + 1} {contender}: steps "
-                          + ", ".join(f"{s['step_s']:.2f}s" for s in res["steps"])
-                          + f", peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-            ours, theirs = summarise(name, "erpo-fast", runs["erpo-fast"]), summarise(name, "trl", runs["trl"])
-            ratios[name] = {"s_per_step": ours["s_per_step"] / theirs["s_per_step"],
-                            "generation": ours["generation_s"] / theirs["generation_s"],
-                            "learning": ours["learning_s"] / theirs["learning_s"],
-                            "peak_rss": ours["peak_rss_gb"] / theirs["peak_rss_gb"]}
-            rows += [ours, theirs]
-            print_table([ours, theirs], ["contender", "s_per_step", "generation_s", "score_s", "learning_s",
-                                         "tokens_per_s", "peak_rss_gb", "timed_steps"],
-                        title=f"model {name}: {MODELS[name]} (ratios erpo-fast / TRL: "
-                              + ", ".join(f"{k} {v:.2f}" for k, v in ratios[name].items()) + ")")
-    write_results("vs_trl_" + "".join(args.models), {
+            for regime in args.prompts:
+                assets = dict(build_assets(name, Path(tmp), regime, new_tokens=args.new_tokens or None),
+                              checkpointing=args.checkpointing == "on", prompts_per_step=args.prompts_per_step,
+                              micro_batch=args.micro_batch)
+                key = f"{name}/{regime}"
+                runs = {"erpo-fast": [], "trl": []}
+                for r in range(args.rounds):
+                    order = ["erpo-fast", "trl"] if r % 2 == 0 else ["trl", "erpo-fast"]
+                    for contender in order:
+                        res = run_worker(contender, assets, args.steps, args.warmup)
+                        runs[contender].append(res)
+                        print(f"{key} round {r + 1} {contender}: steps "
+                              + ", ".join(f"{s['step_s']:.2f}s" for s in res["steps"])
+                              + f", peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+                ours, theirs = summarise(name, "erpo-fast", runs["erpo-fast"]), summarise(name, "trl", runs["trl"])
+                for row in (ours, theirs):
+                    row.update(prompts=regime, prompt_tokens=assets["prompt_tokens"], new_tokens=assets["new_tokens"])
+                ratios[key] = {"s_per_step": ours["s_per_step"] / theirs["s_per_step"],
+                               "generation": ours["generation_s"] / theirs["generation_s"],
+                               "learning": ours["learning_s"] / theirs["learning_s"],
+                               "peak_rss": ours["peak_rss_gb"] / theirs["peak_rss_gb"]}
+                rows += [ours, theirs]
+                print_table([ours, theirs], ["contender", "s_per_step", "generation_s", "score_s", "learning_s",
+                                             "tokens_per_s", "peak_rss_gb", "timed_steps"],
+                            title=f"model {name}, prompts {regime} tokens, {assets['new_tokens']} new tokens, "
+                                  f"checkpointing {args.checkpointing} (ratios erpo-fast / TRL: "
+                                  + ", ".join(f"{k} {v:.2f}" for k, v in ratios[key].items()) + ")")
+    write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}", {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
-        "settings": {"prompts_per_step": PROMPTS_PER_STEP, "group": GROUP, "micro_batch": MICRO_BATCH, "lr": LR,
-                     "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": "float32",
+        "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "micro_batch": args.micro_batch,
+                     "lr": LR, "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": "float32",
+                     "checkpointing": args.checkpointing,
+                     "prompt_regimes": {p: PROMPT_LENGTHS[p] for p in args.prompts},
                      "full_length": "TRL min_new_tokens=N; ours no stop tokens"},
         "models": {name: MODELS[name] for name in args.models},
         "rows": rows, "ratios_erpo_fast_over_trl": ratios,

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .packed_attention import PackedLayout
 
-__all__ = ["IGNORE_INDEX", "PackedBatch", "RolloutSequence", "StepBatch", "pack_sequences"]
+__all__ = ["IGNORE_INDEX", "PackedBatch", "RolloutSequence", "StepBatch", "micro_batches", "pack_sequences",
+           "packed_length"]
 
 IGNORE_INDEX = -100
 
@@ -184,3 +185,40 @@ def pack_sequences(sequences: Sequence[RolloutSequence], *, temperature: str | f
         response_lengths=lengths,
         segments=segments,
     )
+
+
+def packed_length(sequences: Sequence[RolloutSequence], *, share_prompts: bool) -> int:
+    """Length of the row :func:`pack_sequences` builds from ``sequences`` (a shared prompt counts once)."""
+    total, last = 0, None
+    for seq in sequences:
+        if not (share_prompts and seq.prompt_ids == last):
+            total += len(seq.prompt_ids)
+            last = seq.prompt_ids
+        total += len(seq.response_ids)
+    return total
+
+
+def micro_batches(sequences: Sequence[RolloutSequence], *, max_sequences: int, max_tokens: int = 0,
+                  share_prompts: bool = False) -> list[list[int]]:
+    """Contiguous index ranges of ``sequences``, each at most ``max_sequences`` long and, when ``max_tokens > 0``,
+    packing to at most ``max_tokens`` row positions (a single longer sequence forms its own micro-batch).
+
+    Greedy in order, so a group's samples stay together (and share their prompt) wherever the budget allows;
+    the gradient does not depend on the split (every micro-batch is scaled by the global normaliser).
+    """
+    out: list[list[int]] = []
+    current: list[int] = []
+    tokens, last = 0, None
+    for i, seq in enumerate(sequences):
+        shared = share_prompts and bool(current) and seq.prompt_ids == last
+        cost = len(seq.response_ids) + (0 if shared else len(seq.prompt_ids))
+        if current and (len(current) >= max_sequences or (max_tokens > 0 and tokens + cost > max_tokens)):
+            out.append(current)
+            current, tokens = [], 0
+            cost = len(seq.response_ids) + len(seq.prompt_ids)  # a new row repeats the prompt
+        current.append(i)
+        tokens += cost
+        last = seq.prompt_ids
+    if current:
+        out.append(current)
+    return out

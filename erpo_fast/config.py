@@ -41,7 +41,8 @@ class ModelConfig:
                       choices=C.DTYPES)
     attn_implementation: str = knob("auto", "auto: flash_attention_2 on CUDA when installed, else sdpa.",
                                     choices=C.ATTN_IMPLEMENTATIONS)
-    gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory (turned on "
+                                               "automatically, and logged, when the memory plan needs it).")
     liger_kernels: bool = knob(False, "Patch the model with Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA only).")
     tiny_hidden_size: int = knob(128, "Built-in model: hidden size.", ge=8)
     tiny_layers: int = knob(4, "Built-in model: number of decoder layers.", ge=1)
@@ -104,6 +105,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = knob(0.35, "vLLM: fraction of GPU memory for weights + KV cache.", gt=0, le=1)
     tensor_parallel_size: int = knob(1, "vLLM: tensor-parallel degree.", ge=1)
     enforce_eager: bool = knob(False, "vLLM: skip CUDA-graph capture.")
+    share_weights: bool = knob(True, "Native engine: read the learner's own parameters when both run in the same "
+                                     "dtype on the same device (one copy of the weights; the weight sync is then a "
+                                     "no-op). False: the engine keeps its own copy, synced every step.")
     sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
                                      "(0: never).", ge=0)
     sync_check_atol: float = knob(2e-2, "Tolerance of that check on probe log-probs.", gt=0)
@@ -162,8 +166,11 @@ class TrainerConfig:
     output_dir: str = knob("runs/erpo", "Run directory: metrics.jsonl, checkpoints, plots.")
     max_steps: int = knob(100, "Training steps (one rollout + update each).", ge=1)
     prompts_per_step: int = knob(32, "Prompts per step (global, across ranks).", ge=1)
-    micro_batch_size: int = knob(64, "Sequences per learner forward/backward (gradient accumulation over them).",
-                                 ge=1)
+    micro_batch_size: int = knob(64, "Sequences per learner forward/backward at most (gradient accumulation over "
+                                     "them).", ge=1)
+    micro_batch_tokens: int = knob(0, "Packed tokens (prompt + response) per learner forward/backward at most, so "
+                                      "that activation memory does not depend on response lengths; a longer single "
+                                      "sequence runs alone (0: no token bound, micro_batch_size only).", ge=0)
     updates_per_step: int = knob(1, "Optimizer steps per rollout batch (mini-batches; >1 makes the ratio leave 1).",
                                  ge=1)
     lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
@@ -173,6 +180,9 @@ class TrainerConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
     adam_beta1: float = knob(0.9, "AdamW beta1.", ge=0, lt=1)
     adam_beta2: float = knob(0.999, "AdamW beta2.", ge=0, lt=1)
+    optimizer_impl: str = knob("auto", "AdamW implementation: auto (fused where this torch supports the device, "
+                                       "else foreach), fused, foreach or loop (torch's per-parameter reference).",
+                               choices=C.OPTIMIZER_IMPLS)
     grad_clip: float = knob(1.0, "Clip the global gradient norm to this (0: off).", ge=0)
     seed: int = knob(0, "Seed of the RL run's random streams (prompt order, sampling).", ge=0)
     device: str = knob("auto", "auto: cuda when available, else cpu.", choices=C.DEVICES)
@@ -186,6 +196,8 @@ class TrainerConfig:
                                   "them (without it, or --resume, such a run exits with an error).")
     nan_patience: int = knob(3, "Stop after this many consecutive steps with a non-finite loss.", ge=1)
     threads: int = knob(0, "CPU threads for torch (0: torch's default).", ge=0)
+    memory_budget_gb: float = knob(0.0, "Memory the memory plan checks the predicted peak against, in GB (0: the "
+                                        "device's own: CUDA total memory, CPU available memory).", ge=0)
     profile_steps: str | None = knob(None, "Profile steps A..B ('A:B'): a torch.profiler Chrome trace in "
                                            "output_dir/profile, a per-phase table and the top operators.")
 

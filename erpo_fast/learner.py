@@ -5,13 +5,14 @@ One :meth:`Learner.train_on` call is one training step on this rank's rollout se
 1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1`` (and
    row-temperature log-probs for the mismatch metrics when the loss runs at T=1). IS weights (truncated and/or
    masked) need no pass: ``linear_grpo_loss`` takes them from the rollout log-probs and the learner side it has;
-2. for each of the ``updates_per_step`` mini-batches: micro-batches of ``micro_batch_size`` sequences are
-   packed into ONE row without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs
-   per sequence through :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences
-   instead of quadratic in the packed length), run to the last hidden state, and scored by ``linear_grpo_loss``
-   with the LM-head weight; each micro-batch loss is scaled by its share of the GLOBAL normaliser (all
-   micro-batches, all ranks), so gradient accumulation gives exactly the full-batch gradient; then grad
-   clipping and an AdamW step (skipped when the loss or the gradient norm is not finite);
+2. for each of the ``updates_per_step`` mini-batches: micro-batches of at most ``micro_batch_size`` sequences
+   and (``micro_batch_tokens > 0``) at most that many packed tokens (:func:`micro_batches`) are packed into ONE row
+   without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs per sequence through
+   :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences instead of quadratic in the
+   packed length), run to the last hidden state, and scored by ``linear_grpo_loss`` with the LM-head weight; each
+   micro-batch loss is scaled by its share of the GLOBAL normaliser (all micro-batches, all ranks), so gradient
+   accumulation gives exactly the full-batch gradient; then grad clipping and an AdamW step (fused where torch
+   has it for the device; skipped when the loss or the gradient norm is not finite);
 3. one LR-scheduler step.
 
 Precision: parameters and AdamW state stay float32 ("master weights"): at RL learning rates (~1e-6) a bf16
@@ -43,14 +44,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import algorithms
-from .batch import PackedBatch, RolloutSequence, StepBatch, pack_sequences
+from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_sequences
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .distributed import all_reduce_floats
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
-__all__ = ["Learner", "lr_factor"]
+__all__ = ["Learner", "adamw_impl_kwargs", "lr_factor"]
 
 
 def _placeholder_batch(device: torch.device) -> PackedBatch:
@@ -59,10 +60,6 @@ def _placeholder_batch(device: torch.device) -> PackedBatch:
     seq = RolloutSequence(prompt_ids=[0], response_ids=[], rollout_logprobs=[], temperature=1.0,
                           advantage=0.0, seq_key=-1)
     return pack_sequences([seq], device=device)
-
-
-def _chunks(items: Sequence, size: int) -> list[Sequence]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _split_even(items: Sequence, parts: int) -> list[Sequence]:
@@ -100,6 +97,29 @@ def lr_factor(step: int, trainer: TrainerConfig) -> float:
     if trainer.lr_schedule == "cosine":
         return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
     raise ValueError(f"unknown lr_schedule {trainer.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+
+
+def adamw_impl_kwargs(impl: str, device: torch.device, distributed: bool) -> dict[str, bool]:
+    """``torch.optim.AdamW`` keyword arguments for ``trainer.optimizer_impl``.
+
+    ``auto``: the fused kernel (one pass over all tensors, no per-parameter Python loop) where this torch has it for
+    the device and the parameters are plain tensors; foreach otherwise (FSDP2's DTensor parameters, other devices).
+    """
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused_ok = device.type in _get_fused_kernels_supported_devices()
+    if impl == "auto":
+        impl = "fused" if fused_ok and not distributed else "foreach"
+    if impl == "fused":
+        if not fused_ok:
+            raise ValueError(f"trainer.optimizer_impl=fused: this torch has no fused AdamW for {device.type}; "
+                             "use auto or foreach")
+        return {"fused": True}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "loop":
+        return {"foreach": False, "fused": False}
+    raise ValueError(f"unknown optimizer_impl {impl!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,8 +199,9 @@ class Learner:
         max_len: the response-length budget (``rollout.max_new_tokens``), Dr. GRPO's constant normaliser.
         ref_model: frozen reference for the KL penalty; required when ``algo.kl_beta > 0``, unused otherwise.
 
-    The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping),
-    so a rollout engine must hold its own copy and receive weights through :meth:`named_weights`.
+    The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping).
+    A rollout engine either holds its own copy and receives weights through :meth:`named_weights`, or (same dtype
+    and device, not sharded) reads these very parameters, which the optimizer updates in place.
     """
 
     def __init__(self, model: nn.Module, algo: AlgorithmConfig, trainer: TrainerConfig,
@@ -216,7 +237,8 @@ class Learner:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         betas = (trainer.adam_beta1, trainer.adam_beta2)
-        self.optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas)
+        self.optimizer = torch.optim.AdamW(groups, lr=trainer.lr, betas=betas,
+                                           **adamw_impl_kwargs(trainer.optimizer_impl, self.device, self.distributed))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, trainer))
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -297,6 +319,10 @@ class Learner:
         hidden, weight = self._hidden(root, batch)
         return linear_logprobs(hidden, weight, batch.target_ids, batch.temperature).float()
 
+    def _micro_batches(self, sequences: Sequence[RolloutSequence]) -> list[list[int]]:
+        return micro_batches(sequences, max_sequences=self.trainer.micro_batch_size,
+                             max_tokens=self.trainer.micro_batch_tokens, share_prompts=self._packed)
+
     def _loss_temperature(self) -> str | float:
         return "row" if self.algo.logprob_temperature == "row" else 1.0
 
@@ -308,10 +334,10 @@ class Learner:
         ``temperature="row"``: each sequence at its own sampling temperature; a float: that temperature.
         Micro-batched like training. Collective under FSDP (all ranks call it, with their own sequences).
         """
-        batches = [pack_sequences(chunk, temperature=temperature, vocab_size=self.vocab_size,
-                                  share_prompts=self._packed,
-                                  device=self.device)
-                   for chunk in _chunks(list(sequences), self.trainer.micro_batch_size)]
+        sequences = list(sequences)
+        batches = [pack_sequences([sequences[i] for i in idx], temperature=temperature, vocab_size=self.vocab_size,
+                                  share_prompts=self._packed, device=self.device)
+                   for idx in self._micro_batches(sequences)]
         (num,) = all_reduce_floats([len(batches)], op="max")
         out: list[Tensor] = []
         for i in range(int(num)):
@@ -473,7 +499,7 @@ class Learner:
 
         temperature = self._loss_temperature()
         mini = list(range(len(sequences)))
-        micro = _chunks(mini, self.trainer.micro_batch_size)
+        micro = self._micro_batches(sequences)
         tokens, seqs = all_reduce_floats([
             sum(len(sequences[i].response_ids) for i in mini),
             sum(1 for i in mini if sequences[i].response_ids)])

@@ -25,6 +25,7 @@ __all__ = [
     "last_hidden_state",
     "lm_head_weight",
     "load_model",
+    "own_memory",
     "resolve_attn_implementation",
     "resolve_device",
     "resolve_dtype",
@@ -108,7 +109,23 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_impl
                                                      attn_implementation=attn)
     except Exception as e:
         raise ModelLoadError(f"cannot load the model from {p}: {first_line(e)}") from e
+    if dev.type == "cpu":
+        own_memory(model)
     return model.to(dev), tokenizer
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy parameters and buffers that are views of a memory-mapped checkpoint into the process's own memory.
+
+    transformers maps the safetensors file and, on CPU in the file's dtype, the tensors stay views of that
+    mapping: every page the run touches then counts in its resident memory, and keeps counting after the
+    weights are replaced (the fused engine's q/k/v buffers, the optimizer's writes), while the file stays
+    mapped (measured at Qwen2.5-0.5B's shape: 2.2 GB of file pages resident beside the trained copy). A copy
+    tensor by tensor costs one tensor at a time and releases the mapping.
+    """
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
 
 
 def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_embeddings: int = 512,

@@ -172,8 +172,13 @@ def packed_hidden_state(decoder: nn.Module, input_ids: Tensor, position_ids: Ten
     if config._attn_implementation != PACKED_SDPA:
         raise ValueError(f"packed_hidden_state needs enable_packed_attention(model) first "
                          f"(attention is {config._attn_implementation!r})")
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    masks = dict.fromkeys(set(layer_types) | {"full_attention"})
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        masks = dict.fromkeys(set(layer_types) | {"full_attention"})
+    else:
+        # Decoders without per-layer-type masks (Llama) take no mapping; a 4-D mask is returned by transformers
+        # as-is, so this one-element placeholder also skips mask building (packed attention never reads it).
+        masks = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
     out = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=masks, use_cache=False,
                   packed_layout=layout)
     return out.last_hidden_state

@@ -25,6 +25,15 @@ from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
+from erpo_fast.memory_plan import (
+    MemoryPlan,
+    ModelShape,
+    current_rss,
+    device_budget,
+    fit,
+    native_shares_weights,
+    return_freed_memory_to_the_os,
+)
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
@@ -49,6 +58,7 @@ class Session:
     nan_streak: int = 0  # consecutive steps whose update was skipped for a non-finite loss
     heldout_before: dict = field(default_factory=dict)  # held-out metrics of the starting policy
     heldout_after: dict = field(default_factory=dict)  # ... and of the final one (not checkpointed)
+    memory_plan: MemoryPlan | None = None  # what the start-up plan predicted (bench/bench_memory.py compares it)
 
     def state_dict(self) -> dict:
         return {**self.rollout.state_dict(), "learner": self.learner.state_dict(),
@@ -79,6 +89,8 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     model_dir = ckpt["model_dir"] if ckpt else base_dir
 
     device = rt.device
+    if device.type == "cpu":
+        return_freed_memory_to_the_os()  # before the weights: their big blocks get their own mappings too
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
     if tokenizer.eos_token_id is None:
@@ -87,11 +99,10 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     if cfg.algorithm.kl_beta > 0:  # the reference is the run's starting policy, also after a resume
         ref_model, _ = load_model(base_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
-    # The engine samples from its own copy: the learner's weights may be sharded (FSDP2) or mid-update, and
-    # the copy makes every step exercise (and verify) the weight sync.
-    engine = _make_engine(cfg, model, model_dir, device)
-    learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
-                      max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
+    # One copy of the weights where one suffices: a native engine in the learner's dtype on its device reads the
+    # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
+    shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
+    engine = _make_engine(cfg, model, model_dir, device, share=shares)
     from erpo_fast.tasks.builtin import reward_name as builtin_reward
 
     reward_name = cfg.data.reward
@@ -100,7 +111,17 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s, name=reward_name)
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
-    session = Session(cfg, rt, base_dir, tokenizer, learner, rollout)
+    # The plan runs before the learner allocates anything (it may turn model.gradient_checkpointing on, logged);
+    # on CPU its runtime term is what the process holds now (libraries, data, the tracker's JIT) besides weights.
+    engine_copy = None if shares or cfg.rollout.engine != "native" else engine.model
+    plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
+               runtime_bytes=_runtime_rss(model, ref_model, engine_copy) if device.type == "cpu" else None,
+               shares_weights=shares, distributed_world=rt.world_size)
+    if rt.is_main:
+        log.info("%s", plan.table())
+    learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
+                      max_len=cfg.rollout.max_new_tokens, ref_model=ref_model)
+    session = Session(cfg, rt, base_dir, tokenizer, learner, rollout, memory_plan=plan)
     if ckpt is not None:
         if ckpt["shards_dir"] is None:
             raise CheckpointError(f"{resume_from} has no sharded optimizer state ({SHARDS_DIRNAME}/); it was written "
@@ -144,7 +165,20 @@ def _base_model_dir(cfg: Config, rt: Runtime) -> Path:
     return path
 
 
-def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
+def _runtime_rss(*models) -> int:
+    """What this process holds besides the models' weights (interpreter, torch, transformers, tokenizer, data):
+    measured now, once transformers is imported and the model loaded, minus the weights."""
+    weights = sum(p.numel() * p.element_size() for m in models if m is not None for p in m.parameters())
+    return max(0, current_rss() - weights)
+
+
+def _fused_backend(model) -> bool:
+    from erpo_fast.rollout.native import FUSED_MODEL_TYPES
+
+    return getattr(model.config, "model_type", "") in FUSED_MODEL_TYPES
+
+
+def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False):
     if cfg.rollout.engine == "vllm":
         from erpo_fast.rollout import vllm_available
 
@@ -159,5 +193,8 @@ def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device):
                            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                            cpu_threads=cfg.trainer.threads or None,
                            dtype=resolve_dtype(cfg.model.dtype, device))
-    engine_model = copy.deepcopy(model)
-    return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device))
+    # Otherwise the engine samples from its own copy (bf16 engine and fp32 master weights, FSDP2 shards, or
+    # rollout.share_weights off), and every step exercises the weight sync.
+    engine_model = model if share else copy.deepcopy(model)
+    return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
+                       **({"backend": "fused"} if share else {}))

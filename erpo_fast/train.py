@@ -32,7 +32,7 @@ from erpo_fast.session import Session, build_session
 
 log = logging.getLogger("erpo_fast")
 
-USAGE = "usage: python -m erpo_fast.train [--preset NAME] [--config FILE.yaml] [--section.knob VALUE ...]"
+USAGE = "usage: python -m erpo_fast.train [--plan] [--preset NAME] [--config FILE.yaml] [--section.knob VALUE ...]"
 
 
 def train(cfg: Config) -> dict:
@@ -185,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n\n" + help_text(argv))  # the values this command line would really use
         return 0
+    if "--plan" in argv:  # the memory plan for this command line, without loading weights (memory_plan.py)
+        from erpo_fast.memory_plan import main as plan_main
+
+        return plan_main(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = config_from_cli(argv, saved_config=saved_run_config)  # --resume: the run's own config

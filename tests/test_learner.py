@@ -170,6 +170,37 @@ def test_load_model_round_trip_and_errors(tokenizer, tmp_path):
     assert issubclass(ModelLoadError, ValueError)
 
 
+def _file_mappings(path) -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == str(path):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                out.append((start, end))
+    return out
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_load_model_owns_its_memory(tokenizer, tmp_path):
+    """No loaded parameter may stay a view of the memory-mapped checkpoint (its pages would count twice)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").resolve()
+
+    def inside(model, mappings):
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in mappings)]
+
+    # Control: transformers' own load does leave parameters inside the file mapping (so the check is live).
+    raw = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert inside(raw, _file_mappings(weights))
+    del raw
+    model, _ = load_model(tmp_path, dtype="float32", device="cpu")
+    assert not inside(model, _file_mappings(weights))
+
+
 def test_resolve_defaults_on_cpu():
     assert resolve_attn_implementation("auto", "cpu") == "sdpa"
     assert resolve_attn_implementation("eager", "cpu") == "eager"
@@ -349,6 +380,53 @@ def test_micro_batch_accumulation_equals_full_batch(tokenizer, loss_agg):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-8)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_token_budget_micro_batches_give_the_full_batch_gradient(tokenizer, loss_agg):
+    seqs = make_sequences(8, seed=6)
+    seqs[4:8] = [RolloutSequence(seqs[3].prompt_ids, s.response_ids, s.rollout_logprobs, s.temperature, s.advantage,
+                                 s.seq_key) for s in seqs[4:8]]  # a group sharing a prompt, split by the budget
+    grads, losses, counts = [], [], []
+    for tokens in (0, 9, 14):
+        learner = make_learner(tiny_model(tokenizer), AlgorithmConfig(loss_agg=loss_agg),
+                               TrainerConfig(micro_batch_size=8, micro_batch_tokens=tokens))
+        counts.append(len(learner._micro_batches(seqs)))
+        losses.append(learner.loss_and_grads(seqs)["loss"])
+        grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters()})
+    assert counts[0] == 1 and counts[1] > counts[2] > 1  # the budgets really split the batch
+    for k in (1, 2):
+        assert losses[k] == pytest.approx(losses[0], rel=1e-6, abs=1e-8)
+        for name in grads[0]:
+            torch.testing.assert_close(grads[k][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_adamw_implementations_take_the_same_step(tokenizer, impl):
+    seqs = make_sequences(6, seed=7)
+    models = []
+    for which in ("loop", impl):
+        learner = make_learner(tiny_model(tokenizer), trainer=TrainerConfig(lr=1e-2, optimizer_impl=which,
+                                                                            weight_decay=0.1))
+        d = learner.optimizer.defaults
+        assert (bool(d["fused"]), bool(d["foreach"])) == {"loop": (False, False), "fused": (True, False),
+                                                          "foreach": (False, True)}[which]
+        learner.train_on(seqs)
+        learner.train_on(seqs)
+        models.append(learner.model)
+    moved = 0
+    before = tiny_model(tokenizer).state_dict()
+    # atol 1e-5 against steps of lr = 1e-2: the key-projection bias's gradient is zero up to rounding (softmax ignores a
+    # per-query constant), and Adam scales that rounding up to ~lr, so the two kernels' last-bit differences show there
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+        moved += int(not torch.equal(a.detach(), before[name]))
+    assert moved > 0
+
+
+def test_adamw_auto_is_fused_on_cpu(tokenizer):
+    learner = make_learner(tiny_model(tokenizer))
+    assert learner.optimizer.defaults["fused"] is True
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):

@@ -130,6 +130,31 @@ def test_packed_forward_builds_no_mask(monkeypatch):
             model.model(input_ids=torch.cat(seqs)[None], position_ids=packed_inputs(seqs)[1], use_cache=False)
 
 
+def test_llama_packed_forward_equals_each_sequence_alone_and_builds_no_mask(monkeypatch):
+    """Llama's decoder (SmolLM2) takes no per-layer-type mask mapping; packing must work there too."""
+    import transformers.masking_utils as mu
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, use_cache=False)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10)
+        reference = LlamaForCausalLM(config).double()
+    packed = copy.deepcopy(reference)
+    assert enable_packed_attention(packed)
+    seqs = random_sequences([9, 30, 4, 30, 17], seed=11)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a mask was built")
+
+    monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, PACKED_SDPA, forbidden)
+    with torch.no_grad():
+        alone = torch.cat([reference.model(input_ids=s[None], use_cache=False).last_hidden_state[0] for s in seqs])
+        hidden = packed_hidden_state(packed.model, *packed_inputs(seqs))[0]
+    torch.testing.assert_close(hidden, alone, rtol=1e-12, atol=1e-12)
+
+
 def test_without_a_layout_the_model_is_plain_sdpa_masks_included():
     reference = qwen2(seed=8)
     packed = copy.deepcopy(reference)

@@ -174,8 +174,11 @@ def test_stale_engine_fails_the_weight_sync_check(tmp_path, capsys, monkeypatch)
     from erpo_fast.rollout_step import Rollout
 
     monkeypatch.setattr(Rollout, "load_weights", lambda self, named_weights: None)
+    # A separate engine copy (a shared one sees every update without a sync; tests/test_shared_weights.py breaks
+    # that one its own way).
     code = _run(tmp_path, "--max-steps", "2", "--trainer.lr", "3e-2", "--model.warm_start_steps", "200",
-                "--model.warm_start_batch_size", "32", "--trainer.prompts_per_step", "16")
+                "--model.warm_start_batch_size", "32", "--trainer.prompts_per_step", "16",
+                "--rollout.share_weights", "false")
     err = capsys.readouterr().err
     assert code == 1
     assert "weight sync check at step 1" in err and "not sampling from the synced weights" in err

@@ -96,7 +96,9 @@ class RaggedKVCache:
 def _fuse_linears(linears: Sequence[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     """Concatenate the linears' weights (and biases) along the output dim and re-bind each parameter as a
     view of the fused buffer, so that one matmul computes all of them and the weights exist once."""
-    with torch.no_grad():
+    # Never an inference tensor (a re-fuse may run inside generate's inference_mode): when the engine shares the
+    # learner's parameters, they become views of this buffer and autograd must be able to save them.
+    with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat([m.weight.detach() for m in linears], dim=0)
         biases = [m.bias for m in linears]
         bias = None
@@ -568,7 +570,9 @@ class NativeEngine:
         return dict(self.model.named_parameters(remove_duplicate=False))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy tensors into the model's parameters by name; returns how many were copied.
+        """Copy tensors into the model's parameters by name; returns how many were copied (or already there).
+
+        A tensor that IS the parameter's memory (an engine sharing the learner's parameters) is not copied.
 
         Names are the model's own (``model.named_parameters()``), either name of a tied weight works, and
         ``_orig_mod.``/``module.`` wrapper prefixes are ignored. An unknown name or a shape mismatch raises
@@ -583,7 +587,8 @@ class NativeEngine:
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the model's is {tuple(param.shape)}")
-                param.copy_(tensor)  # in place, so fused views and tied aliases see it
+                if not _same_memory(param, tensor):  # the learner's own parameter (shared weights): nothing to copy
+                    param.copy_(tensor)  # in place, so fused views and tied aliases see it
                 count += 1
         return count
 
@@ -619,6 +624,12 @@ def _groups(out_tokens: torch.Tensor, out_logprobs: torch.Tensor, gen_len: torch
                                 finish_reason="stop" if stop_flags[r] else "length", prompt_index=first_index + i))
         results.append(group)
     return results
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements in memory (one is a detached alias of the other)."""
+    return (a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
 
 
 class _RowSampling:

@@ -1,0 +1,406 @@
+"""The memory plan: what one training run holds, predicted from the model's config and the run's knobs.
+
+At start-up the trainer prints it as one short table; ``python -m erpo_fast.train --plan ...`` prints it and exits
+(a config-only model folder is enough: no weights are loaded, the parameter count comes from instantiating the
+architecture on the meta device). Terms, in bytes:
+
+- **weights / gradients / optimizer**: fp32 master weights, fp32 gradients, AdamW's two fp32 moments.
+- **activations**: what autograd saves for one micro-batch (counted from the saved tensors of transformers'
+  Llama-family decoder under our packed attention, see ``_saved_per_token``), plus the backward's transients.
+  Packed tokens come from simulating :func:`erpo_fast.batch.micro_batches` on full-length sequences.
+- **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``ROW_CHUNK_BYTES``) and, with a tied
+  embedding, its ``[V, H]`` weight gradient, which autograd holds through the backward until the embedding's
+  share joins it.
+- **engine weights**: 0 when the native engine reads the learner's parameters (same dtype and device), else one
+  more copy in the engine's dtype; vLLM: inside its ``gpu_memory_utilization`` share.
+- **KV cache**: the native engine's static cache, every row at the longest prompt plus ``max_new_tokens``.
+
+The peak is the resident part plus the larger of the two phases: rollout (engine KV cache and decode workspace)
+and learning (gradients, activations, loss workspace). Where the peak exceeds the memory available the plan says
+which knob fixes it, and turns activation checkpointing on itself when that alone suffices (:func:`fit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from erpo_fast.batch import RolloutSequence, micro_batches, packed_length
+from erpo_fast.config import Config, ConfigError
+
+log = logging.getLogger("erpo_fast")
+
+GB = 1e9
+# Resident before the model exists (interpreter, torch, transformers, tokenizer; CUDA: the context). Used when the
+# plan cannot measure the running process (CUDA, or a plan for another device).
+RUNTIME_BYTES = {"cpu": int(0.55 * GB), "cuda": int(0.6 * GB)}
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about the architecture (from a Hugging Face config; no weights)."""
+
+    params: int  # unique parameters (a tied embedding counts once)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False  # input and output embeddings share one weight
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # exact parameter count of any architecture, no memory
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(params=params, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
+                   kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   intermediate=config.intermediate_size, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted bytes per term (see the module docstring); ``notes`` say what was assumed or decided."""
+
+    device: str
+    compute_dtype: torch.dtype
+    engine: str
+    shares_weights: bool
+    checkpointing: bool
+    micro_batch_tokens: int  # packed tokens of the largest micro-batch
+    terms: dict[str, int]
+    phases: dict[str, int]
+    budget: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.peak <= self.budget
+
+    def table(self) -> str:
+        dtype = str(self.compute_dtype).removeprefix("torch.")
+        lines = [f"memory plan ({self.device}, compute {dtype}, engine {self.engine}"
+                 f"{', one shared copy of the weights' if self.shares_weights else ''}"
+                 f"{', activation checkpointing' if self.checkpointing else ''}):"]
+        for name, value in self.terms.items():
+            lines.append(f"  {name:<50}{value / GB:9.2f} GB")
+        for name, value in self.phases.items():
+            lines.append(f"  {'peak, ' + name + ' phase':<50}{value / GB:9.2f} GB")
+        verdict = ""
+        if self.budget is not None:
+            verdict = f" of {self.budget / GB:.2f} GB available: " + ("fits" if self.fits else "DOES NOT FIT")
+        lines.append(f"  {'predicted peak':<50}{self.peak / GB:9.2f} GB{verdict}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int) -> tuple[float, float]:
+    """(bytes per packed token, bytes per attention token) saved by one decoder layer for backward.
+
+    Counted from autograd's saved tensors of transformers' Llama-family layer (tests/test_memory_plan.py checks
+    the count against the real saved tensors): each RMSNorm keeps its input, the normalised value and its output
+    (the next linear's input) in fp32 (``res_bytes``), the o_proj input (``act_bytes``), the MLP gate, up,
+    activation and product (4 x intermediate); packed attention keeps the gathered q, k, v blocks and the sdpa
+    output, padded per block (attention tokens: prompt + response per sequence, since shared prompts are
+    re-gathered for each sample), and a log-sum-exp per head.
+    """
+    h, i = shape.hidden, shape.intermediate
+    dense = 6 * h * res_bytes + h * act_bytes + 4 * i * act_bytes
+    attention = (2 * h + 2 * shape.kv_width) * act_bytes + shape.heads * 4
+    return dense, attention
+
+
+def saved_activation_bytes(shape: ModelShape, *, packed: int, attention_tokens: int, trained: int, act_bytes: int,
+                           checkpointing: bool) -> int:
+    """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``attention_tokens``
+    (sum of prompt + response over its sequences), ``trained`` response tokens. With checkpointing each layer keeps
+    only its input (fp32 residual stream)."""
+    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4)
+    final = packed * 2 * shape.hidden * 4 + trained * shape.hidden * act_bytes  # final norm; the loss's hidden rows
+    if checkpointing:
+        return int(packed * shape.hidden * 4 * shape.layers + final)
+    return int((packed * dense + attention_tokens * attention) * shape.layers + final)
+
+
+def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool) -> tuple[int, int, int]:
+    """(packed tokens, attention tokens, trained tokens) of the largest micro-batch of a full-length step."""
+    n, new = cfg.rollout.n, cfg.rollout.max_new_tokens
+    seqs = []
+    for p in range(cfg.trainer.prompts_per_step):  # every response full length: the worst case
+        prompt = [p] * prompt_tokens
+        seqs += [RolloutSequence(prompt, [0] * new, [], 1.0, 0.0, p * n + j) for j in range(n)]
+    best = (0, 0, 0)
+    for idx in micro_batches(seqs, max_sequences=cfg.trainer.micro_batch_size,
+                             max_tokens=cfg.trainer.micro_batch_tokens, share_prompts=share_prompts):
+        chunk = [seqs[i] for i in idx]
+        packed = packed_length(chunk, share_prompts=share_prompts)
+        best = max(best, (packed, len(chunk) * (prompt_tokens + new), len(chunk) * new))
+    return best
+
+
+def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_tokens: int | None = None,
+                runtime_bytes: int | None = None, budget: int | None = None, shares_weights: bool | None = None,
+                checkpointing: bool | None = None, distributed_world: int = 1) -> MemoryPlan:
+    """The plan for ``cfg`` on ``device``. ``prompt_tokens``: the longest prompt (default
+    ``data.max_prompt_length``); ``runtime_bytes``: what the process holds before the model (default a constant
+    per device type); ``budget``: the memory to fit in (None: no verdict)."""
+    from erpo_fast.kernels.fused_linear.chunked import ROW_CHUNK_BYTES
+    from erpo_fast.models import resolve_dtype
+
+    compute = resolve_dtype(cfg.model.dtype, device)
+    engine_dtype = compute
+    act_bytes = torch.empty((), dtype=compute).element_size()
+    ckpt = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
+    prompt_tokens = cfg.data.max_prompt_length if prompt_tokens is None else prompt_tokens
+    new = cfg.rollout.max_new_tokens
+    native = cfg.rollout.engine == "native"
+    if shares_weights is None:
+        shares_weights = native_shares_weights(cfg, device, distributed_world)
+    notes = []
+    p = shape.params
+    shard = max(1, distributed_world)  # FSDP2 shards weights, gradients and optimizer state
+    terms = {"weights (fp32 master)": 4 * p // shard, "gradients (fp32)": 4 * p // shard,
+             "optimizer state (AdamW, fp32)": 8 * p // shard}
+    if cfg.algorithm.kl_beta > 0:
+        terms["reference model (fp32, for the KL term)"] = 4 * p // shard
+
+    # Activations: packed attention (sdpa) shares a group's prompt; other attention runs every sequence whole.
+    share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
+        cfg.model.attn_implementation == "auto" and device.type == "cuda")
+    packed, attn_tokens, trained = _largest_micro_batch(cfg, prompt_tokens, share)
+    saved = saved_activation_bytes(shape, packed=packed, attention_tokens=attn_tokens, trained=trained,
+                                   act_bytes=act_bytes, checkpointing=ckpt)
+    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4)
+    recompute = (packed * dense + attn_tokens * attention) if ckpt else 0  # backward re-runs one layer at a time
+    backward = packed * (3 * shape.intermediate + 2 * shape.hidden) * act_bytes  # one layer's gradient transients
+    activations = saved + recompute + backward
+    terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
+    rows = max(1, ROW_CHUNK_BYTES // (shape.vocab * act_bytes))
+    workspace = min(trained, rows) * shape.vocab * act_bytes * 2
+    if shape.tied:  # the loss's [V, H] weight gradient waits through the backward for the embedding's share
+        workspace += shape.vocab * shape.hidden * 4
+    terms["loss workspace (logits chunk, LM-head gradient)"] = workspace
+
+    rows_total = cfg.trainer.prompts_per_step * cfg.rollout.n // shard
+    if native:
+        engine_weights = 0 if shares_weights else p * torch.empty((), dtype=engine_dtype).element_size()
+        if not shares_weights:
+            if not cfg.rollout.share_weights:
+                why = "rollout.share_weights is off"
+            elif engine_dtype != torch.float32:
+                why = f"it runs {str(engine_dtype).removeprefix('torch.')}, the learner fp32 master weights"
+            elif distributed_world > 1:
+                why = "the learner is sharded (FSDP2)"
+            else:
+                why = "this model type has no fused engine backend (the hf backend runs the learner's modules)"
+            notes.append(f"the native engine keeps its own copy of the weights: {why}")
+        kv = 2 * shape.layers * rows_total * shape.kv_width * (prompt_tokens + new) * act_bytes
+        terms["engine weights"] = engine_weights
+        terms[f"engine KV cache ({rows_total} rows x {prompt_tokens + new} tokens)"] = kv
+        # Decode: [rows, V] logits and the sampler's row-wise temporaries; prefill: one prompt's MLP activations.
+        workspace = 3 * rows_total * shape.vocab * 4 + cfg.trainer.prompts_per_step * prompt_tokens * (
+            2 * shape.intermediate + 4 * shape.hidden) * act_bytes
+        terms["engine decode workspace"] = workspace
+        rollout_transient = kv + workspace
+    else:
+        share_bytes = 0
+        if budget is not None:
+            share_bytes = int(cfg.rollout.gpu_memory_utilization * budget)
+        terms["vLLM share (weights + KV, asleep while learning)"] = share_bytes
+        engine_weights, rollout_transient = 0, share_bytes
+        notes.append("vLLM keeps its own bf16 copy of the weights inside its gpu_memory_utilization share")
+
+    runtime = RUNTIME_BYTES.get(device.type, RUNTIME_BYTES["cpu"]) if runtime_bytes is None else runtime_bytes
+    terms = {"runtime (torch, libraries)": runtime, **terms}
+    resident = (runtime + terms["weights (fp32 master)"] + terms["optimizer state (AdamW, fp32)"] + engine_weights
+                + terms.get("reference model (fp32, for the KL term)", 0))
+    learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk, LM-head gradient)"]
+    phases = {"rollout": resident + rollout_transient, "learning": resident + learn}
+    return MemoryPlan(device=str(device), compute_dtype=compute, engine=cfg.rollout.engine,
+                      shares_weights=native and shares_weights, checkpointing=ckpt, micro_batch_tokens=packed,
+                      terms=terms, phases=phases, budget=budget, notes=notes)
+
+
+def native_shares_weights(cfg: Config, device: torch.device, world: int = 1) -> bool:
+    """Whether the native engine can read the learner's parameters: same dtype (fp32 master) and device, not
+    sharded, and the fused backend (its decode loop never runs the learner's modules, whose mode and attention
+    implementation the learner sets)."""
+    from erpo_fast.models import resolve_dtype
+
+    return (cfg.rollout.engine == "native" and cfg.rollout.share_weights and world == 1
+            and resolve_dtype(cfg.model.dtype, device) == torch.float32)
+
+
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory_to_the_os() -> bool:
+    """glibc: serve allocations of ``MMAP_THRESHOLD`` bytes or more with their own mapping, unmapped on free.
+
+    By default glibc raises that threshold each time such a block is freed (up to 32 MB), after which a micro-
+    batch's activations come from the heap and stay resident once freed: measured at SmolLM2-135M's shape, the
+    RSS after a learner step stayed 0.7 GB above the live tensors and the peak grew 0.5 GB over the plan. A fixed
+    threshold disables that adjustment, so the resident peak is the live peak the plan predicts. Returns whether
+    it applied (glibc only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def device_budget(cfg: Config, device: torch.device) -> int | None:
+    """``trainer.memory_budget_gb``, else the device's memory: CUDA total, CPU available (None if unknown)."""
+    if cfg.trainer.memory_budget_gb > 0:
+        return int(cfg.trainer.memory_budget_gb * GB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 + current_rss()
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def fit(cfg: Config, shape: ModelShape, *, device: torch.device, budget: int | None, **kwargs) -> MemoryPlan:
+    """The plan, after turning activation checkpointing on when the plan needs it and that suffices (logged).
+
+    Raises ConfigError naming the knobs that would fix a predicted out-of-memory on CUDA; on CPU (where the OS
+    can swap or other processes free memory) a predicted overflow is a warning.
+    """
+    plan = plan_memory(cfg, shape, device=device, budget=budget, **kwargs)
+    if plan.fits is not False:
+        return plan
+    if not plan.checkpointing:
+        with_ckpt = plan_memory(cfg, shape, device=device, budget=budget, checkpointing=True, **kwargs)
+        if with_ckpt.fits:
+            cfg.model.gradient_checkpointing = True
+            log.info("memory plan: %.2f GB predicted without activation checkpointing, %.2f GB available; "
+                     "turned model.gradient_checkpointing on (%.2f GB predicted)", plan.peak / GB, budget / GB,
+                     with_ckpt.peak / GB)
+            with_ckpt.notes.append("activation checkpointing turned on by the plan")
+            return with_ckpt
+        plan = with_ckpt
+    advice = _advice(cfg, plan, shape, device, budget, **kwargs)
+    message = (f"the memory plan predicts a peak of {plan.peak / GB:.2f} GB, more than the {budget / GB:.2f} GB "
+               f"available on {device}; {advice}")
+    if device.type == "cuda":
+        raise ConfigError(message)
+    log.warning(message)
+    return plan
+
+
+def _advice(cfg: Config, plan: MemoryPlan, shape: ModelShape, device: torch.device, budget: int, **kwargs) -> str:
+    """The knob changes that would make the plan fit, in the order worth trying."""
+    import copy
+
+    fixes = []
+    for tokens in (4096, 2048, 1024, 512, 256):
+        trial = copy.deepcopy(cfg)
+        trial.trainer.micro_batch_tokens = tokens
+        if plan_memory(trial, shape, device=device, budget=budget, checkpointing=True, **kwargs).fits:
+            fixes.append(f"--model.gradient_checkpointing true --trainer.micro_batch_tokens {tokens}")
+            break
+    if cfg.rollout.engine == "vllm":
+        for share in (0.3, 0.25, 0.2, 0.15, 0.1):
+            trial = copy.deepcopy(cfg)
+            trial.rollout.gpu_memory_utilization = share
+            trial.trainer.micro_batch_tokens = 1024
+            if share < cfg.rollout.gpu_memory_utilization and plan_memory(
+                    trial, shape, device=device, budget=budget, checkpointing=True, **kwargs).fits:
+                fixes.append(f"--rollout.gpu_memory_utilization {share} with checkpointing and 1024 tokens")
+                break
+    if not fixes:
+        static = (plan.terms["weights (fp32 master)"] + plan.terms["gradients (fp32)"]
+                  + plan.terms["optimizer state (AdamW, fp32)"])
+        return (f"no single-device knob fixes it: fp32 weights, gradients and AdamW state alone take "
+                f"{static / GB:.1f} GB; shard the learner over more devices (torchrun, FSDP2) or pick a smaller "
+                "model")
+    return "try " + "; or ".join(fixes)
+
+
+def shape_of(cfg: Config) -> ModelShape:
+    """The model's shape from ``model.path``'s config.json (weights and tokenizer not needed), or the built-in
+    model's from the ``model.tiny_*`` knobs."""
+    from transformers import AutoConfig, Qwen2Config
+
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--plan: {path} has no config.json")
+        try:
+            return ModelShape.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--plan: cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
+    from erpo_fast.tokenizer import build_char_tokenizer
+
+    m = cfg.model
+    return ModelShape.from_config(Qwen2Config(
+        vocab_size=len(build_char_tokenizer()), hidden_size=m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
+        num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_kv_heads,
+        intermediate_size=m.tiny_intermediate_size, tie_word_embeddings=True))
+
+
+def main(argv: list[str]) -> int:
+    """``python -m erpo_fast.train --plan ...``: print the plan for that command line and exit (0: it fits or no
+    budget is known, 1: it does not fit, 2: usage error). No weights are loaded and no device is needed."""
+    from erpo_fast.config import config_from_cli
+    from erpo_fast.models import resolve_device
+
+    try:
+        cfg = config_from_cli([a for a in argv if a != "--plan"])
+        device = resolve_device(cfg.trainer.device)
+        budget = int(cfg.trainer.memory_budget_gb * GB) if cfg.trainer.memory_budget_gb > 0 else (
+            device_budget(cfg, device) if device.type == "cpu" or torch.cuda.is_available() else None)
+        shape = shape_of(cfg)
+        plan = plan_memory(cfg, shape, device=device, budget=budget,
+                           runtime_bytes=current_rss() if device.type == "cpu" else None)
+        if plan.fits is False and not plan.checkpointing:
+            with_ckpt = plan_memory(cfg, shape, device=device, budget=budget, checkpointing=True,
+                                    runtime_bytes=current_rss() if device.type == "cpu" else None)
+            if with_ckpt.fits:
+                with_ckpt.notes.append("activation checkpointing would be turned on by the plan")
+                plan = with_ckpt
+    except ConfigError as e:
+        print(f"erpo_fast.train: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model: {shape.params / 1e6:.1f}M parameters, {shape.layers} layers, hidden {shape.hidden}, "
+          f"vocabulary {shape.vocab}")
+    print(plan.table())
+    if plan.fits is False:
+        print(f"does not fit: {_advice(cfg, plan, shape, device, budget)}")
+        return 1
+    return 0

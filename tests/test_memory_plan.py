@@ -1,0 +1,185 @@
+"""The memory plan against independent counts: parameters from the model itself and from Qwen2's closed form,
+activation bytes from autograd's real saved tensors, the KV cache from the engine's own cache object, and the
+``--plan`` command line on a config-only model folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from erpo_fast.batch import RolloutSequence, micro_batches, pack_sequences, packed_length
+from erpo_fast.config import AlgorithmConfig, Config, ConfigError, ModelConfig, TrainerConfig, build_config
+from erpo_fast.learner import Learner
+from erpo_fast.memory_plan import GB, ModelShape, fit, plan_memory, saved_activation_bytes
+from erpo_fast.rollout.native import RaggedKVCache
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=160, max_position_embeddings=512)
+
+
+def qwen2(tied=True, **over):
+    config = Qwen2Config(**{**SHAPE, **over}, tie_word_embeddings=tied)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_matches_the_model_and_the_closed_form(tied):
+    model = qwen2(tied)
+    shape = ModelShape.from_config(model.config)
+    assert shape.params * 4 == sum(p.numel() * p.element_size() for p in model.parameters())
+    h, i, v, layers, kv = 64, 160, 300, 2, 2 * 16
+    per_layer = h * h + 2 * h * kv + (h + 2 * kv) + h * h + 3 * h * i + 2 * h  # q,k,v (+bias), o, mlp, 2 norms
+    assert shape.params == v * h * (1 if tied else 2) + layers * per_layer + h
+
+
+def _saved_bytes(learner, batch, params):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden, _ = learner._hidden(learner._policy, batch)
+        hidden.sum()  # the loss kernel saves the trained rows' hidden states
+    return sum(storages.values()), hidden
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_saved_activations_match_autograds_saved_tensors(ckpt):
+    model = qwen2()
+    learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=1000),
+                      ModelConfig(gradient_checkpointing=ckpt), device="cpu", max_len=64)
+    g = torch.Generator().manual_seed(0)
+    seqs = [RolloutSequence(list(range(5, 45)) if i < 4 else list(range(7, 37)),
+                            torch.randint(3, 300, (50,), generator=g).tolist(), [], 1.0, 1.0, i) for i in range(8)]
+    batch = pack_sequences(seqs, share_prompts=True)
+    params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
+    measured, hidden = _saved_bytes(learner, batch, params)
+    measured += hidden.numel() * 4  # the [N, H] rows the fused loss saves
+    shape = ModelShape.from_config(model.config)
+    packed = batch.input_ids.shape[1]
+    attention = sum(s[1] + s[3] for s in batch.segments)
+    predicted = saved_activation_bytes(shape, packed=packed, attention_tokens=attention, trained=batch.num_tokens,
+                                       act_bytes=4, checkpointing=ckpt)
+    assert predicted == pytest.approx(measured, rel=0.05)
+
+
+def _seqs(groups, n, prompt, response):
+    return [RolloutSequence([g + 3] * prompt, [1] * response, [], 1.0, 0.0, g * n + j)
+            for g in range(groups) for j in range(n)]
+
+
+def test_micro_batches_respect_both_bounds_and_cover_every_sequence():
+    seqs = _seqs(4, 8, 20, 10) + [RolloutSequence([9] * 300, [1] * 5, [], 1.0, 0.0, 999)]
+    for share in (False, True):
+        parts = micro_batches(seqs, max_sequences=6, max_tokens=100, share_prompts=share)
+        assert [i for p in parts for i in p] == list(range(len(seqs)))  # contiguous, in order, all
+        for p in parts:
+            chunk = [seqs[i] for i in p]
+            assert len(p) <= 6
+            assert packed_length(chunk, share_prompts=share) <= 100 or len(p) == 1
+            assert packed_length(chunk, share_prompts=share) == pack_sequences(
+                chunk, share_prompts=share).input_ids.shape[1]
+        assert parts[-1] == [len(seqs) - 1]  # the 305-token sequence runs alone
+    # Shared prompts pack more samples per budget: 20 + 8 x 10 = 100 tokens hold a whole group.
+    assert micro_batches(_seqs(2, 8, 20, 10), max_sequences=64, max_tokens=100, share_prompts=True) == [
+        list(range(8)), list(range(8, 16))]
+    assert micro_batches(_seqs(1, 8, 20, 10), max_sequences=3, share_prompts=False) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_kv_cache_term_is_the_engines_cache():
+    model = qwen2()
+    cfg = build_config("none", overrides={"model.path": "x", "rollout.n": 4, "trainer.prompts_per_step": 3,
+                                          "rollout.max_new_tokens": 16, "data.max_prompt_length": 24})
+    shape = ModelShape.from_config(model.config)
+    plan = plan_memory(cfg, shape, device=torch.device("cpu"), runtime_bytes=0)
+    kv = next(v for k, v in plan.terms.items() if k.startswith("engine KV cache"))
+    cache = RaggedKVCache(2, 12, 2, 24 + 16, 16, torch.float32, torch.device("cpu"))
+    assert kv == sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    assert plan.terms["engine weights"] == 0 and plan.shares_weights  # fp32 engine on CPU: one copy
+    p = shape.params
+    assert plan.terms["weights (fp32 master)"] == 4 * p and plan.terms["optimizer state (AdamW, fp32)"] == 8 * p
+    cfg.rollout.share_weights = False
+    copy_plan = plan_memory(cfg, shape, device=torch.device("cpu"), runtime_bytes=0)
+    assert copy_plan.terms["engine weights"] == 4 * p and copy_plan.peak == plan.peak + 4 * p
+    assert any("own copy" in note for note in copy_plan.notes)
+    bf16 = plan_memory(cfg, shape, device=torch.device("cuda"), runtime_bytes=0)  # a plan needs no GPU
+    assert not bf16.shares_weights and bf16.terms["engine weights"] == 2 * p
+
+
+def test_token_budget_bounds_the_activations():
+    cfg = build_config("none", overrides={"model.path": "x", "rollout.max_new_tokens": 512,
+                                          "data.max_prompt_length": 128})
+    shape = ModelShape.from_config(qwen2().config)
+    by_seq = plan_memory(cfg, shape, device=torch.device("cpu"))
+    cfg.trainer.micro_batch_tokens = 1024
+    by_tokens = plan_memory(cfg, shape, device=torch.device("cpu"))
+    assert by_tokens.micro_batch_tokens <= 1024 < by_seq.micro_batch_tokens
+    act = [next(v for k, v in p.terms.items() if k.startswith("activations")) for p in (by_seq, by_tokens)]
+    assert act[1] < act[0] / 4
+
+
+def test_fit_turns_checkpointing_on_or_names_the_knobs(caplog):
+    cfg = build_config("none", overrides={"model.path": "x", "rollout.max_new_tokens": 256,
+                                          "data.max_prompt_length": 64, "trainer.micro_batch_size": 64})
+    shape = ModelShape.from_config(qwen2(hidden_size=512, intermediate_size=2048, num_hidden_layers=8).config)
+    cpu = torch.device("cpu")
+    plain = plan_memory(cfg, shape, device=cpu, runtime_bytes=0)
+    ckpt = plan_memory(cfg, shape, device=cpu, runtime_bytes=0, checkpointing=True)
+    assert ckpt.peak < plain.peak
+    budget = (plain.peak + ckpt.peak) // 2
+    with caplog.at_level(logging.INFO, logger="erpo_fast"):
+        plan = fit(cfg, shape, device=cpu, budget=budget, runtime_bytes=0)
+    assert cfg.model.gradient_checkpointing and plan.checkpointing and plan.fits
+    assert "turned model.gradient_checkpointing on" in caplog.text
+    cfg.model.gradient_checkpointing = False
+    with pytest.raises(ConfigError, match="micro_batch_tokens") as e:  # CUDA: a usage error naming the knob
+        fit(cfg, shape, device=torch.device("cuda"), budget=int(ckpt.peak * 0.6), runtime_bytes=0)
+    assert "\n" not in str(e.value)
+
+
+def _config_only(tmp_path) -> Path:
+    d = tmp_path / "config-only"
+    Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True).save_pretrained(d)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
+    return d
+
+
+def _plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "erpo_fast.train", "--plan", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_on_a_config_only_model(tmp_path):
+    d = _config_only(tmp_path)
+    out = _plan_cli("--model", str(d), "--data", "none.jsonl", "--trainer.device", "cuda", "--rollout", "vllm",
+                    "--trainer.memory_budget_gb", "80", "--trainer.micro_batch_tokens", "2048")
+    assert out.returncode == 0, out.stderr
+    assert "494.0M parameters" in out.stdout and "fits" in out.stdout and "compute bfloat16" in out.stdout
+    small = _plan_cli("--model", str(d), "--data", "none.jsonl", "--trainer.device", "cuda",
+                      "--trainer.memory_budget_gb", "4")
+    assert small.returncode == 1 and "does not fit" in small.stdout
+    bad = _plan_cli("--model", str(tmp_path / "nowhere"), "--data", "none.jsonl")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "config.json" in bad.stderr
+    assert json.loads((d / "config.json").read_text())["hidden_size"] == 896  # untouched, never loaded as weights
+
+
+def test_config_defaults_keep_the_old_behaviour():
+    t = Config().trainer
+    assert t.micro_batch_tokens == 0 and t.optimizer_impl == "auto" and t.memory_budget_gb == 0
+    assert GB == 1e9
