@@ -154,11 +154,11 @@ def _checkpoint_models(out_dir: Path) -> list[tuple[int, Path]]:
 def evaluate_model(model_dir: Path, cfg) -> dict:
     """mean@k / pass@k (k = 4, 16) of a saved model on the built-in task's held-out split, with the shared seed."""
     from erpo_fast.data import problem_records
+    from erpo_fast.engines import make_engine
     from erpo_fast.evaluate import evaluate
     from erpo_fast.models import load_model
     from erpo_fast.rewards import get_reward_fn
     from erpo_fast.rewards.pool import RewardPool
-    from erpo_fast.rollout import make_engine
     from erpo_fast.tasks import builtin
 
     heldout = problem_records(builtin.splits(cfg.data)[1])

@@ -43,8 +43,9 @@ def run_colocated(proof) -> dict:
     from bench.gpu_proof import goal
     from erpo_fast.batch import RolloutSequence
     from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from erpo_fast.engines.base import verify_sync
+    from erpo_fast.engines.vllm_engine import VLLMEngine, WeightSyncError, teacher_forced_logprobs
     from erpo_fast.learner import Learner
-    from erpo_fast.rollout.vllm_engine import VLLMEngine, WeightSyncError, teacher_forced_logprobs
 
     if proof.cuda:
         os.environ.setdefault("VLLM_ATTENTION_BACKEND", "FLASH_ATTN")
@@ -103,7 +104,7 @@ def run_colocated(proof) -> dict:
             probe = batch[0][:48]
             reference = teacher_forced_logprobs(learner.model, probe)
             try:
-                stats = engine.verify_sync(probe, reference, atol=0.05 if proof.cuda else 1e-3)
+                stats = verify_sync(engine.prompt_logprobs(probe), reference, atol=0.05 if proof.cuda else 1e-3)
             except WeightSyncError as exc:
                 stats = {"error": str(exc)[:300], "max_abs_diff": float("inf")}
             data["verify_sync"] = stats

@@ -1,7 +1,7 @@
 """The rollout/learner contract: what the rollout side hands the learner, and how it is packed for the model.
 
 :class:`RolloutSequence` is one sampled response with its loss inputs; :class:`StepBatch` is one step's sequences
-and rollout metrics (`erpo_fast.rollout_step.Rollout.collect` builds it, `erpo_fast.learner.Learner.train_on`
+and rollout metrics (`erpo_fast.rollout.Rollout.collect` builds it, `erpo_fast.learner.Learner.train_on`
 consumes it); :func:`pack_sequences` turns sequences into a :class:`PackedBatch`: one row without padding plus
 the per-token loss inputs at the trained positions.
 """
@@ -52,7 +52,7 @@ class RolloutSequence:
 
 @dataclass
 class StepBatch:
-    """What crosses from the rollout side to the learner in one step (see `erpo_fast.rollout_step.Rollout`).
+    """What crosses from the rollout side to the learner in one step (see `erpo_fast.rollout.Rollout`).
 
     ``sequences``: this rank's kept samples; ``metrics``: the rollout side's step metrics (rewards, residual
     fractions, temperatures, phase times); ``global_sequences`` / ``global_response_tokens``: the counts over

@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
 
     from erpo_fast.data import load_prompts
+    from erpo_fast.engines import make_engine
     from erpo_fast.errors import TrainingAborted, UserError
     from erpo_fast.logger import Progress
     from erpo_fast.models import load_model, resolve_dtype
     from erpo_fast.rewards import get_reward_fn
     from erpo_fast.rewards.pool import RewardPool
-    from erpo_fast.rollout import make_engine
 
     try:
         if any(k < 1 for k in args.k):

@@ -461,7 +461,7 @@ class Learner:
                     o.shape != (len(s.response_ids),) for o, s in zip(old_logprobs, sequences)):
                 raise ValueError("old_logprobs must hold one [len(response_ids)] tensor per sequence")
         self.optimizer.zero_grad(set_to_none=True)
-        return self._backward(sequences, old_logprobs)
+        return self._forward_backward(sequences, old_logprobs)
 
     def _check_batch(self, sequences: Sequence[RolloutSequence]) -> list[RolloutSequence]:
         sequences = list(sequences)
@@ -488,7 +488,7 @@ class Learner:
             out["row"] = self.compute_logprobs(sequences, temperature="row")
         return out
 
-    def _backward(self, sequences: list[RolloutSequence], old_by_seq: list[Tensor] | None) -> dict[str, float]:
+    def _forward_backward(self, sequences: list[RolloutSequence], old_by_seq: list[Tensor] | None) -> dict[str, float]:
         """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences``).
 
         Each micro-batch's loss is scaled by its share of the GLOBAL normaliser (tokens for token_mean,

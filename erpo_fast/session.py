@@ -23,6 +23,7 @@ from erpo_fast.checkpoint import (
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.data import PromptRecord, load_prompts, problem_records
 from erpo_fast.distributed import Runtime, barrier
+from erpo_fast.engines import make_engine
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
 from erpo_fast.memory_plan import (
@@ -37,8 +38,7 @@ from erpo_fast.memory_plan import (
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
 from erpo_fast.rewards.pool import RewardPool
-from erpo_fast.rollout import make_engine
-from erpo_fast.rollout_step import Rollout
+from erpo_fast.rollout import Rollout
 
 log = logging.getLogger("erpo_fast")
 
@@ -173,14 +173,14 @@ def _runtime_rss(*models) -> int:
 
 
 def _fused_backend(model) -> bool:
-    from erpo_fast.rollout.native import FUSED_MODEL_TYPES
+    from erpo_fast.engines.native import FUSED_MODEL_TYPES
 
     return getattr(model.config, "model_type", "") in FUSED_MODEL_TYPES
 
 
 def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False):
     if cfg.rollout.engine == "vllm":
-        from erpo_fast.rollout import vllm_available
+        from erpo_fast.engines import vllm_available
 
         if not vllm_available():
             raise ConfigError("--rollout vllm needs vLLM, which is not installed in this environment: pip install "

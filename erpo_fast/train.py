@@ -6,8 +6,9 @@ warm-started on the built-in digits task, then trained with ERPO on a CPU. See t
 
 One step (`train_step`): ``batch = rollout.collect(step)`` (pick prompts -> the tracker gives each its temperature
 -> roll out n samples per prompt -> score -> update the tracker, advantages (+RA), DAPO filtering; see
-`erpo_fast.rollout_step`) -> ``learner.train_on(batch)`` (fused loss; `erpo_fast.learner`) ->
-``rollout.load_weights(learner.named_weights())`` and the sync check -> log, evaluate, checkpoint.
+`erpo_fast.rollout`) -> ``learner.train_on(batch)`` (fused loss; `erpo_fast.learner`) ->
+``rollout.sync_weights(learner, step)`` (the new weights into the engine, and the sync check) -> log, evaluate,
+checkpoint.
 """
 
 from __future__ import annotations
@@ -119,9 +120,7 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
 
     _phase(logger, "sync")
     t_sync = time.perf_counter()
-    s.rollout.load_weights(s.learner.named_weights())
-    if s.cfg.rollout.sync_check_every and step % s.cfg.rollout.sync_check_every == 0:
-        s.rollout.check_sync(s.learner, step)
+    s.rollout.sync_weights(s.learner, step)  # every sync_check_every steps, also checks the engine sees them
     time_sync = time.perf_counter() - t_sync
 
     step_time = time.perf_counter() - t0

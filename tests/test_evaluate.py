@@ -98,9 +98,9 @@ def _half_credit(response, answer):
 
 def test_pass_at_k_counts_partial_credit_at_the_success_threshold():
     from erpo_fast.data import PromptRecord
+    from erpo_fast.engines.base import Sample
     from erpo_fast.evaluate import evaluate
     from erpo_fast.rewards import RewardPool
-    from erpo_fast.rollout.base import Sample
     from erpo_fast.tokenizer import build_char_tokenizer
 
     class OneTokenEngine:

@@ -18,8 +18,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from erpo_fast import algorithms
 from erpo_fast.batch import RolloutSequence
 from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from erpo_fast.engines import NativeEngine
 from erpo_fast.learner import Learner
-from erpo_fast.rollout import NativeEngine
 
 VOCAB = 96
 MAX_NEW = 6

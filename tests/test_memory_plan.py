@@ -16,9 +16,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from erpo_fast.batch import RolloutSequence, micro_batches, pack_sequences, packed_length
 from erpo_fast.config import AlgorithmConfig, Config, ConfigError, ModelConfig, TrainerConfig, build_config
+from erpo_fast.engines.native import RaggedKVCache
 from erpo_fast.learner import Learner
 from erpo_fast.memory_plan import GB, ModelShape, fit, plan_memory, saved_activation_bytes
-from erpo_fast.rollout.native import RaggedKVCache
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

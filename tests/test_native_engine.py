@@ -22,7 +22,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from erpo_fast.rollout import NativeEngine, Sample
+from erpo_fast.engines import NativeEngine, Sample
 
 VOCAB = 96
 # Large-ish init so the next-token distributions are far from uniform (the chi-square control needs it).
@@ -193,7 +193,7 @@ def test_per_prompt_seeds_one_sampler_call_per_step_and_first_token_chi_square(m
     # still be independent draws from its distribution, and the whole batch must take one sampler call a step.
     from scipy.stats import chisquare
 
-    import erpo_fast.rollout.native as native
+    import erpo_fast.engines.native as native
 
     calls = []
     real = native.sample_tokens

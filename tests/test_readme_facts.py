@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from erpo_fast import algorithms, config, evaluate, rollout
+from erpo_fast import algorithms, config, engines, evaluate
 from erpo_fast.kernels import fused_linear, sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +24,11 @@ DOCUMENTED = {
     "linear_grpo_loss": fused_linear.linear_grpo_loss,
     "sample_tokens": sampling.sample_tokens,
     "LossSpec": algorithms.LossSpec,
-    "make_engine": rollout.make_engine,
-    "engine.generate": rollout.RolloutEngine.generate,
-    "engine.update_weights": rollout.RolloutEngine.update_weights,
-    "engine.sleep": rollout.RolloutEngine.sleep,
-    "engine.wake_up": rollout.RolloutEngine.wake_up,
+    "make_engine": engines.make_engine,
+    "engine.generate": engines.RolloutEngine.generate,
+    "engine.update_weights": engines.RolloutEngine.update_weights,
+    "engine.sleep": engines.RolloutEngine.sleep,
+    "engine.wake_up": engines.RolloutEngine.wake_up,
 }
 USER_FUNCTIONS = {"my_reward"}  # examples of the user's own code
 

@@ -132,7 +132,7 @@ def test_summary_is_printed(tmp_path, capsys):
 
 def test_vllm_without_vllm_is_a_clear_error(tmp_path, capsys):
     pytest.importorskip("torch")
-    from erpo_fast.rollout import vllm_available
+    from erpo_fast.engines import vllm_available
 
     if vllm_available():
         pytest.skip("vLLM is installed here")
@@ -171,9 +171,9 @@ def test_dynamic_sampling_drops_and_refills(tmp_path):
 def test_stale_engine_fails_the_weight_sync_check(tmp_path, capsys, monkeypatch):
     # An engine that silently keeps its old weights (a bug one public trainer shipped) must stop the run at the
     # sync check, with exit 1 and a message. 16 prompts and a warmer start: the first update has signal.
-    from erpo_fast.rollout_step import Rollout
+    from erpo_fast.engines import NativeEngine
 
-    monkeypatch.setattr(Rollout, "load_weights", lambda self, named_weights: None)
+    monkeypatch.setattr(NativeEngine, "update_weights", lambda self, named_weights: None)
     # A separate engine copy (a shared one sees every update without a sync; tests/test_shared_weights.py breaks
     # that one its own way).
     code = _run(tmp_path, "--max-steps", "2", "--trainer.lr", "3e-2", "--model.warm_start_steps", "200",

@@ -58,7 +58,7 @@ def _env():
 
 
 def test_engine_default_batch_matches_each_prompt_alone(files):
-    from erpo_fast.rollout.vllm_engine import VLLMEngine
+    from erpo_fast.engines.vllm_engine import VLLMEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     g = torch.Generator().manual_seed(0)

@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from erpo_fast.rollout import NativeEngine, VLLMEngine, make_engine
-from erpo_fast.rollout.vllm_engine import INSTALL_HINT, WeightSyncError, request_seed, teacher_forced_logprobs
+from erpo_fast.engines import NativeEngine, VLLMEngine, make_engine
+from erpo_fast.engines.base import verify_sync
+from erpo_fast.engines.vllm_engine import INSTALL_HINT, WeightSyncError, request_seed, teacher_forced_logprobs
 
 # ---- without vLLM ------------------------------------------------------------------------------------
 
@@ -33,9 +34,9 @@ def test_missing_vllm_gives_install_hint(monkeypatch, tmp_path):
 def test_rollout_package_imports_without_vllm():
     import subprocess
 
-    # A fresh interpreter where vLLM cannot be imported: erpo_fast and erpo_fast.rollout still import,
+    # A fresh interpreter where vLLM cannot be imported: erpo_fast and erpo_fast.engines still import,
     # and neither pulls vLLM in.
-    code = ("import sys; sys.modules['vllm'] = None; import erpo_fast, erpo_fast.rollout as r; "
+    code = ("import sys; sys.modules['vllm'] = None; import erpo_fast, erpo_fast.engines as r; "
             "assert r.vllm_available() in (True, False); assert sys.modules['vllm'] is None; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -215,10 +216,10 @@ def test_top_k_top_p_support_logprobs_and_distribution(qwen, top_k, top_p):
 def _check_update(engine, old, new, probe):
     engine.sleep()  # the colocated step: the learner runs while the engine sleeps, then the sync
     engine.update_weights(new.named_parameters())
-    stats = engine.verify_sync(probe, teacher_forced_logprobs(new, probe), atol=SYNC_ATOL)
+    stats = verify_sync(engine.prompt_logprobs(probe), teacher_forced_logprobs(new, probe), atol=SYNC_ATOL)
     assert stats["mean_abs_diff"] <= SYNC_ATOL
     with pytest.raises(WeightSyncError, match="not sampling from the synced weights"):
-        engine.verify_sync(probe, teacher_forced_logprobs(old, probe), atol=SYNC_ATOL)
+        verify_sync(engine.prompt_logprobs(probe), teacher_forced_logprobs(old, probe), atol=SYNC_ATOL)
     greedy = engine.generate([probe], [0.0], n=1, max_new_tokens=8, stop_token_ids=[])[0][0].token_ids
     if ON_GPU:  # bf16: every chosen token is the new model's argmax, up to near-ties
         logits = _hf_logits(new, probe + greedy)[len(probe) - 1: -1]
@@ -233,7 +234,7 @@ def _check_update(engine, old, new, probe):
 def test_update_weights_tied_qwen2_is_visible_and_verified(qwen):
     engine, base = qwen
     probe = _probe()
-    engine.verify_sync(probe, teacher_forced_logprobs(base, probe), atol=SYNC_ATOL)
+    verify_sync(engine.prompt_logprobs(probe), teacher_forced_logprobs(base, probe), atol=SYNC_ATOL)
     target = _random_model("qwen2", seed=1).to(DEVICE)
     _check_update(engine, base, target, probe)
     with pytest.raises(KeyError, match="no parameter named"):
@@ -281,7 +282,7 @@ def test_life_cycle_sleep_and_wake(qwen):
     engine.sleep(level=1)
     engine.wake_up()
     assert not engine.is_sleeping
-    engine.verify_sync(probe, teacher_forced_logprobs(base, probe), atol=SYNC_ATOL)
+    verify_sync(engine.prompt_logprobs(probe), teacher_forced_logprobs(base, probe), atol=SYNC_ATOL)
 
 
 @pytest.mark.vllm
@@ -305,7 +306,7 @@ def test_gpu_sleep_frees_memory_and_level2_needs_full_resync(qwen):
     torch.cuda.synchronize()
     free_again, _ = torch.cuda.mem_get_info()
     assert abs(free_again - free_awake) < 0.05 * total
-    engine.verify_sync(_probe(), teacher_forced_logprobs(base, _probe()), atol=SYNC_ATOL)
+    verify_sync(engine.prompt_logprobs(_probe()), teacher_forced_logprobs(base, _probe()), atol=SYNC_ATOL)
 
 
 @pytest.mark.vllm

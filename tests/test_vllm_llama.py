@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_vllm_engine import DEVICE, SYNC_ATOL, _check_update, _engine, _probe, _random_model, _save
 
-from erpo_fast.rollout.vllm_engine import teacher_forced_logprobs
+from erpo_fast.engines.base import verify_sync
+from erpo_fast.engines.vllm_engine import teacher_forced_logprobs
 
 
 @pytest.mark.vllm
@@ -24,6 +25,6 @@ def test_update_weights_untied_llama_is_visible_and_verified(tmp_path):
         _check_update(engine, base, target, _probe(7))
         # The learner's compile/FSDP wrapper prefixes do not change the names vLLM receives.
         engine.update_weights((f"_orig_mod.{k}", v) for k, v in base.named_parameters())
-        engine.verify_sync(_probe(7), teacher_forced_logprobs(base, _probe(7)), atol=SYNC_ATOL)
+        verify_sync(engine.prompt_logprobs(_probe(7)), teacher_forced_logprobs(base, _probe(7)), atol=SYNC_ATOL)
     finally:
         engine.close()

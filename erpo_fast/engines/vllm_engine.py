@@ -9,7 +9,8 @@ Life cycle (the engine owns it; callers never pass sleep levels):
   default) discards the weights, because the learner's update replaces them anyway; 1 offloads them.
 - ``update_weights(learner.named_weights())`` wakes the weight pool and reloads the learner's tensors in
   place, from memory. After a level-2 sleep it must cover every parameter before the next ``generate``.
-- ``verify_sync(...)`` checks that the engine really scores with the new weights.
+- ``prompt_logprobs(...)`` scores a probe, so that ``base.verify_sync`` can check the engine really uses the new
+  weights.
 
 On a platform without sleep mode (vLLM's CPU build) ``sleep`` and ``wake_up`` keep the weights and only
 track the state, so the same loop runs everywhere.
@@ -21,7 +22,7 @@ through ``model.load_weights`` on older releases. Either way the tensors are str
 vLLM runs in this process (``distributed_executor_backend="external_launcher"``, no engine
 sub-process), which is what lets the reload read the learner's tensors in place. Under torchrun every
 rank builds its own engine; with ``tensor_parallel_size > 1`` the ranks of one TP group must call
-``generate``/``update_weights``/``verify_sync`` together (prompts are gathered across the group).
+``generate``/``update_weights``/``prompt_logprobs`` together (prompts are gathered across the group).
 
 vLLM is imported lazily: this module imports without it, and building an engine without it raises an
 ImportError that says how to install it.
@@ -44,7 +45,7 @@ import torch
 
 from erpo_fast.errors import WeightSyncError
 
-from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args, verify_sync
+from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
 
 INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'erpo-fast[vllm]' on a CUDA machine, or run "
                 "scripts/vllm_env.sh for vLLM's CPU build")
@@ -226,7 +227,8 @@ def _find_scan_breakers(hidden: list) -> None:
 
 
 def teacher_forced_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int]) -> torch.Tensor:
-    """Reference for ``verify_sync``: log p(token_t | tokens_<t) at T=1 for t = 1..L-1, in fp32 (plain torch)."""
+    """The learner-side reference for ``prompt_logprobs`` (checked by ``base.verify_sync``): log p(token_t | tokens_<t)
+    at T=1 for t = 1..L-1, in fp32 (plain torch)."""
     ids = torch.as_tensor(list(prompt_ids), device=next(model.parameters()).device)[None]
     with torch.no_grad():
         logits = model(ids).logits[0, :-1].float()
@@ -551,16 +553,6 @@ class VLLMEngine:
         (out,) = self.llm.generate([{"prompt_token_ids": ids}], sampling_params=params, use_tqdm=False)
         return torch.tensor([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))],
                             dtype=torch.float32)
-
-    def verify_sync(self, probe_prompt_ids: Sequence[int], reference_logprobs, atol: float = 0.02) -> dict:
-        """Check that the engine scores a fixed probe like the learner does (T=1); raise WeightSyncError if not.
-
-        ``reference_logprobs``: the learner's log p(token_t | tokens_<t) for t = 1..L-1 (e.g. from
-        ``teacher_forced_logprobs``). The mean absolute difference must be <= atol (a mean, because bf16
-        kernels differ by a few hundredths on single tokens; a stale-weight engine differs everywhere).
-        """
-        return verify_sync(self.prompt_logprobs(probe_prompt_ids), reference_logprobs, atol=atol,
-                           what="vLLM's log-probs on the probe prompt (verify_sync)")
 
 
 __all__ = ["INSTALL_HINT", "VLLMEngine", "WeightSyncError", "request_seed", "teacher_forced_logprobs",

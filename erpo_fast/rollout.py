@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +28,11 @@ from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.config import Config
 from erpo_fast.data import PromptIndex, PromptRecord, PromptSampler
 from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
+from erpo_fast.engines.base import verify_sync
 from erpo_fast.errors import NonFiniteLogitsError, RewardFunctionError, TrainingAborted
 from erpo_fast.evaluate import evaluate
 from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
 from erpo_fast.rewards.pool import check_not_all_failed
-from erpo_fast.rollout.base import verify_sync
 from erpo_fast.tracker import HistoryTracker
 
 
@@ -215,17 +214,18 @@ class Rollout:
 
     # ---- weights, evaluation, state -------------------------------------------------------------------------
 
-    def load_weights(self, named_weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Sync the learner's weights into the engine (in memory; the engine wakes as it needs)."""
-        self.engine.update_weights(named_weights)
+    def sync_weights(self, learner, step: int) -> dict:
+        """Bring the learner's new weights into the engine (in memory; the engine wakes as it needs), and every
+        ``rollout.sync_check_every`` steps check that the engine really samples from them.
 
-    def check_sync(self, learner, step: int) -> dict:
-        """The engine must sample from the learner's weights: it samples a fixed probe at T=1, and the learner's
-        log-probs of that sample must match the engine's (see `erpo_fast.rollout.base.verify_sync`).
-
-        A stale engine (one public trainer kept sampling from the base weights after "syncing") stops the run.
+        The check: the engine samples a fixed probe at T=1 and the learner's log-probs of that sample must match
+        the engine's (`erpo_fast.engines.base.verify_sync`). A stale engine (one public trainer kept sampling from
+        the base weights after "syncing") stops the run. Returns the check's statistics ({} on other steps).
         """
         cfg = self.cfg
+        self.engine.update_weights(learner.named_weights())
+        if not (cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0):
+            return {}
         probe = encode_prompt(self.tokenizer, self.train[0].prompt, chat_template=cfg.data.chat_template)
         sample = self._generate(step, [probe], [1.0], 1, min(16, cfg.rollout.max_new_tokens), stop_token_ids=[],
                                 seed=[1234 + step])[0][0]
