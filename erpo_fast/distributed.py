@@ -49,11 +49,18 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def all_gather_objects(obj, runtime: Runtime) -> list:
-    """Every rank's `obj`, in rank order (a list of one without a process group)."""
-    if not runtime.distributed:
+def _world_size() -> int:
+    """The default process group's size; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_objects(obj, runtime: Runtime | None = None) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group). Without ``runtime``: over the
+    default process group, whoever set it up (the learner and `erpo_fast.metrics` know it, not a Runtime)."""
+    world_size = _world_size() if runtime is None else runtime.world_size
+    if world_size == 1:
         return [obj]
-    out = [None] * runtime.world_size
+    out = [None] * world_size
     dist.all_gather_object(out, obj)
     return out
 
@@ -62,7 +69,7 @@ def all_reduce_floats(values, op: str = "sum") -> list[float]:
     """The sum (``op="max"``: the maximum) of a few floats over every rank of the default process group, in
     float64; the values themselves without one. Runs on the device the backend needs (CPU for gloo, the
     current CUDA device for NCCL). The learner uses it: it knows the process group, not a Runtime."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world_size() == 1:
         return [float(v) for v in values]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(list(values), dtype=torch.float64, device=device)

@@ -48,6 +48,7 @@ from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .distributed import all_reduce_floats
+from .metrics import Metrics
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
 
@@ -360,13 +361,15 @@ class Learner:
         mini-batch k = the union of every rank's k-th slice), old log-probs are computed once before the first
         update, and each mini-batch gets its own optimizer step.
 
-        Metrics: ``loss`` (the aggregated policy loss, mean over updates), ``grad_norm`` (pre-clip, mean over
-        updates), ``clip_frac``, ``kl`` (0 without a reference), ``entropy`` (token means over the batch),
-        ``num_tokens`` and ``num_sequences`` (trained, global), ``lr``, ``skipped_nonfinite`` (an update was
-        skipped because its loss or gradient norm was not finite), ``is_weight_mean`` (when IS is on),
-        ``is_mask_frac`` (tokens rejected by masked IS) and the rollout/learner mismatch of the batch
-        (``mismatch_logp_abs_mean``/``_max``, ``mismatch_kl_k3``, ``mismatch_ratio_outside_frac``; see
-        `algorithms.mismatch_metrics`), both sides at each row's own temperature and before any update.
+        Metrics (reduced by `erpo_fast.metrics.Metrics`). Means over the updates: ``loss`` (the aggregated policy
+        loss), ``grad_norm`` (pre-clip) and the loss's token means ``clip_frac`` (= ``clip_frac_low`` +
+        ``clip_frac_high``), ``ratio_mean``, ``dual_clip_frac`` (when dual clip is on), ``kl`` (0 without a
+        reference) and ``entropy``; ``ratio_max``, the largest ratio of any update (see `algorithms.policy_loss`).
+        Totals: ``num_tokens`` and ``num_sequences`` (trained, global). Token means over the whole batch:
+        ``is_weight_mean`` (when IS is on), ``is_mask_frac`` (tokens rejected by masked IS) and the rollout/learner
+        mismatch (``mismatch_logp_abs_mean``/``_max``, ``mismatch_kl_k3``, ``mismatch_ratio_outside_frac``; see
+        `algorithms.mismatch_metrics`), both sides at each row's own temperature and before any update. Then
+        ``lr`` and ``skipped_nonfinite`` (an update was skipped because its loss or gradient norm was not finite).
         """
         if isinstance(sequences, StepBatch):
             if sequences.global_sequences == 0:
@@ -375,73 +378,42 @@ class Learner:
         sequences = self._check_batch(sequences)
         if not sequences and not self.distributed:
             raise ValueError("the learner needs at least one sequence")
-        updates = self.trainer.updates_per_step
         lr = self.optimizer.param_groups[0]["lr"]
         # No-grad pre-pass: old log-probs for off-policy updates (and row-temperature ones for the metrics).
-        pre = self._pre_pass(sequences, need_old=updates > 1)
-        minis = _split_even(list(range(len(sequences))), updates)
-        totals = {"loss": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-        extra = {"num_tokens": 0, "num_sequences": 0, "is_weight_sum": 0.0, "is_mask_sum": 0.0,
-                 "mismatch_sums": [0.0] * 4, "mismatch_max": 0.0}
+        pre = self._pre_pass(sequences, need_old=self.trainer.updates_per_step > 1)
+        step = Metrics()
         skipped = False
-        for mini in minis:
-            stats = self.loss_and_grads([sequences[i] for i in mini],
-                                        old_logprobs=None if pre["old"] is None else [pre["old"][i] for i in mini])
+        for mini in _split_even(list(range(len(sequences))), self.trainer.updates_per_step):
+            update = self._loss_and_grads([sequences[i] for i in mini],
+                                          None if pre["old"] is None else [pre["old"][i] for i in mini])
             grad_norm = self._clip_grad_norm()
-            if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
+            if math.isfinite(update.result().get("loss", 0.0)) and math.isfinite(grad_norm):
                 self.optimizer.step()
             else:
                 skipped = True
             self.optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] = grad_norm
-            for key in totals:
-                totals[key] += stats[key] / updates
-            for key in extra:
-                if key == "mismatch_sums":
-                    extra[key] = [x + y for x, y in zip(extra[key], stats[key])]
-                else:
-                    extra[key] = max(extra[key], stats[key]) if key == "mismatch_max" else extra[key] + stats[key]
+            update.mean("grad_norm", grad_norm)
+            step.update(update)
         with warnings.catch_warnings():
             # A skipped (non-finite) first update is deliberate; torch would warn that no optimizer step ran.
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.step += 1
-        metrics: dict[str, float | int | bool] = dict(totals)
-        metrics.update(num_tokens=int(extra["num_tokens"]), num_sequences=int(extra["num_sequences"]), lr=lr,
-                       skipped_nonfinite=skipped)
-        metrics.update(self.correction_metrics(extra, sequences, row_logprobs=pre["row"]))
-        return metrics
+        if pre["row"] is not None:  # the loss ran at T=1: measure the mismatch at the rows' temperatures
+            step.update(self._row_mismatch(sequences, pre["row"]))
+        return {**step.result(), "lr": lr, "skipped_nonfinite": skipped}
 
-    def correction_metrics(self, stats: dict, sequences: Sequence[RolloutSequence], *,
-                           row_logprobs: list[Tensor] | None = None) -> dict[str, float]:
-        """``is_weight_mean`` / ``is_mask_frac`` (when on) and the ``mismatch_*`` metrics from the summed
-        statistics of :meth:`loss_and_grads` over ``sequences``. When the loss runs at T=1 the mismatch needs
-        row-temperature log-probs: ``row_logprobs`` (train_on's pre-pass), or a pass of its own. Collective."""
-        if row_logprobs is None and self._loss_temperature() != "row":
-            row_logprobs = self.compute_logprobs(sequences, temperature="row")
-        out: dict[str, float] = {}
-        tokens = max(stats["num_tokens"], 1)
-        if self.algo.is_level != "none" or self.algo.is_mask != "none":
-            out["is_weight_mean"] = stats["is_weight_sum"] / tokens
-        if self.algo.is_mask != "none":
-            out["is_mask_frac"] = stats["is_mask_sum"] / tokens
-        sums, mx = stats["mismatch_sums"], stats["mismatch_max"]
-        if row_logprobs is not None:
-            # The loss ran at T=1, so its own log-probs are not comparable with the engine's: use the
-            # row-temperature pre-pass instead (collective: every rank all-reduces).
-            rollout = [torch.tensor(s.rollout_logprobs or [math.nan] * len(s.response_ids), dtype=torch.float32)
-                       for s in sequences]
-            lp = torch.cat([t.cpu() for t in row_logprobs]) if row_logprobs else torch.zeros(0)
-            roll = torch.cat(rollout) if rollout else torch.zeros(0)
-            sums, mx = _mismatch_sums(algorithms.mismatch_metrics(lp, roll, torch.ones_like(lp, dtype=torch.bool),
-                                                                  ratio_bound=self.algo.mismatch_ratio_bound))
-            sums = all_reduce_floats(sums)
-            (mx,) = all_reduce_floats([mx], op="max")
-        abs_sum, k3_sum, outside, count = sums
-        if count > 0:
-            out.update(mismatch_logp_abs_mean=abs_sum / count, mismatch_logp_abs_max=mx,
-                       mismatch_kl_k3=k3_sum / count, mismatch_ratio_outside_frac=outside / count)
-        return out
+    def _row_mismatch(self, sequences: Sequence[RolloutSequence], row_logprobs: list[Tensor]) -> Metrics:
+        """Global `algorithms.mismatch_metrics` of ``sequences`` from their row-temperature log-probs (the loss's own
+        are at T=1 then, not comparable with the engine's). Collective."""
+        rollout = [torch.tensor(s.rollout_logprobs or [math.nan] * len(s.response_ids), dtype=torch.float32)
+                   for s in sequences]
+        lp = torch.cat([t.cpu() for t in row_logprobs]) if row_logprobs else torch.zeros(0)
+        roll = torch.cat(rollout) if rollout else torch.zeros(0)
+        metrics = Metrics()
+        _add_mismatch(metrics, algorithms.mismatch_metrics(lp, roll, torch.ones_like(lp, dtype=torch.bool),
+                                                           ratio_bound=self.algo.mismatch_ratio_bound))
+        return metrics.all_reduce()
 
     def loss_and_grads(self, sequences: Sequence[RolloutSequence], *,
                        old_logprobs: Sequence[Tensor] | None = None) -> dict[str, float]:
@@ -450,10 +422,13 @@ class Learner:
         mini-batch; alone, it shows what train_on optimises. Collective.
 
         ``old_logprobs`` (per sequence, per response token): the off-policy ratio's denominator; ``None`` =
-        on-policy. Returns global ``loss``, ``clip_frac``, ``kl``, ``entropy``, ``num_tokens``,
-        ``num_sequences`` and the summed correction statistics that :meth:`correction_metrics` turns into
-        metrics (``is_weight_sum``, ``is_mask_sum``, ``mismatch_sums``, ``mismatch_max``).
+        on-policy. Returns the mini-batch's global metrics: those of :meth:`train_on` but ``grad_norm``, ``lr`` and
+        ``skipped_nonfinite``, and without the mismatch when the loss runs at T=1 (train_on measures it apart).
         """
+        return self._loss_and_grads(sequences, old_logprobs).result()
+
+    def _loss_and_grads(self, sequences: Sequence[RolloutSequence], old_logprobs: Sequence[Tensor] | None
+                        ) -> Metrics:
         sequences = self._check_batch(sequences)
         if old_logprobs is not None:
             old_logprobs = [torch.as_tensor(o, dtype=torch.float32, device=self.device) for o in old_logprobs]
@@ -488,25 +463,22 @@ class Learner:
             out["row"] = self.compute_logprobs(sequences, temperature="row")
         return out
 
-    def _forward_backward(self, sequences: list[RolloutSequence], old_by_seq: list[Tensor] | None) -> dict[str, float]:
+    def _forward_backward(self, sequences: list[RolloutSequence], old_by_seq: list[Tensor] | None) -> Metrics:
         """Accumulate the gradient of one global mini-batch (this rank's part: ``sequences``).
 
         Each micro-batch's loss is scaled by its share of the GLOBAL normaliser (tokens for token_mean,
         sequences for the seq_* modes), times the world size to undo FSDP2's gradient averaging, so that the
-        sum over micro-batches and ranks is exactly the full-batch gradient. Returns global metrics.
+        sum over micro-batches and ranks is exactly the full-batch gradient. Returns the global metrics (one
+        all-reduce).
         """
         from erpo_fast.kernels.fused_linear import linear_grpo_loss
 
         temperature = self._loss_temperature()
-        mini = list(range(len(sequences)))
         micro = self._micro_batches(sequences)
-        tokens, seqs = all_reduce_floats([
-            sum(len(sequences[i].response_ids) for i in mini),
-            sum(1 for i in mini if sequences[i].response_ids)])
+        tokens, seqs = all_reduce_floats([sum(len(s.response_ids) for s in sequences),
+                                          sum(1 for s in sequences if s.response_ids)])
         (num_micro,) = all_reduce_floats([len(micro)], op="max")
-        # loss; clip_frac, kl, entropy, IS weight and IS-mask rejection times tokens; mismatch sums (local)
-        stats = [0.0] * 10
-        mismatch_max = 0.0
+        metrics = Metrics()
         for k in range(int(num_micro)):
             idx = micro[k] if k < len(micro) else []
             batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
@@ -531,22 +503,12 @@ class Learner:
             # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
             share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
             (loss * (share * self.world_size)).backward()
-            stats[0] += float(loss.detach()) * share
-            stats[1] += float(m.get("clip_frac", 0.0)) * n
-            stats[2] += float(m.get("kl_mean", 0.0)) * n
-            stats[3] += float(m.get("entropy_mean", 0.0)) * n
-            stats[4] += float(m.get("is_weight_mean", 0.0)) * n
-            stats[5] += float(m.get("is_mask_frac", 0.0)) * n
-            sums, mx = _mismatch_sums(m)
-            stats[6:10] = [a_ + b_ for a_, b_ in zip(stats[6:10], sums)]
-            mismatch_max = max(mismatch_max, mx)
-        reduced = all_reduce_floats(stats)
-        (mismatch_max,) = all_reduce_floats([mismatch_max], op="max")
-        loss_sum, clip, kl, ent, is_sum, mask_sum = reduced[:6]
-        denom = max(tokens, 1.0)
-        return {"loss": loss_sum, "clip_frac": clip / denom, "kl": kl / denom, "entropy": ent / denom,
-                "num_tokens": int(tokens), "num_sequences": int(seqs), "is_weight_sum": is_sum,
-                "is_mask_sum": mask_sum, "mismatch_sums": reduced[6:10], "mismatch_max": mismatch_max}
+            metrics.mean("loss", float(loss.detach()), weight=share)
+            _add_loss_metrics(metrics, m, update_share=n / tokens, tokens=n, with_mismatch=temperature == "row")
+        metrics = metrics.all_reduce()
+        metrics.total("num_tokens", int(tokens))
+        metrics.total("num_sequences", int(seqs))
+        return metrics
 
     def _clip_grad_norm(self) -> float:
         """Global pre-clip gradient norm (all ranks, all shards); clips in place when ``grad_clip > 0``."""
@@ -625,9 +587,31 @@ def _single_process_dcp():
         yield
 
 
-def _mismatch_sums(m: dict) -> tuple[list[float], float]:
-    """([|d| sum, k3 sum, outside-band count, token count], max |d|) from `algorithms.mismatch_metrics` values."""
-    count = m.get("mismatch_tokens", 0)
-    keys = ("mismatch_logp_abs_mean", "mismatch_kl_k3", "mismatch_ratio_outside_frac")
-    return [m.get(k, 0.0) * count for k in keys] + [float(count)], m.get("mismatch_logp_abs_max", 0.0)
+# linear_grpo_loss metrics as they are logged
+_LOGGED_AS = {"kl_mean": "kl", "entropy_mean": "entropy"}
 
+
+def _add_loss_metrics(metrics: Metrics, m: dict[str, float], *, update_share: float, tokens: int,
+                      with_mismatch: bool) -> None:
+    """One micro-batch's `linear_grpo_loss` metrics (token means over its ``tokens``) into ``metrics``.
+
+    The loss's own metrics (`algorithms.policy_loss`'s, the entropy) describe an update: weighted by the
+    micro-batch's token share of its update, every update counts once in train_on's mean over updates. The
+    rollout-correction ones describe the batch: weighted by their tokens, they are token means over the step.
+    ``with_mismatch=False`` (the loss ran at T=1): its mismatch is not comparable with the engine's; left out.
+    """
+    m = {_LOGGED_AS.get(k, k): v for k, v in m.items()}
+    mismatch = {k: m.pop(k) for k in list(m) if k.startswith("mismatch_")}
+    correction = {k: m.pop(k) for k in ("is_weight_mean", "is_mask_frac") if k in m}
+    metrics.add(m, weight=update_share)
+    metrics.add(correction, weight=tokens)
+    if with_mismatch:
+        _add_mismatch(metrics, mismatch)
+
+
+def _add_mismatch(metrics: Metrics, m: dict[str, float]) -> None:
+    """`algorithms.mismatch_metrics` values, weighted by the tokens they measured (none measured: none added)."""
+    m = dict(m)
+    measured = m.pop("mismatch_tokens", 0)
+    if measured:
+        metrics.add(m, weight=measured)

@@ -124,13 +124,12 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
     time_sync = time.perf_counter() - t_sync
 
     step_time = time.perf_counter() - t0
+    learned = dict(learned)
+    trained = learned.pop("num_sequences", len(batch.sequences))  # logged as sequences_trained
     return {
-        "step": step, **batch.metrics,
-        **{k: learned.get(k) for k in ("entropy", "kl", "clip_frac", "grad_norm", "loss", "lr")},
-        "skipped_nonfinite": bool(learned.get("skipped_nonfinite", False)),
-        # rollout/learner mismatch and IS-correction statistics, as train_on reports them
-        **{k: v for k, v in learned.items() if k.startswith(("mismatch_", "is_weight_", "is_mask_"))},
-        "sequences_trained": learned.get("num_sequences", len(batch.sequences)),
+        "step": step, **batch.metrics, "skipped_nonfinite": False,
+        **learned,  # every metric the learner reports ({} on a step where no rank had a sequence to learn from)
+        "sequences_trained": trained,
         "tokens_per_s": batch.global_response_tokens / step_time,  # sampled tokens, all ranks
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
     }

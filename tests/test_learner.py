@@ -350,22 +350,38 @@ def test_loss_and_grads_match_full_logits_reference(tokenizer, loss_agg, ratio_l
     assert_grads_close(learner.model, model64)
 
 
-def test_off_policy_old_logprobs_match_reference(tokenizer):
+def _off_policy_loss(tokenizer, algo, noise):
+    """loss_and_grads of 6 sequences (micro-batches of 4, 6 and 8 tokens) with old log-probs = the current ones +
+    ``noise`` x N(0, 1); returns (metrics, float64 reference loss, its metrics, learner, float64 model)."""
     model = tiny_model(tokenizer)
     model64 = copy.deepcopy(model).double()
-    algo = AlgorithmConfig(eps_low=0.1, eps_high=0.1, dual_clip=3.0)
     learner = make_learner(model, algo, TrainerConfig(micro_batch_size=2))
     seqs = make_sequences(6, seed=3)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         current = reference_logprobs(model64, seqs)
-    old = [(c + 0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64)).float() for c in current]
+    old = [(c + noise * torch.randn(c.shape, generator=g, dtype=torch.float64)).float() for c in current]
     metrics = learner.loss_and_grads(seqs, old_logprobs=old)
     ref_loss, ref_metrics, *_ = reference_loss(model64, seqs, algo, old=old)
+    return metrics, ref_loss, ref_metrics, learner, model64
+
+
+def test_off_policy_old_logprobs_match_reference(tokenizer):
+    algo = AlgorithmConfig(eps_low=0.1, eps_high=0.1, dual_clip=3.0)
+    metrics, ref_loss, ref_metrics, learner, model64 = _off_policy_loss(tokenizer, algo, noise=0.3)
     assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
     assert metrics["clip_frac"] == pytest.approx(ref_metrics["clip_frac"], abs=1e-6)
     assert metrics["clip_frac"] > 0
     assert_grads_close(learner.model, model64)
+
+
+def test_every_policy_loss_metric_is_the_mini_batch_token_mean(tokenizer):
+    # Three micro-batches of unequal size: a mean of micro-batch means would differ from policy_loss's value.
+    algo = AlgorithmConfig(eps_low=0.1, eps_high=0.1, dual_clip=1.5)
+    metrics, _, ref_metrics, *_ = _off_policy_loss(tokenizer, algo, noise=1.0)
+    for key in ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "dual_clip_frac"):
+        assert ref_metrics[key] > 0, key  # every one is exercised
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
@@ -470,7 +486,6 @@ def test_truncated_is_weights_path(tokenizer, is_level):
     for s, r in zip(seqs, rollout):
         s.rollout_logprobs = (r + 0.5 * torch.randn(r.shape, generator=g, dtype=torch.float64)).tolist()
     metrics = learner.loss_and_grads(seqs)
-    metrics.update(learner.correction_metrics(metrics, seqs))
     ref_loss, _, is_w, *_ = reference_loss(model64, seqs, algo)
     assert metrics["is_weight_mean"] == pytest.approx(float(is_w.mean()), rel=1e-5)
     assert bool((is_w == 1.5).any()) and bool((is_w < 1.0).any())  # truncation is exercised

@@ -65,6 +65,49 @@ def test_metrics_contract_checkpoint_and_plots(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
 
 
+LOSS_METRICS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "dual_clip_frac")  # means; ratio_max: a max
+
+
+def test_every_policy_loss_metric_reaches_metrics_jsonl(tmp_path, monkeypatch):
+    """What `algorithms.policy_loss` computes is logged: per step, the mean over its two updates (ratio_max: the max),
+    checked against policy_loss in float64 on the learner's own hidden states and old log-probs."""
+    from erpo_fast import algorithms
+    from erpo_fast.kernels import fused_linear
+    from erpo_fast.kernels.fused_linear import naive
+    from erpo_fast.learner import Learner
+
+    steps: list[list[dict]] = []  # per train_on call: the reference metrics of each loss call
+    train_on, loss = Learner.train_on, fused_linear.linear_grpo_loss
+
+    def spy_train_on(self, batch):
+        steps.append([])
+        return train_on(self, batch)
+
+    def spy_loss(hidden, weight, labels, temperature, advantages, mask, spec, **kw):
+        lp = naive.linear_logprobs(hidden.detach().double(), weight.detach().double(), labels, temperature)
+        steps[-1].append(algorithms.policy_loss(lp, kw["old_logprobs"].double(), advantages.double(), mask, spec,
+                                                seq_ids=kw["seq_ids"])[1])
+        return loss(hidden, weight, labels, temperature, advantages, mask, spec, **kw)
+
+    monkeypatch.setattr(Learner, "train_on", spy_train_on)
+    monkeypatch.setattr(fused_linear, "linear_grpo_loss", spy_loss)
+    reward = tmp_path / "parity_reward.py"  # mixed groups from the first step on, so the policy moves
+    reward.write_text("def score(response, answer):\n    return float(len(response) % 2)\n")
+    out = tmp_path / "run"
+    assert _run(out, "--max-steps", "3", "--data.reward", f"{reward}:score", "--trainer.updates_per_step", "2",
+                "--algorithm.eps_low", "0.005", "--algorithm.eps_high", "0.005", "--algorithm.dual_clip", "1.005") == 0
+    records = read_metrics(out)
+    assert len(records) == len(steps) == 3
+    for record, refs in zip(records, steps):
+        assert len(refs) == 2  # one micro-batch per update: each loss call is one update
+        for key in LOSS_METRICS:
+            assert record[key] == pytest.approx((refs[0][key] + refs[1][key]) / 2, rel=1e-5, abs=1e-7), key
+        assert record["ratio_max"] == pytest.approx(max(r["ratio_max"] for r in refs), rel=1e-5)
+        assert record["clip_frac"] == pytest.approx(record["clip_frac_low"] + record["clip_frac_high"])
+    for key in (*LOSS_METRICS, "ratio_max"):  # the second update is off-policy: every metric is exercised
+        assert any(r[key] > (1.0 if key == "ratio_max" else 0.0) for r in records), key
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     assert _run(full, "--max-steps", "6") == 0
