@@ -3,7 +3,7 @@
     python -m bench.erpo_vs_baselines              # the full comparison (4 arms x 5 seeds)
     python -m bench.erpo_vs_baselines --quick      # a few steps per arm, 1 seed: checks the pipeline end to end
 
-Arms (config overrides on the tiny-cpu preset, which also picks the task: ``data.task``; everything else is
+Arms (config overrides on the tiny-cpu preset, which also picks the task: ``builtin.task``; everything else is
 identical):
 
 - ``grpo``: plain GRPO: no dynamic sampling, symmetric clip (0.2/0.2), per-sequence-then-token loss mean.
@@ -15,7 +15,7 @@ Equal budget: same prompts per step, same n, same number of steps, same warm-sta
 runs with ``algorithm.max_refill_rounds 0``: it drops zero-advantage groups but never rolls out extra prompts,
 so every arm samples exactly ``steps x prompts_per_step x n`` responses.
 
-Seeds: seed s sets ``trainer.seed`` (prompt order and sampling) and ``data.seed`` (the task split and the warm
+Seeds: seed s sets ``trainer.seed`` (prompt order and sampling) and ``builtin.seed`` (the task split and the warm
 start), so each seed has its own warm start and the error bars include warm-start variance. ``--data-seed N``
 instead shares one split and warm start between all seeds. Within a seed, all four arms start from the same
 model, so differences between arms are paired by seed.
@@ -78,17 +78,18 @@ def resolve_scale(scale: dict) -> dict:
 
     cfg = build_config(PRESET, None, {})
     preset = {"steps": cfg.trainer.max_steps, "prompts_per_step": cfg.trainer.prompts_per_step, "n": cfg.rollout.n,
-              "num_train": cfg.data.num_train, "num_heldout": cfg.data.num_heldout,
-              "warm_start_steps": cfg.model.warm_start_steps}
-    return {**preset, **scale, "task": cfg.data.task, "task_levels": cfg.data.task_levels}
+              "num_train": cfg.builtin.num_train, "num_heldout": cfg.builtin.num_heldout,
+              "warm_start_steps": cfg.builtin.warm_start_steps}
+    return {**preset, **scale, "task": cfg.builtin.task, "task_levels": cfg.builtin.levels}
 
 
 def base_overrides(scale: dict, data_seed: int) -> dict[str, object]:
     """Overrides shared by every arm of one seed (the equal-budget part of the comparison)."""
     return {
-        "data.seed": data_seed, "data.num_train": scale["num_train"], "data.num_heldout": scale["num_heldout"],
+        "builtin.seed": data_seed, "builtin.num_train": scale["num_train"],
+        "builtin.num_heldout": scale["num_heldout"],
         "data.reward_workers": 0,  # exact integer checks: in-process scoring keeps worker processes off 2 cores
-        "model.warm_start_steps": scale["warm_start_steps"],
+        "builtin.warm_start_steps": scale["warm_start_steps"],
         "rollout.n": scale["n"], "trainer.prompts_per_step": scale["prompts_per_step"],
         "trainer.max_steps": scale["steps"], "algorithm.max_refill_rounds": 0,
         "trainer.eval_every": 0,  # evaluated here from checkpoints, with k = 4 and 16 and a shared seed
@@ -161,10 +162,10 @@ def evaluate_model(model_dir: Path, cfg) -> dict:
     from erpo_fast.rewards.pool import RewardPool
     from erpo_fast.tasks import builtin
 
-    heldout = problem_records(builtin.splits(cfg.data)[1])
+    heldout = problem_records(builtin.splits(cfg.builtin)[1])
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation="sdpa", device="cpu")
     engine = make_engine("native", model)
-    with RewardPool(get_reward_fn(builtin.reward_name(cfg.data)), num_workers=0) as pool:
+    with RewardPool(get_reward_fn(builtin.reward_name(cfg.builtin)), num_workers=0) as pool:
         out = evaluate(engine, tokenizer, heldout, reward_pool=pool, ks=KS, temperature=1.0,
                        max_new_tokens=cfg.rollout.max_new_tokens, seed=EVAL_SEED,
                        chat_template=cfg.data.chat_template)
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--data-seed", type=int, default=None,
                         help="share this task split and warm start between all seeds (default: seed s uses "
-                             "data.seed s, its own warm start)")
+                             "builtin.seed s, its own warm start)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with threads/jobs threads)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads in all")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON, Markdown and PNGs go")

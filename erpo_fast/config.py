@@ -44,53 +44,58 @@ class ModelConfig:
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory (turned on "
                                                "automatically, and logged, when the memory plan needs it).")
     liger_kernels: bool = knob(False, "Patch the model with Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA only).")
-    tiny_hidden_size: int = knob(128, "Built-in model: hidden size.", ge=8)
-    tiny_layers: int = knob(4, "Built-in model: number of decoder layers.", ge=1)
-    tiny_heads: int = knob(4, "Built-in model: attention heads.", ge=1)
-    tiny_kv_heads: int = knob(2, "Built-in model: key/value heads (GQA).", ge=1)
-    tiny_intermediate_size: int = knob(384, "Built-in model: MLP width.", ge=8)
-    tiny_rope_theta: float = knob(10000.0, "Built-in model: rotary position base (RoPE theta).", gt=0)
-    warm_start_steps: int = knob(400, "Built-in model: supervised warm-start steps on worked solutions "
-                                      "(cached; 0 disables).", ge=0)
-    warm_start_problems: int = knob(2000, "Built-in model: worked solutions the warm start trains on (disjoint "
-                                          "from the RL prompts and the held-out split).", ge=1)
-    warm_start_lr: float = knob(3e-3, "Built-in model: warm-start learning rate.", gt=0)
-    warm_start_batch_size: int = knob(64, "Built-in model: warm-start batch size.", ge=1)
-    warm_start_weight_decay: float = knob(0.1, "Built-in model: warm-start AdamW weight decay (matrices only).",
-                                          ge=0)
-    warm_start_restart_after: int = knob(0, "Built-in model: if the warm-start loss is still above "
-                                            "warm_start_restart_loss after this many steps, start again from a new "
-                                            "initialisation, within warm_start_steps in all (0: never).", ge=0)
-    warm_start_restart_loss: float = knob(1.2, "Built-in model: the loss that counts as still stuck (see "
-                                               "warm_start_restart_after).", gt=0)
-    warm_start_target_loss: float = knob(0.0, "Built-in model: stop the warm start early once its loss (mean of "
-                                              "the last 50 steps) is below this, leaving RL a policy that knows the "
-                                              "procedure but still errs (0: run all warm_start_steps).", ge=0)
 
 
 @dataclass
 class DataConfig:
     path: str | None = knob(None, ".jsonl or .parquet with `prompt` and `answer` fields (optional `id`). "
-                                  "None: the built-in task (data.task).")
+                                  "None: the built-in task (builtin.task).")
     heldout_path: str | None = knob(None, "Held-out set for evaluation (same format). None with a built-in task: "
                                           "its disjoint held-out split; None with --data: no held-out eval.")
     reward: str = knob("auto", "Verifier: auto (the built-in task's own verifier, math-verify otherwise), "
                                "a built-in task's verifier (arithmetic, digits), math, or your own function as "
                                "module:function or path/file.py:function (see Custom rewards).")
-    task: str = knob("digits", "Built-in task (when data.path is None): digits (reversed-digit addition, see "
-                               "erpo_fast/tasks/digits.py) or arithmetic (answer-only integer arithmetic).",
-                     choices=C.TASKS)
-    task_levels: str | None = knob(None, "Built-in task: comma-separated levels to draw problems from (e.g. 2,3,4); "
-                                         "None: the task's default levels.")
-    seed: int = knob(0, "Built-in task and model: seed of the train/held-out split and of the warm start, kept "
-                        "apart from trainer.seed so that RL seeds share one warm-started model.", ge=0)
-    num_train: int = knob(2000, "Built-in task: number of training prompts.", ge=1)
-    num_heldout: int = knob(200, "Built-in task: number of held-out prompts.", ge=1)
     max_prompt_length: int = knob(512, "Prompts longer than this (in tokens) are rejected with an error.", ge=1)
     chat_template: bool = knob(True, "Wrap prompts with the tokenizer's chat template when it has one.")
     reward_workers: int = knob(2, "Verifier worker processes (0: in-process, no timeout enforcement).", ge=0)
     reward_timeout_s: float = knob(5.0, "Per-response verification timeout; a timeout scores 0 and is logged.",
                                    gt=0)
+
+
+@dataclass
+class BuiltinConfig:
+    """The built-in task and tiny model: used only when data.path / model.path are unset (the embedded job)."""
+
+    task: str = knob("digits", "Built-in task (when data.path is None): digits (reversed-digit addition, see "
+                               "erpo_fast/tasks/digits.py) or arithmetic (answer-only integer arithmetic).",
+                     choices=C.TASKS)
+    levels: str | None = knob(None, "Comma-separated task levels to draw problems from (e.g. 2,3,4); None: the "
+                                    "task's default levels.")
+    seed: int = knob(0, "Seed of the task's train/held-out split and of the warm start, kept apart from "
+                        "trainer.seed so that RL seeds share one warm-started model.", ge=0)
+    num_train: int = knob(2000, "Training prompts drawn from the task.", ge=1)
+    num_heldout: int = knob(200, "Held-out prompts drawn from the task (disjoint from the training prompts).", ge=1)
+    hidden_size: int = knob(128, "Tiny model (when model.path is None): hidden size.", ge=8)
+    layers: int = knob(4, "Tiny model: number of decoder layers.", ge=1)
+    heads: int = knob(4, "Tiny model: attention heads.", ge=1)
+    kv_heads: int = knob(2, "Tiny model: key/value heads (GQA).", ge=1)
+    intermediate_size: int = knob(384, "Tiny model: MLP width.", ge=8)
+    rope_theta: float = knob(10000.0, "Tiny model: rotary position base (RoPE theta).", gt=0)
+    warm_start_steps: int = knob(400, "Supervised warm-start steps of the tiny model on worked solutions (cached; "
+                                      "0 disables).", ge=0)
+    warm_start_problems: int = knob(2000, "Worked solutions the warm start trains on (disjoint from the RL prompts "
+                                          "and the held-out split).", ge=1)
+    warm_start_lr: float = knob(3e-3, "Warm-start learning rate.", gt=0)
+    warm_start_batch_size: int = knob(64, "Warm-start batch size.", ge=1)
+    warm_start_weight_decay: float = knob(0.1, "Warm-start AdamW weight decay (matrices only).", ge=0)
+    warm_start_restart_after: int = knob(0, "If the warm-start loss is still above warm_start_restart_loss after "
+                                            "this many steps, start again from a new initialisation, within "
+                                            "warm_start_steps in all (0: never).", ge=0)
+    warm_start_restart_loss: float = knob(1.2, "The warm-start loss that counts as still stuck (see "
+                                               "warm_start_restart_after).", gt=0)
+    warm_start_target_loss: float = knob(0.0, "Stop the warm start early once its loss (mean of the last 50 steps) "
+                                              "is below this, leaving RL a policy that knows the procedure but still "
+                                              "errs (0: run all warm_start_steps).", ge=0)
 
 
 @dataclass
@@ -217,6 +222,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -234,9 +240,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # Chosen for the GRPO baseline's held-out gain within 15 minutes on 2 cores (bench/NOTES.md, "Learning demo
     # trials").
     "tiny-cpu": {
-        "model": {"warm_start_steps": 3000, "warm_start_problems": 100000, "warm_start_target_loss": 0.3,
-                  "warm_start_restart_after": 1000},
-        "data": {"num_train": 4000, "num_heldout": 200},
+        "builtin": {"num_train": 4000, "num_heldout": 200, "warm_start_steps": 3000, "warm_start_problems": 100000,
+                    "warm_start_target_loss": 0.3, "warm_start_restart_after": 1000},
         "rollout": {"n": 8, "max_new_tokens": 8},
         "trainer": {"max_steps": 600, "prompts_per_step": 32, "micro_batch_size": 256, "lr": 1e-4,
                     "eval_every": 150, "save_every": 150, "output_dir": "runs/tiny-cpu", "threads": 1},
@@ -257,6 +262,16 @@ ALIASES = {
     "rollout": "rollout.engine",
     "lr": "trainer.lr",
 }
+
+# Knobs that lived elsewhere before the built-in model and task got their own section. A saved run's config.yaml
+# (a resume) is read with the new names; a YAML file or flag that uses an old name gets a one-line error naming the
+# new one.
+MOVED = {**{f"model.tiny_{k}": f"builtin.{k}" for k in ("hidden_size", "layers", "heads", "kv_heads",
+                                                        "intermediate_size", "rope_theta")},
+         **{f"model.warm_start_{k}": f"builtin.warm_start_{k}" for k in (
+             "steps", "problems", "lr", "batch_size", "weight_decay", "restart_after", "restart_loss", "target_loss")},
+         "data.task": "builtin.task", "data.task_levels": "builtin.levels", "data.seed": "builtin.seed",
+         "data.num_train": "builtin.num_train", "data.num_heldout": "builtin.num_heldout"}
 
 # Names other trainers (TRL, verl, HF Trainer) give knobs spelled otherwise here; difflib cannot find these
 # (it suggests trainer.overwrite for trainer.learning_rate).
@@ -348,9 +363,16 @@ def _section_cls(section: str):
     return typing.get_type_hints(Config)[section]
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str = "override") -> None:
-    """Set dotted keys (``{"algorithm.temperature_step": 0.2}``) or nested dicts on ``cfg``, type-checked."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str = "override",
+                    migrate: bool = False) -> None:
+    """Set dotted keys (``{"algorithm.temperature_step": 0.2}``) or nested dicts on ``cfg``, type-checked.
+
+    ``migrate``: read knobs under their old names (:data:`MOVED`), as a saved run's config holds them."""
     for dotted, value in _flatten(overrides).items():
+        if dotted in MOVED:
+            if not migrate:
+                raise ConfigError(f"'{dotted}' is now '{MOVED[dotted]}' ({source})")
+            dotted = MOVED[dotted]
         parts = dotted.split(".")
         if len(parts) != 2:
             valid = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
@@ -521,7 +543,7 @@ def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
     cfg = Config()
     from_yaml = load_yaml(yaml_path) if yaml_path is not None else None
     if saved is not None:
-        apply_overrides(cfg, saved, source="the checkpoint's config.yaml")
+        apply_overrides(cfg, saved, source="the checkpoint's config.yaml", migrate=True)
         cfg.trainer.overwrite = False  # the saved run may have started with --overwrite; this one resumes
         name = preset if preset is not None else "none"
         if name not in PRESETS:

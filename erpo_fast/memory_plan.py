@@ -367,11 +367,11 @@ def shape_of(cfg: Config) -> ModelShape:
             raise ConfigError(f"--plan: cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
     from erpo_fast.tokenizer import build_char_tokenizer
 
-    m = cfg.model
+    b = cfg.builtin
     return ModelShape.from_config(Qwen2Config(
-        vocab_size=len(build_char_tokenizer()), hidden_size=m.tiny_hidden_size, num_hidden_layers=m.tiny_layers,
-        num_attention_heads=m.tiny_heads, num_key_value_heads=m.tiny_kv_heads,
-        intermediate_size=m.tiny_intermediate_size, tie_word_embeddings=True))
+        vocab_size=len(build_char_tokenizer()), hidden_size=b.hidden_size, num_hidden_layers=b.layers,
+        num_attention_heads=b.heads, num_key_value_heads=b.kv_heads, intermediate_size=b.intermediate_size,
+        tie_word_embeddings=True))
 
 
 def main(argv: list[str]) -> int:

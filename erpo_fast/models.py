@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from erpo_fast.choices import ATTN_IMPLEMENTATIONS
 from erpo_fast.errors import ModelLoadError, first_line
 
-from .config import ModelConfig
+from .config import BuiltinConfig
 
 __all__ = [
     "ModelLoadError",
@@ -128,9 +128,10 @@ def own_memory(model: nn.Module) -> None:
             t.data = t.data.clone()
 
 
-def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_embeddings: int = 512,
+def build_tiny_qwen2(tokenizer, cfg: BuiltinConfig, seed: int, *, max_position_embeddings: int = 512,
                      attn_implementation: str = "sdpa"):
-    """A tiny random-weight Qwen2 sized by ``cfg.tiny_*``, vocabulary = ``len(tokenizer)``, tied embeddings.
+    """A tiny random-weight Qwen2 sized by the ``builtin.*`` tiny-model knobs, vocabulary = ``len(tokenizer)``, tied
+    embeddings.
 
     Initialisation is deterministic in ``seed`` (a private generator state; the global RNG is restored).
     """
@@ -138,27 +139,27 @@ def build_tiny_qwen2(tokenizer, cfg: ModelConfig, seed: int, *, max_position_emb
 
     _quiet_transformers()
 
-    if cfg.tiny_hidden_size % cfg.tiny_heads:
-        raise ValueError(f"model.tiny_hidden_size ({cfg.tiny_hidden_size}) must be divisible by "
-                         f"model.tiny_heads ({cfg.tiny_heads})")
-    if cfg.tiny_heads % cfg.tiny_kv_heads:
-        raise ValueError(f"model.tiny_heads ({cfg.tiny_heads}) must be divisible by model.tiny_kv_heads "
-                         f"({cfg.tiny_kv_heads})")
-    if (cfg.tiny_hidden_size // cfg.tiny_heads) % 2:
-        head = cfg.tiny_hidden_size // cfg.tiny_heads
-        raise ValueError(f"head size {head} (tiny_hidden_size / tiny_heads) must be even (rotary)")
+    if cfg.hidden_size % cfg.heads:
+        raise ValueError(f"builtin.hidden_size ({cfg.hidden_size}) must be divisible by "
+                         f"builtin.heads ({cfg.heads})")
+    if cfg.heads % cfg.kv_heads:
+        raise ValueError(f"builtin.heads ({cfg.heads}) must be divisible by builtin.kv_heads "
+                         f"({cfg.kv_heads})")
+    if (cfg.hidden_size // cfg.heads) % 2:
+        head = cfg.hidden_size // cfg.heads
+        raise ValueError(f"head size {head} (builtin.hidden_size / builtin.heads) must be even (rotary)")
     vocab = len(tokenizer)
     if vocab < 2:
         raise ValueError(f"tokenizer vocabulary is too small ({vocab} tokens)")
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=cfg.tiny_hidden_size,
-        intermediate_size=cfg.tiny_intermediate_size,
-        num_hidden_layers=cfg.tiny_layers,
-        num_attention_heads=cfg.tiny_heads,
-        num_key_value_heads=cfg.tiny_kv_heads,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rope_theta=cfg.tiny_rope_theta,
+        rope_theta=cfg.rope_theta,
         tie_word_embeddings=True,
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
         bos_token_id=getattr(tokenizer, "bos_token_id", None),

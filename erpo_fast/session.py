@@ -107,7 +107,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
 
     reward_name = cfg.data.reward
     if reward_name == "auto":
-        reward_name = "math" if cfg.data.path else builtin_reward(cfg.data)
+        reward_name = "math" if cfg.data.path else builtin_reward(cfg.builtin)
     rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
                          timeout_s=cfg.data.reward_timeout_s, name=reward_name)
     rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
@@ -139,7 +139,7 @@ def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     if cfg.data.path is None:
         from erpo_fast.tasks.builtin import splits
 
-        train, heldout = map(problem_records, splits(cfg.data))
+        train, heldout = map(problem_records, splits(cfg.builtin))
     else:
         train = load_prompts(cfg.data.path)
         heldout = load_prompts(cfg.data.heldout_path) if cfg.data.heldout_path else []

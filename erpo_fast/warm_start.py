@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from erpo_fast.batch import RolloutSequence, pack_sequences
-from erpo_fast.config import DataConfig, ModelConfig
+from erpo_fast.config import MOVED, BuiltinConfig
 from erpo_fast.kernels.fused_linear import linear_logprobs
 from erpo_fast.logger import Progress
 from erpo_fast.models import build_tiny_qwen2, last_hidden_state, lm_head_weight
@@ -41,63 +41,63 @@ def cache_root() -> Path:
     return Path(os.environ.get("ERPO_FAST_CACHE", Path.home() / ".cache" / "erpo_fast"))
 
 
-def warm_start_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
-    """Hash of everything that determines the warm-started weights."""
-    fields = {k: v for k, v in vars(model_cfg).items() if k.startswith(("tiny_", "warm_start_"))}
-    fields.update(num_train=data_cfg.num_train, num_heldout=data_cfg.num_heldout, seed=seed,
-                  chat_template=data_cfg.chat_template, version=CACHE_VERSION, torch=torch.__version__,
-                  task=data_cfg.task, task_levels=data_cfg.task_levels)
+def warm_start_key(b: BuiltinConfig, chat_template: bool) -> str:
+    """Hash of everything that determines the warm-started weights (the tiny-model and warm-start knobs under the
+    names they had before the builtin section, so that caches made then stay valid)."""
+    old_name = {new.partition(".")[2]: old.partition(".")[2] for old, new in MOVED.items()}
+    fields = {old_name[k]: v for k, v in vars(b).items() if old_name.get(k, "").startswith(("tiny_", "warm_start_"))}
+    fields.update(num_train=b.num_train, num_heldout=b.num_heldout, seed=b.seed, chat_template=chat_template,
+                  version=CACHE_VERSION, torch=torch.__version__, task=b.task, task_levels=b.levels)
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def builtin_model_for(cfg) -> Path:
-    """The warm-started built-in model of a config (its model.tiny_*/warm_start_* knobs and data task, seed
-    and split sizes), trained on first use."""
+    """The warm-started built-in model of a config (its builtin.* knobs), trained on first use."""
     from erpo_fast.tasks.builtin import splits
 
-    return builtin_model_dir(cfg.model, cfg.data, cfg.data.seed,
-                             lambda: splits(cfg.data, num_warm_start=cfg.model.warm_start_problems)[2])
+    return builtin_model_dir(cfg.builtin, cfg.data.chat_template,
+                             lambda: splits(cfg.builtin, num_warm_start=cfg.builtin.warm_start_problems)[2])
 
 
-def builtin_model_dir(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int,
-                      load_problems: Callable[[], list]) -> Path:
+def builtin_model_dir(b: BuiltinConfig, chat_template: bool, load_problems: Callable[[], list]) -> Path:
     """The warm-started built-in model's folder, training it first if the cache does not have it.
     `load_problems()` gives the worked problems; it is called only on a cache miss (drawing ~100k problems
     costs seconds that a cached run need not pay)."""
-    target = cache_root() / "warm_start" / warm_start_key(model_cfg, data_cfg, seed)
+    target = cache_root() / "warm_start" / warm_start_key(b, chat_template)
+    seed = b.seed
     if (target / "config.json").is_file():
         return target
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, model_cfg, seed)
+    model = build_tiny_qwen2(tokenizer, b, seed)
     t0 = time.perf_counter()
-    if model_cfg.warm_start_steps > 0:
+    if b.warm_start_steps > 0:
         log.info("warm start of the built-in model: %d supervised steps, first use only (cached in %s)",
-                 model_cfg.warm_start_steps, target)
-        examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=data_cfg.chat_template)
+                 b.warm_start_steps, target)
+        examples = [encode_completion(tokenizer, p.prompt, p.solution, chat_template=chat_template)
                     for p in load_problems()]
-        left, attempt = model_cfg.warm_start_steps, 0
+        left, attempt = b.warm_start_steps, 0
         while True:
             # A start that is still on the loss plateau after warm_start_restart_after steps is dropped for a new
             # initialisation: how long the plateau lasts depends on the start (bench/NOTES.md, "Learning demo trials").
-            check = model_cfg.warm_start_restart_after
+            check = b.warm_start_restart_after
             final_loss, steps = supervised_finetune(
-                model, examples, steps=left, lr=model_cfg.warm_start_lr,
-                batch_size=model_cfg.warm_start_batch_size, weight_decay=model_cfg.warm_start_weight_decay,
-                target_loss=model_cfg.warm_start_target_loss, seed=seed + RESTART_SEED_STRIDE * attempt,
-                progress=True, give_up=(check, model_cfg.warm_start_restart_loss) if 0 < check < left else None)
+                model, examples, steps=left, lr=b.warm_start_lr,
+                batch_size=b.warm_start_batch_size, weight_decay=b.warm_start_weight_decay,
+                target_loss=b.warm_start_target_loss, seed=seed + RESTART_SEED_STRIDE * attempt,
+                progress=True, give_up=(check, b.warm_start_restart_loss) if 0 < check < left else None)
             left -= steps
-            if steps == model_cfg.warm_start_restart_after and final_loss > model_cfg.warm_start_restart_loss \
+            if steps == b.warm_start_restart_after and final_loss > b.warm_start_restart_loss \
                     and left > 0:
                 attempt += 1
                 log.warning("warm start: loss %.3f after %d steps is still above %.2f; starting again from a new "
                             "initialisation (attempt %d, %d steps left)", final_loss, steps,
-                            model_cfg.warm_start_restart_loss, attempt + 1, left)
-                model = build_tiny_qwen2(tokenizer, model_cfg, seed + RESTART_SEED_STRIDE * attempt)
+                            b.warm_start_restart_loss, attempt + 1, left)
+                model = build_tiny_qwen2(tokenizer, b, seed + RESTART_SEED_STRIDE * attempt)
                 continue
             break
-        reached = 0 < final_loss < model_cfg.warm_start_target_loss
+        reached = 0 < final_loss < b.warm_start_target_loss
         log.info("warm start: %d SFT steps in %.1fs (%d restart(s)), final loss %.3f%s",
-                 model_cfg.warm_start_steps - left, time.perf_counter() - t0, attempt, final_loss,
+                 b.warm_start_steps - left, time.perf_counter() - t0, attempt, final_loss,
                  " (target reached)" if reached else "")
     _save_atomically(model, tokenizer, target)
     return target

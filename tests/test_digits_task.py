@@ -96,23 +96,23 @@ def test_reward_rejects_a_non_digit_answer():
 
 
 def test_config_selects_the_task_and_levels():
-    cfg = build_config(overrides={"data.task": "digits", "data.task_levels": "3,4", "data.num_train": 40,
-                                  "data.num_heldout": 10})
-    train, heldout, warm = builtin.splits(cfg.data, num_warm_start=20)
+    cfg = build_config(overrides={"builtin.task": "digits", "builtin.levels": "3,4", "builtin.num_train": 40,
+                                  "builtin.num_heldout": 10})
+    train, heldout, warm = builtin.splits(cfg.builtin, num_warm_start=20)
     assert {p.level for p in train + heldout + warm} == {3, 4}
-    assert builtin.reward_name(cfg.data) == "digits"
-    assert builtin.reward_name(build_config(overrides={"data.task": "arithmetic"}).data) == "arithmetic"
-    assert build_config().data.task == "digits"  # the embedded default job's task (preset tiny-cpu)
+    assert builtin.reward_name(cfg.builtin) == "digits"
+    assert builtin.reward_name(build_config(overrides={"builtin.task": "arithmetic"}).builtin) == "arithmetic"
+    assert build_config().builtin.task == "digits"  # the embedded default job's task (preset tiny-cpu)
     for bad in ("3,x", "3,3", "9"):
-        with pytest.raises(ConfigError, match="task_levels"):
-            builtin.levels(build_config(overrides={"data.task": "digits", "data.task_levels": bad}).data)
-    with pytest.raises(ConfigError, match="data.task"):
-        build_config(overrides={"data.task": "nope"})
+        with pytest.raises(ConfigError, match="builtin.levels"):
+            builtin.levels(build_config(overrides={"builtin.task": "digits", "builtin.levels": bad}).builtin)
+    with pytest.raises(ConfigError, match="builtin.task"):
+        build_config(overrides={"builtin.task": "nope"})
 
 
 def test_arithmetic_warm_start_examples_are_the_problems_a_larger_train_split_adds():
-    cfg = build_config(overrides={"data.task": "arithmetic", "data.num_train": 100, "data.num_heldout": 20})
-    train, heldout, warm = builtin.splits(cfg.data, num_warm_start=50)
+    cfg = build_config(overrides={"builtin.task": "arithmetic", "builtin.num_train": 100, "builtin.num_heldout": 20})
+    train, heldout, warm = builtin.splits(cfg.builtin, num_warm_start=50)
     assert (train, heldout) == arithmetic_splits(seed=0, num_train=100, num_heldout=20)
     bigger, _ = arithmetic_splits(seed=0, num_train=150, num_heldout=20)
     assert warm == [p for p in bigger if p not in train][:50]
@@ -120,12 +120,12 @@ def test_arithmetic_warm_start_examples_are_the_problems_a_larger_train_split_ad
 
 
 def _tiny_model(seed=0):
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64)
+    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     return tok, build_tiny_qwen2(tok, cfg, seed=seed)
 
 
@@ -176,7 +176,7 @@ def test_warm_start_gives_up_on_a_stuck_start_and_restarts(tmp_path, monkeypatch
     import logging
 
     from erpo_fast import warm_start
-    from erpo_fast.config import DataConfig, ModelConfig
+    from erpo_fast.config import BuiltinConfig
 
     tok, model = _tiny_model()
     examples = [([5, 6, 7], [8, 9, tok.eos_token_id])]
@@ -190,12 +190,12 @@ def test_warm_start_gives_up_on_a_stuck_start_and_restarts(tmp_path, monkeypatch
     real_build = warm_start.build_tiny_qwen2
     monkeypatch.setattr(warm_start, "build_tiny_qwen2", lambda tok, cfg, seed: inits.append(seed) or
                         real_build(tok, cfg, seed))
-    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64,
-                      warm_start_steps=12, warm_start_batch_size=2, warm_start_restart_after=5,
-                      warm_start_restart_loss=1e-9)
+    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, seed=3,
+                        warm_start_steps=12, warm_start_batch_size=2, warm_start_restart_after=5,
+                        warm_start_restart_loss=1e-9)
     problems = make_splits(seed=0, num_train=4, num_heldout=2, levels=(1,), num_warm_start=8)[2]
     with caplog.at_level(logging.INFO, logger="erpo_fast"):
-        path = warm_start.builtin_model_dir(cfg, DataConfig(task="digits"), 3, lambda: problems)
+        path = warm_start.builtin_model_dir(cfg, True, lambda: problems)
     assert (path / "config.json").is_file()
     stride = warm_start.RESTART_SEED_STRIDE
     assert inits == [3, 3 + stride, 3 + 2 * stride]  # 5 steps, 5 steps, then the last 2 with no check left

@@ -119,7 +119,7 @@ def test_quick_run_json_shape_and_consistency(quick_run):
     # The task the comparison ran on is the preset's (the trainer's default), and its held-out split is that task's.
     from erpo_fast.config import build_config
 
-    assert cfg["task"] == build_config("tiny-cpu", None, {}).data.task
+    assert cfg["task"] == build_config("tiny-cpu", None, {}).builtin.task
 
 
 @pytest.mark.slow
@@ -162,7 +162,7 @@ def test_rerun_continues_from_cached_runs(quick_run, tmp_path):
     hit, seed0 = cached(work / "grpo_seed0.json", key(QUICK)), first["arms"]["grpo"]["seeds"][0]
     assert hit is not None and {**hit, "heldout_before": seed0["heldout_before"]} == seed0
     assert cached(work / "grpo_seed0.json", key({**QUICK, "steps": QUICK["steps"] + 1})) is None
-    changed_preset = build_config(PRESET, None, {"model.warm_start_lr": 1e-3}).to_dict()
+    changed_preset = build_config(PRESET, None, {"builtin.warm_start_lr": 1e-3}).to_dict()
     assert cached(work / "grpo_seed0.json", key(QUICK, changed_preset)) is None
 
 

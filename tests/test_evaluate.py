@@ -48,13 +48,13 @@ def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path):
     import sys
 
     from erpo_fast.checkpoint import latest_checkpoint
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model_dir = tmp_path / "model"
-    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64)
+    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     build_tiny_qwen2(tok, cfg, seed=1).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     data = tmp_path / "d.jsonl"

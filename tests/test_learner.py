@@ -15,7 +15,7 @@ import torch
 
 from erpo_fast import algorithms
 from erpo_fast.batch import IGNORE_INDEX, RolloutSequence, pack_sequences
-from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from erpo_fast.config import AlgorithmConfig, BuiltinConfig, ModelConfig, TrainerConfig
 from erpo_fast.learner import Learner, lr_factor
 from erpo_fast.models import (
     ModelLoadError,
@@ -28,8 +28,8 @@ from erpo_fast.models import (
 )
 from erpo_fast.tokenizer import build_char_tokenizer
 
-TINY = ModelConfig(tiny_hidden_size=32, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2,
-                   tiny_intermediate_size=64)
+TINY = BuiltinConfig(hidden_size=32, layers=2, heads=4, kv_heads=2,
+                   intermediate_size=64)
 MAX_LEN = 8
 
 
@@ -133,7 +133,7 @@ def test_build_tiny_qwen2_is_deterministic_and_tied(tokenizer):
 
 def test_build_tiny_qwen2_rejects_bad_sizes(tokenizer):
     with pytest.raises(ValueError, match="divisible"):
-        build_tiny_qwen2(tokenizer, ModelConfig(tiny_hidden_size=30, tiny_heads=4), 0)
+        build_tiny_qwen2(tokenizer, BuiltinConfig(hidden_size=30, heads=4), 0)
 
 
 def test_last_hidden_state_matches_hf_logits(tokenizer):
@@ -325,9 +325,9 @@ def test_packed_forward_equals_each_sequence_alone(tokenizer, attn):
 # loss, gradients and log-probs against the full-logits reference
 # ----------------------------------------------------------------------------------------------------
 
-def make_learner(model, algo=None, trainer=None, model_cfg=TINY, ref_model=None):
-    return Learner(model, algo or AlgorithmConfig(), trainer or TrainerConfig(), model_cfg, device="cpu",
-                   max_len=MAX_LEN, ref_model=ref_model)
+def make_learner(model, algo=None, trainer=None, model_cfg=None, ref_model=None):
+    return Learner(model, algo or AlgorithmConfig(), trainer or TrainerConfig(), model_cfg or ModelConfig(),
+                   device="cpu", max_len=MAX_LEN, ref_model=ref_model)
 
 
 @pytest.mark.parametrize("loss_agg, ratio_level, logprob_temperature", [
@@ -449,8 +449,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     seqs = make_sequences(4, seed=5)
     grads = []
     for ckpt in (False, True):
-        cfg = copy.deepcopy(TINY)
-        cfg.gradient_checkpointing = ckpt
+        cfg = ModelConfig(gradient_checkpointing=ckpt)
         learner = make_learner(tiny_model(tokenizer), model_cfg=cfg)
         learner.loss_and_grads(seqs)
         grads.append([p.grad.clone() for p in learner.model.parameters()])
@@ -623,8 +622,7 @@ def test_bf16_compute_on_cpu_tracks_fp32(tokenizer):
     seqs = make_sequences(4, seed=13)
     losses = []
     for dtype in ("float32", "bfloat16"):
-        cfg = copy.deepcopy(TINY)
-        cfg.dtype = dtype
+        cfg = ModelConfig(dtype=dtype)
         model = tiny_model(tokenizer)
         learner = make_learner(model, model_cfg=cfg)
         assert learner.compute_dtype == getattr(torch, dtype)
@@ -648,4 +646,4 @@ def test_learner_input_validation(tokenizer):
     with pytest.raises(ValueError, match="separate"):
         make_learner(same, AlgorithmConfig(kl_beta=0.1), ref_model=same)
     with pytest.raises(ValueError, match="max_len"):
-        Learner(tiny_model(tokenizer), AlgorithmConfig(), TrainerConfig(), TINY, device="cpu", max_len=0)
+        Learner(tiny_model(tokenizer), AlgorithmConfig(), TrainerConfig(), ModelConfig(), device="cpu", max_len=0)

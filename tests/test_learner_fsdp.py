@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from erpo_fast.batch import RolloutSequence
-from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from erpo_fast.config import AlgorithmConfig, BuiltinConfig, ModelConfig, TrainerConfig
 from erpo_fast.learner import Learner
 from erpo_fast.models import build_tiny_qwen2
 from erpo_fast.tokenizer import build_char_tokenizer
@@ -31,8 +31,8 @@ pytestmark = [
                        reason="needs torch.distributed with the gloo backend"),
 ]
 
-TINY = ModelConfig(tiny_hidden_size=32, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2,
-                   tiny_intermediate_size=64)
+TINY = BuiltinConfig(hidden_size=32, layers=2, heads=4, kv_heads=2,
+                   intermediate_size=64)
 MAX_LEN = 8
 WORLD = 2
 
@@ -86,7 +86,7 @@ def build_learner(case: str, model=None) -> Learner:
             for p in ref.parameters():
                 p.mul_(1.05)
     trainer = TrainerConfig(lr=1e-3, grad_clip=1.0, **trainer_kw)
-    return Learner(model, algo, trainer, copy.deepcopy(TINY), device="cpu", max_len=MAX_LEN, ref_model=ref)
+    return Learner(model, algo, trainer, ModelConfig(), device="cpu", max_len=MAX_LEN, ref_model=ref)
 
 
 def run_case(case: str, indices: list[int], ckpt_dir: Path) -> dict:
@@ -194,7 +194,7 @@ def test_two_ranks_match_one_process(case, tmp_path):
 
 
 # Wide enough that tensor data, not the per-tensor record overhead of the .distcp files, dominates their size.
-WIDE = ModelConfig(tiny_hidden_size=256, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2, tiny_intermediate_size=512)
+WIDE = BuiltinConfig(hidden_size=256, layers=2, heads=4, kv_heads=2, intermediate_size=512)
 
 
 def _shard_worker(rank: int, store: str, out_dir: str) -> None:
@@ -202,7 +202,7 @@ def _shard_worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         learner = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(),
-                          TrainerConfig(lr=1e-3), copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+                          TrainerConfig(lr=1e-3), ModelConfig(), device="cpu", max_len=MAX_LEN)
         learner.train_on(make_sequences()[rank::WORLD])
         learner.save_optimizer(Path(out_dir) / "optimizer")
     finally:
@@ -214,7 +214,7 @@ def test_each_rank_saves_about_half_of_the_optimizer_state(tmp_path):
     AdamW state that one process saves (nobody gathers the full state), and the shards load back as it."""
     spawn_ranks(_shard_worker, str(tmp_path / "store"), str(tmp_path), what="sharded optimizer save")
     single = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(), TrainerConfig(lr=1e-3),
-                     copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+                     ModelConfig(), device="cpu", max_len=MAX_LEN)
     single.train_on(make_sequences())
     single.save_optimizer(tmp_path / "single")
     full_bytes = sum(v.numel() * v.element_size() for s in single.optimizer.state.values() for v in s.values()
@@ -226,7 +226,7 @@ def test_each_rank_saves_about_half_of_the_optimizer_state(tmp_path):
         assert 0.45 < shard / full_bytes < 0.55, (r, shard, full_bytes)
     # The two shards load into one unsharded learner (resharding on load) and give the full state back.
     resumed = Learner(build_tiny_qwen2(build_char_tokenizer(), WIDE, 0), AlgorithmConfig(), TrainerConfig(lr=1e-3),
-                      copy.deepcopy(WIDE), device="cpu", max_len=MAX_LEN)
+                      ModelConfig(), device="cpu", max_len=MAX_LEN)
     resumed.load_optimizer(tmp_path / "optimizer")
     loaded = sum(v.numel() * v.element_size() for s in resumed.optimizer.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor))

@@ -123,10 +123,11 @@ def test_train_run_logs_near_zero_mismatch(tmp_path, tmp_path_factory, monkeypat
     from erpo_fast.train import main
 
     monkeypatch.setenv("ERPO_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    args = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-            "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
-            "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-            "--model.warm_start_batch_size", "16", "--data.num_train", "16", "--data.num_heldout", "8",
+    args = ["--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+            "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "20",
+            "--builtin.task", "arithmetic",  # easy: a barely trained model scores
+            "--builtin.warm_start_problems", "2000",
+            "--builtin.warm_start_batch_size", "16", "--builtin.num_train", "16", "--builtin.num_heldout", "8",
             "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
             "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
             "--logging.plots", "false", "--trainer.threads", "1", "--trainer.lr", "1e-3",

@@ -10,10 +10,10 @@ from erpo_fast.profiling import PHASES, parse_profile_steps
 from erpo_fast.train import main
 
 TINY = [
-    "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "5",
-    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-    "--model.warm_start_batch_size", "8", "--data.num_train", "32", "--data.num_heldout", "8",
+    "--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "5",
+    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",  # easy: a barely trained model scores
+    "--builtin.warm_start_batch_size", "8", "--builtin.num_train", "32", "--builtin.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "2", "--rollout.max_new_tokens", "4",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--logging.plots", "false", "--trainer.threads", "1",

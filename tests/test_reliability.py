@@ -31,10 +31,10 @@ from erpo_fast.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
-    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-    "--model.warm_start_batch_size", "16", "--data.num_train", "64", "--data.num_heldout", "8",
+    "--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "20",
+    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",  # easy: a barely trained model scores
+    "--builtin.warm_start_batch_size", "16", "--builtin.num_train", "64", "--builtin.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--trainer.threads", "1", "--trainer.lr", "1e-3", "--rollout.sync_check_every", "0",
@@ -444,7 +444,7 @@ def test_divergence_stop_is_an_event(tmp_path, capsys):
 def test_skipped_step_is_an_event(tmp_path, caplog):
     out = tmp_path / "run"
     # Untrained model, exact answers: every group is all-wrong, dynamic sampling drops them all.
-    assert main([*TINY, "--output-dir", str(out), "--max-steps", "1", "--model.warm_start_steps", "0",
+    assert main([*TINY, "--output-dir", str(out), "--max-steps", "1", "--builtin.warm_start_steps", "0",
                  "--algorithm.dynamic_sampling", "true", "--algorithm.max_refill_rounds", "0"]) == 0
     (record,) = read_metrics(out)
     assert record["sequences_trained"] == 0
@@ -516,13 +516,13 @@ def test_progress_off_a_terminal_is_plain_lines_every_k_steps(tmp_path, capsys):
 
 
 def test_warm_start_shows_progress(capsys):
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.tokenizer import build_char_tokenizer
     from erpo_fast.warm_start import supervised_finetune
 
     tok = build_char_tokenizer()
-    cfg = ModelConfig(tiny_hidden_size=16, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=32)
+    cfg = BuiltinConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32)
     model = build_tiny_qwen2(tok, cfg, seed=0)
     examples = [([5, 6, 7], [8, 9, tok.eos_token_id])] * 4
     supervised_finetune(model, examples, steps=20, lr=1e-3, batch_size=2, seed=0, progress=True)
@@ -534,13 +534,13 @@ def test_warm_start_shows_progress(capsys):
 
 
 def test_transformers_bars_are_silenced(tmp_path, capfd):
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2, load_model
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    model = build_tiny_qwen2(tok, ModelConfig(tiny_hidden_size=16, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1,
-                                              tiny_intermediate_size=32), seed=0)
+    model = build_tiny_qwen2(tok, BuiltinConfig(hidden_size=16, layers=1, heads=2, kv_heads=1,
+                                              intermediate_size=32), seed=0)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     load_model(tmp_path, dtype="float32", device="cpu")

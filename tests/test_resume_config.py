@@ -16,13 +16,13 @@ TIMING = ("time_", "tokens_per_s")
 
 
 def _setup(tmp_path):
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model = tmp_path / "model"
-    cfg = ModelConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64)
+    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     build_tiny_qwen2(tok, cfg, seed=1).save_pretrained(model)
     tok.save_pretrained(model)
     data = tmp_path / "train.jsonl"

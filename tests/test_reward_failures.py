@@ -27,9 +27,9 @@ def flaky(response, answer):
     return float(response.strip() == answer)
 '''
 
-TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-        "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "0",
-        "--data.task", "arithmetic", "--data.num_train", "64", "--data.num_heldout", "8",
+TINY = ["--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+        "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "0",
+        "--builtin.task", "arithmetic", "--builtin.num_train", "64", "--builtin.num_heldout", "8",
         "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
         "--data.reward_workers", "0", "--logging.plots", "false", "--trainer.threads", "1",
         "--trainer.save_every", "1"]

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from erpo_fast.config import ModelConfig, build_config
+from erpo_fast.config import BuiltinConfig, build_config
 from erpo_fast.distributed import init_runtime
 from erpo_fast.errors import WeightSyncError
 from erpo_fast.models import build_tiny_qwen2
@@ -20,7 +20,7 @@ from erpo_fast.session import build_session
 from erpo_fast.tokenizer import build_char_tokenizer
 from erpo_fast.train import train_step
 
-TINY = ModelConfig(tiny_hidden_size=32, tiny_layers=2, tiny_heads=4, tiny_kv_heads=2, tiny_intermediate_size=64)
+TINY = BuiltinConfig(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")

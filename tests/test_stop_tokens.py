@@ -27,13 +27,13 @@ def _sharp_model_dir(path):
     EOS list. Returns (dir, that token)."""
     from transformers import GenerationConfig
 
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.prompting import encode_prompt
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    cfg = ModelConfig(tiny_hidden_size=64, tiny_layers=1, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=64)
+    cfg = BuiltinConfig(hidden_size=64, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     ids = torch.tensor([encode_prompt(tok, PROMPT)])
     for seed in range(20):
         model = build_tiny_qwen2(tok, cfg, seed=seed)

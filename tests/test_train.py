@@ -11,10 +11,10 @@ from erpo_fast.logger import read_metrics
 from erpo_fast.train import main
 
 TINY = [
-    "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "20",
-    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-    "--model.warm_start_batch_size", "16", "--data.num_train", "64", "--data.num_heldout", "8",
+    "--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "20",
+    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",  # easy: a barely trained model scores
+    "--builtin.warm_start_batch_size", "16", "--builtin.num_train", "64", "--builtin.num_heldout", "8",
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "2", "--trainer.eval_k", "2", "--data.reward_workers", "0",
     "--logging.progress", "false", "--trainer.threads", "1", "--trainer.lr", "1e-3",
@@ -126,7 +126,7 @@ def _tiny_model_dir(tmp_path):
     cfg = config_from_cli(TINY)
     tok = build_char_tokenizer()
     path = tmp_path / "model"
-    build_tiny_qwen2(tok, cfg.model, seed=1).save_pretrained(path)
+    build_tiny_qwen2(tok, cfg.builtin, seed=1).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -188,7 +188,7 @@ def test_diverged_policy_stops_cleanly_and_keeps_checkpoints(tmp_path, capsys):
     # logits. The run must stop with exit 1 and a message, not a traceback, and keep what it had written.
     # 16 prompts: the first step has a group with signal, so its update is the one that diverges.
     code = _run(tmp_path, "--max-steps", "5", "--trainer.lr", "1e30", "--trainer.save_every", "1",
-                "--model.warm_start_steps", "200", "--model.warm_start_batch_size", "32",
+                "--builtin.warm_start_steps", "200", "--builtin.warm_start_batch_size", "32",
                 "--rollout.sync_check_every", "0", "--trainer.prompts_per_step", "16")
     err = capsys.readouterr().err
     assert code == 1
@@ -199,8 +199,8 @@ def test_diverged_policy_stops_cleanly_and_keeps_checkpoints(tmp_path, capsys):
 
 def test_dynamic_sampling_drops_and_refills(tmp_path):
     assert _run(tmp_path, "--max-steps", "3", "--algorithm.dynamic_sampling", "true",
-                "--algorithm.max_refill_rounds", "2", "--model.warm_start_steps", "200",
-                "--model.warm_start_batch_size", "32") == 0
+                "--algorithm.max_refill_rounds", "2", "--builtin.warm_start_steps", "200",
+                "--builtin.warm_start_batch_size", "32") == 0
     n, batch = 4, 4
     for r in read_metrics(tmp_path):
         signal_groups = round(r["frac_mixed"] * batch)  # without RA only mixed groups carry signal
@@ -219,8 +219,8 @@ def test_stale_engine_fails_the_weight_sync_check(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(NativeEngine, "update_weights", lambda self, named_weights: None)
     # A separate engine copy (a shared one sees every update without a sync; tests/test_shared_weights.py breaks
     # that one its own way).
-    code = _run(tmp_path, "--max-steps", "2", "--trainer.lr", "3e-2", "--model.warm_start_steps", "200",
-                "--model.warm_start_batch_size", "32", "--trainer.prompts_per_step", "16",
+    code = _run(tmp_path, "--max-steps", "2", "--trainer.lr", "3e-2", "--builtin.warm_start_steps", "200",
+                "--builtin.warm_start_batch_size", "32", "--trainer.prompts_per_step", "16",
                 "--rollout.share_weights", "false")
     err = capsys.readouterr().err
     assert code == 1

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from erpo_fast.logger import read_metrics
 
 ARGS = [
-    "--model.tiny_hidden_size", "32", "--model.tiny_layers", "1", "--model.tiny_heads", "2",
-    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "64", "--model.warm_start_steps", "200",
-    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-    "--model.warm_start_batch_size", "32", "--data.num_train", "64", "--data.num_heldout", "8",
-    "--model.tiny_rope_theta", "100",  # pinned: with the preset's base 10,000 step 1 has no signal here
+    "--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
+    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "200",
+    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",  # easy: a barely trained model scores
+    "--builtin.warm_start_batch_size", "32", "--builtin.num_train", "64", "--builtin.num_heldout", "8",
+    "--builtin.rope_theta", "100",  # pinned: with the preset's base 10,000 step 1 has no signal here
     "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--trainer.threads", "1", "--trainer.lr", "1e-3", "--max-steps", "2", "--rollout.sync_check_every", "1",

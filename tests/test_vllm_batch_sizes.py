@@ -23,12 +23,12 @@ pytestmark = pytest.mark.vllm
 
 
 def _model_dir(path):
-    from erpo_fast.config import ModelConfig
+    from erpo_fast.config import BuiltinConfig
     from erpo_fast.models import build_tiny_qwen2
     from erpo_fast.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    cfg = ModelConfig(tiny_hidden_size=64, tiny_layers=2, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=128)
+    cfg = BuiltinConfig(hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128)
     build_tiny_qwen2(tok, cfg, seed=0).save_pretrained(path)  # head_dim 32: vLLM's CPU attention rejects 16
     tok.save_pretrained(path)
     return path

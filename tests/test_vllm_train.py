@@ -20,11 +20,11 @@ from erpo_fast.logger import read_metrics
 
 SMALL = [
     # head_dim 32: vLLM's CPU attention rejects 16
-    "--model.tiny_hidden_size", "64", "--model.tiny_layers", "2", "--model.tiny_heads", "2",
-    "--model.tiny_kv_heads", "1", "--model.tiny_intermediate_size", "192",
-    "--model.warm_start_steps", "400", "--model.warm_start_batch_size", "32",
-    "--data.task", "arithmetic", "--model.warm_start_problems", "2000",  # easy: a barely trained model scores
-    "--data.num_train", "128", "--data.num_heldout", "16", "--trainer.prompts_per_step", "8", "--rollout.n", "4",
+    "--builtin.hidden_size", "64", "--builtin.layers", "2", "--builtin.heads", "2",
+    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "192",
+    "--builtin.warm_start_steps", "400", "--builtin.warm_start_batch_size", "32",
+    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",  # easy: a barely trained model scores
+    "--builtin.num_train", "128", "--builtin.num_heldout", "16", "--trainer.prompts_per_step", "8", "--rollout.n", "4",
     "--trainer.eval_every", "0", "--data.reward_workers", "0", "--logging.progress", "false",
     "--logging.plots", "false", "--trainer.threads", "1", "--trainer.lr", "1e-4", "--rollout.sync_check_every", "1",
     "--rollout.enforce_eager", "true", "--trainer.save_every", "3",

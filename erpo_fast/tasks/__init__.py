@@ -1,7 +1,7 @@
 """Built-in synthetic tasks: offline, seeded, with exactly checkable answers.
 
 Each is one module here that follows `Task`, named in `erpo_fast.choices.TASKS` (which the config offers as
-data.task and `erpo_fast.rewards` as a verifier name): adding a task is adding its module and its name.
+builtin.task and `erpo_fast.rewards` as a verifier name): adding a task is adding its module and its name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ class Task(Protocol):
     solution the warm start trains on, ending in the answer) and ``level``."""
 
     LEVELS: Sequence[int]  # every level the task can draw from
-    DEFAULT_LEVELS: Sequence[int]  # the levels a run uses without data.task_levels
+    DEFAULT_LEVELS: Sequence[int]  # the levels a run uses without builtin.levels
 
     def make_splits(self, seed: int, num_train: int, num_heldout: int, levels: Sequence[int],
                     num_warm_start: int = 0) -> tuple[list, ...]:

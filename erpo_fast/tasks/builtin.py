@@ -1,38 +1,35 @@
-"""The built-in task a run uses (data.task, data.task_levels): its splits, warm-start examples and verifier."""
+"""The built-in task a run uses (builtin.task, builtin.levels): its splits, warm-start examples and verifier."""
 
 from __future__ import annotations
 
-from erpo_fast.config import ConfigError, DataConfig
+from erpo_fast.config import BuiltinConfig, ConfigError
 from erpo_fast.tasks import Task, get_task
 
 
-def levels(data_cfg: DataConfig) -> tuple[int, ...]:
-    """data.task_levels parsed ("2,3,4" -> (2, 3, 4)), or the task's default levels."""
-    task: Task = get_task(data_cfg.task)
-    if data_cfg.task_levels is None:
+def levels(b: BuiltinConfig) -> tuple[int, ...]:
+    """builtin.levels parsed ("2,3,4" -> (2, 3, 4)), or the task's default levels."""
+    task: Task = get_task(b.task)
+    if b.levels is None:
         return tuple(task.DEFAULT_LEVELS)
     try:
-        out = tuple(int(part) for part in data_cfg.task_levels.split(","))
+        out = tuple(int(part) for part in b.levels.split(","))
     except ValueError:
-        raise ConfigError(f"data.task_levels={data_cfg.task_levels!r}: expected comma-separated integers, "
-                          "e.g. 2,3,4") from None
+        raise ConfigError(f"builtin.levels={b.levels!r}: expected comma-separated integers, e.g. 2,3,4") from None
     known = sorted(task.LEVELS)
     if not out or len(set(out)) != len(out) or not set(out) <= set(known):
-        raise ConfigError(f"data.task_levels={data_cfg.task_levels!r}: distinct levels of the {data_cfg.task} "
-                          f"task, from {known}")
+        raise ConfigError(f"builtin.levels={b.levels!r}: distinct levels of the {b.task} task, from {known}")
     return out
 
 
-def splits(data_cfg: DataConfig, num_warm_start: int = 0):
+def splits(b: BuiltinConfig, num_warm_start: int = 0):
     """(train, held-out) problems, plus with num_warm_start > 0 that many warm-start problems disjoint from both."""
     try:
-        return get_task(data_cfg.task).make_splits(seed=data_cfg.seed, num_train=data_cfg.num_train,
-                                                    num_heldout=data_cfg.num_heldout, levels=levels(data_cfg),
-                                                    num_warm_start=num_warm_start)
+        return get_task(b.task).make_splits(seed=b.seed, num_train=b.num_train, num_heldout=b.num_heldout,
+                                            levels=levels(b), num_warm_start=num_warm_start)
     except ValueError as e:  # e.g. more prompts asked for than the chosen levels hold
-        raise ConfigError(f"built-in task {data_cfg.task}: {e}") from None
+        raise ConfigError(f"built-in task {b.task}: {e}") from None
 
 
-def reward_name(data_cfg: DataConfig) -> str:
+def reward_name(b: BuiltinConfig) -> str:
     """The task's verifier, as `data.reward` names it (see erpo_fast.rewards.get_reward_fn)."""
-    return data_cfg.task
+    return b.task
