@@ -354,7 +354,7 @@ def _advice(cfg: Config, plan: MemoryPlan, shape: ModelShape, device: torch.devi
 
 def shape_of(cfg: Config) -> ModelShape:
     """The model's shape from ``model.path``'s config.json (weights and tokenizer not needed), or the built-in
-    model's from the ``model.tiny_*`` knobs."""
+    model's from the ``builtin.*`` tiny-model knobs."""
     from transformers import AutoConfig, Qwen2Config
 
     if cfg.model.path is not None:
