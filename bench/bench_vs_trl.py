@@ -150,7 +150,7 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     threads = assets.get("threads", 1)
     torch.set_num_threads(threads)
     cfg = build_config("none", overrides={
-        "model.path": assets["model_dir"], "model.dtype": "float32",
+        "model.path": assets["model_dir"], "model.dtype": assets.get("dtype", "float32"),
         "data.path": assets["data"], "data.reward": f"{Path(__file__).resolve()}:parity_reward",
         "data.reward_workers": 0, "data.chat_template": False,
         "rollout.n": GROUP, "rollout.max_new_tokens": assets["new_tokens"], "rollout.sync_check_every": 0,
@@ -250,7 +250,8 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         max_completion_length=new_tokens, generation_kwargs={"min_new_tokens": new_tokens},
         temperature=1.0, top_p=1.0, beta=0.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.28, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, num_iterations=1,
-        use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", logging_steps=1,
+        use_cpu=True, bf16=assets.get("dtype") == "bfloat16", fp16=False, report_to="none", save_strategy="no",
+        logging_steps=1,
         # TRL 1.16 turns gradient checkpointing ON by default; both contenders get the bench's one setting.
         gradient_checkpointing=assets.get("checkpointing", False),
         disable_tqdm=True, dataloader_num_workers=0, seed=0, log_completions=False)
@@ -331,6 +332,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", choices=("off", "on"), default="off",
                         help="activation checkpointing, the same for both contenders (TRL's own default is on)")
     parser.add_argument("--new-tokens", type=int, default=0, help="completion length (0: the model's default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of both contenders: fp32 master weights either way; bfloat16 is autocast "
+                             "(ours: model.dtype bfloat16, a bf16 engine copy; TRL: bf16=True)")
     parser.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP)
     parser.add_argument("--micro-batch", type=int, default=MICRO_BATCH, help="sequences per forward/backward")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two contenders")
@@ -362,7 +366,7 @@ def main() -> None:
             for regime in args.prompts:
                 assets = dict(build_assets(name, Path(tmp), regime, new_tokens=args.new_tokens or None),
                               checkpointing=args.checkpointing == "on", prompts_per_step=args.prompts_per_step,
-                              micro_batch=args.micro_batch)
+                              micro_batch=args.micro_batch, dtype=args.dtype)
                 key = f"{name}/{regime}"
                 runs = {"erpo-fast": [], "trl": []}
                 for r in range(args.rounds):
@@ -384,13 +388,14 @@ def main() -> None:
                 print_table([ours, theirs], ["contender", "s_per_step", "generation_s", "score_s", "learning_s",
                                              "tokens_per_s", "peak_rss_gb", "timed_steps"],
                             title=f"model {name}, prompts {regime} tokens, {assets['new_tokens']} new tokens, "
-                                  f"checkpointing {args.checkpointing} (ratios erpo-fast / TRL: "
+                                  f"checkpointing {args.checkpointing}, {args.dtype} (ratios erpo-fast / TRL: "
                                   + ", ".join(f"{k} {v:.2f}" for k, v in ratios[key].items()) + ")")
-    write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}", {
+    dtype_tag = "" if args.dtype == "float32" else f"_{args.dtype}"
+    write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}{dtype_tag}", {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "micro_batch": args.micro_batch,
-                     "lr": LR, "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": "float32",
+                     "lr": LR, "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": args.dtype,
                      "checkpointing": args.checkpointing,
                      "prompt_regimes": {p: PROMPT_LENGTHS[p] for p in args.prompts},
                      "full_length": "TRL min_new_tokens=N; ours no stop tokens"},
