@@ -158,6 +158,16 @@ def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool) -
     return best
 
 
+def _own_copy_reason(cfg: Config, engine_dtype: torch.dtype, distributed_world: int) -> str:
+    if not cfg.rollout.share_weights:
+        return "rollout.share_weights is off"
+    if engine_dtype != torch.float32:
+        return f"it runs {str(engine_dtype).removeprefix('torch.')}, the learner fp32 master weights"
+    if distributed_world > 1:
+        return "the learner is sharded (FSDP2)"
+    return "this model type has no fused engine backend (the hf backend runs the learner's modules)"
+
+
 def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_tokens: int | None = None,
                 runtime_bytes: int | None = None, budget: int | None = None, shares_weights: bool | None = None,
                 checkpointing: bool | None = None, distributed_world: int = 1) -> MemoryPlan:
@@ -205,15 +215,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     if native:
         engine_weights = 0 if shares_weights else p * torch.empty((), dtype=engine_dtype).element_size()
         if not shares_weights:
-            if not cfg.rollout.share_weights:
-                why = "rollout.share_weights is off"
-            elif engine_dtype != torch.float32:
-                why = f"it runs {str(engine_dtype).removeprefix('torch.')}, the learner fp32 master weights"
-            elif distributed_world > 1:
-                why = "the learner is sharded (FSDP2)"
-            else:
-                why = "this model type has no fused engine backend (the hf backend runs the learner's modules)"
-            notes.append(f"the native engine keeps its own copy of the weights: {why}")
+            notes.append("the native engine keeps its own copy of the weights: "
+                         + _own_copy_reason(cfg, engine_dtype, distributed_world))
         kv = 2 * shape.layers * rows_total * shape.kv_width * (prompt_tokens + new) * act_bytes
         terms["engine weights"] = engine_weights
         terms[f"engine KV cache ({rows_total} rows x {prompt_tokens + new} tokens)"] = kv

@@ -66,3 +66,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_model(directory, *, seed: int = 1):
+    """A user's model folder: a tiny random-weight Qwen2 (hidden 32, 1 layer) and the character tokenizer."""
+    from erpo_fast.config import BuiltinConfig
+    from erpo_fast.models import build_tiny_qwen2
+    from erpo_fast.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    build_tiny_qwen2(tok, cfg, seed=seed).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

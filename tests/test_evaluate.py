@@ -47,16 +47,11 @@ def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path):
     import subprocess
     import sys
 
-    from erpo_fast.checkpoint import latest_checkpoint
-    from erpo_fast.config import BuiltinConfig
-    from erpo_fast.models import build_tiny_qwen2
-    from erpo_fast.tokenizer import build_char_tokenizer
+    from conftest import save_tiny_model
 
-    tok = build_char_tokenizer()
-    model_dir = tmp_path / "model"
-    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
-    build_tiny_qwen2(tok, cfg, seed=1).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    from erpo_fast.checkpoint import latest_checkpoint
+
+    model_dir = save_tiny_model(tmp_path / "model")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(9) for b in range(3)))

@@ -2,6 +2,7 @@
 owns and transformers (>= 5.25) imports. Checked the four ways the package is reached: a plain source
 checkout, the editable install (from the repository root and from elsewhere), and an installed wheel."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -99,8 +100,13 @@ def test_the_test_environment_from_another_directory(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_installs_and_imports_in_a_clean_virtual_environment(tmp_path):
+    # Built from a clean copy of the sources: setuptools reuses a checkout's build/lib, where a module that has
+    # since been moved or deleted would still sit and go into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", ".venv*", "*.egg-info", "__pycache__", "runs", "results", ".*cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            str(ROOT), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+                            str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("erpo_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

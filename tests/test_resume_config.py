@@ -16,15 +16,9 @@ TIMING = ("time_", "tokens_per_s")
 
 
 def _setup(tmp_path):
-    from erpo_fast.config import BuiltinConfig
-    from erpo_fast.models import build_tiny_qwen2
-    from erpo_fast.tokenizer import build_char_tokenizer
+    from conftest import save_tiny_model
 
-    tok = build_char_tokenizer()
-    model = tmp_path / "model"
-    cfg = BuiltinConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
-    build_tiny_qwen2(tok, cfg, seed=1).save_pretrained(model)
-    tok.save_pretrained(model)
+    model = save_tiny_model(tmp_path / "model")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
                             for a in range(10) for b in range(5)))
