@@ -73,6 +73,11 @@ class ModelShape:
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @property
+    def decoder_params(self) -> int:
+        """Parameters the decoder layers' linears use (the embedding and LM head excluded)."""
+        return self.params - self.vocab * self.hidden * (1 if self.tied else 2)
+
 
 @dataclass
 class MemoryPlan:
@@ -114,7 +119,8 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int) -> tuple[float, float]:
+def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autocast: bool = False
+                     ) -> tuple[float, float]:
     """(bytes per packed token, bytes per attention token) saved by one decoder layer for backward.
 
     Counted from autograd's saved tensors of transformers' Llama-family layer (tests/test_memory_plan.py checks
@@ -122,24 +128,28 @@ def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int) -> tu
     (the next linear's input) in fp32 (``res_bytes``), the o_proj input (``act_bytes``), the MLP gate, up,
     activation and product (4 x intermediate); packed attention keeps the gathered q, k, v blocks and the sdpa
     output, padded per block (attention tokens: prompt + response per sequence, since shared prompts are
-    re-gathered for each sample), and a log-sum-exp per head.
+    re-gathered for each sample), and a log-sum-exp per head. Under autocast each linear also keeps the bf16 cast
+    of its fp32 input (the two norm outputs).
     """
     h, i = shape.hidden, shape.intermediate
-    dense = 6 * h * res_bytes + h * act_bytes + 4 * i * act_bytes
+    dense = 6 * h * res_bytes + h * act_bytes + 4 * i * act_bytes + (2 * h * act_bytes if autocast else 0)
     attention = (2 * h + 2 * shape.kv_width) * act_bytes + shape.heads * 4
     return dense, attention
 
 
 def saved_activation_bytes(shape: ModelShape, *, packed: int, attention_tokens: int, trained: int, act_bytes: int,
-                           checkpointing: bool) -> int:
+                           checkpointing: bool, autocast: bool = False) -> int:
     """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``attention_tokens``
     (sum of prompt + response over its sequences), ``trained`` response tokens. With checkpointing each layer keeps
-    only its input (fp32 residual stream)."""
-    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4)
+    only its input (fp32 residual stream). ``autocast`` (a compute dtype below the fp32 master weights, one
+    process): every linear also keeps the cast copy of its weight until its backward, so the decoder's weights
+    are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory)."""
+    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
     final = packed * 2 * shape.hidden * 4 + trained * shape.hidden * act_bytes  # final norm; the loss's hidden rows
+    casts = shape.decoder_params * act_bytes if autocast else 0
     if checkpointing:
         return int(packed * shape.hidden * 4 * shape.layers + final)
-    return int((packed * dense + attention_tokens * attention) * shape.layers + final)
+    return int((packed * dense + attention_tokens * attention) * shape.layers + final + casts)
 
 
 def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool) -> tuple[int, int, int]:
@@ -198,10 +208,12 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
         cfg.model.attn_implementation == "auto" and device.type == "cuda")
     packed, attn_tokens, trained = _largest_micro_batch(cfg, prompt_tokens, share)
+    autocast = compute != torch.float32 and distributed_world <= 1  # FSDP2 casts through its mixed-precision policy
     saved = saved_activation_bytes(shape, packed=packed, attention_tokens=attn_tokens, trained=trained,
-                                   act_bytes=act_bytes, checkpointing=ckpt)
-    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4)
-    recompute = (packed * dense + attn_tokens * attention) if ckpt else 0  # backward re-runs one layer at a time
+                                   act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast)
+    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
+    casts = shape.decoder_params * act_bytes / shape.layers if autocast else 0  # one layer's weights, cast
+    recompute = (packed * dense + attn_tokens * attention + casts) if ckpt else 0  # backward re-runs one layer
     backward = packed * (3 * shape.intermediate + 2 * shape.hidden) * act_bytes  # one layer's gradient transients
     activations = saved + recompute + backward
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
@@ -209,6 +221,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     workspace = min(trained, rows) * shape.vocab * act_bytes * 2
     if shape.tied:  # the loss's [V, H] weight gradient waits through the backward for the embedding's share
         workspace += shape.vocab * shape.hidden * 4
+    if compute != torch.float32:  # the LM head's weight in the compute dtype, held by the loss until its backward
+        workspace += shape.vocab * shape.hidden * act_bytes
     terms["loss workspace (logits chunk, LM-head gradient)"] = workspace
 
     rows_total = cfg.trainer.prompts_per_step * cfg.rollout.n // shard

@@ -58,23 +58,25 @@ def _saved_bytes(learner, batch, params):
     return sum(storages.values()), hidden
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: autocast over fp32 master weights
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_saved_activations_match_autograds_saved_tensors(ckpt):
+def test_saved_activations_match_autograds_saved_tensors(ckpt, dtype):
     model = qwen2()
     learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=1000),
-                      ModelConfig(gradient_checkpointing=ckpt), device="cpu", max_len=64)
+                      ModelConfig(gradient_checkpointing=ckpt, dtype=dtype), device="cpu", max_len=64)
     g = torch.Generator().manual_seed(0)
     seqs = [RolloutSequence(list(range(5, 45)) if i < 4 else list(range(7, 37)),
                             torch.randint(3, 300, (50,), generator=g).tolist(), [], 1.0, 1.0, i) for i in range(8)]
     batch = pack_sequences(seqs, share_prompts=True)
     params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
     measured, hidden = _saved_bytes(learner, batch, params)
-    measured += hidden.numel() * 4  # the [N, H] rows the fused loss saves
+    measured += hidden.numel() * hidden.element_size()  # the [N, H] rows the fused loss saves
     shape = ModelShape.from_config(model.config)
     packed = batch.input_ids.shape[1]
     attention = sum(s[1] + s[3] for s in batch.segments)
     predicted = saved_activation_bytes(shape, packed=packed, attention_tokens=attention, trained=batch.num_tokens,
-                                       act_bytes=4, checkpointing=ckpt)
+                                       act_bytes=4 if dtype == "float32" else 2, checkpointing=ckpt,
+                                       autocast=dtype != "float32")
     assert predicted == pytest.approx(measured, rel=0.05)
 
 
