@@ -178,7 +178,17 @@ def _fused_backend(model) -> bool:
     return getattr(model.config, "model_type", "") in FUSED_MODEL_TYPES
 
 
+def _warn_if_bf16_is_emulated(cfg: Config, device: torch.device) -> None:
+    # bf16 pays on CPUs with AVX512-BF16 or AMX (oneDNN: 3.5-4x fp32's GEMM rate, bench/NOTES.md); elsewhere
+    # oneDNN emulates it and it is slower than fp32.
+    if device.type == "cpu" and resolve_dtype(cfg.model.dtype, device) == torch.bfloat16 \
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("model.dtype=bfloat16 on a CPU without native bf16 matrix instructions (AVX512-BF16 or AMX): "
+                    "it will run slower than float32")
+
+
 def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False):
+    _warn_if_bf16_is_emulated(cfg, device)
     if cfg.rollout.engine == "vllm":
         from erpo_fast.engines import vllm_available
 

@@ -185,3 +185,22 @@ def test_config_defaults_keep_the_old_behaviour():
     t = Config().trainer
     assert t.micro_batch_tokens == 0 and t.optimizer_impl == "auto" and t.memory_budget_gb == 0
     assert GB == 1e9
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
+    import logging
+
+    from erpo_fast import session
+    from erpo_fast.config import build_config
+
+    cfg = build_config("none", overrides={"model.dtype": "bfloat16"})
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="erpo_fast"):
+            session._warn_if_bf16_is_emulated(cfg, torch.device("cpu"))
+        assert ("slower than float32" in caplog.text) is warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="erpo_fast"):
+        session._warn_if_bf16_is_emulated(build_config("none"), torch.device("cpu"))  # float32: nothing to say
+    assert not caplog.text
