@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PACKED_SDPA", "PackedLayout", "enable_packed_attention", "packed_hidden_state", "packed_sdpa_attention"]
+__all__ = ["PACKED_SDPA", "PackedLayout", "enable_packed_attention", "length_buckets", "packed_hidden_state",
+           "packed_sdpa_attention"]
 
 PACKED_SDPA = "erpo_packed_sdpa"
 
@@ -33,6 +34,19 @@ PACKED_SDPA = "erpo_packed_sdpa"
 # padding costs at most ~1/0.8^2 - 1 = 56% extra attention work (attention only; projections never see padding)
 # and lengths spanning 64x still make only ~19 blocks per layer.
 _BLOCK_LENGTH_RATIO = 0.8
+
+
+def length_buckets(lengths: Sequence[int], ratio: float = _BLOCK_LENGTH_RATIO) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first: an index joins the current batch while its
+    length is at least ``ratio`` of the batch's longest (the padded work one batch wastes stays bounded)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] >= ratio * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 @dataclass
@@ -62,13 +76,7 @@ class PackedLayout:
         lengths = [int(al) + int(bl) for _, al, _, bl in segments]
         if not lengths or min(lengths) <= 0:
             raise ValueError(f"a packed layout needs sequences of positive length, got {lengths}")
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        groups: list[list[int]] = []
-        for i in order:
-            if groups and lengths[i] >= _BLOCK_LENGTH_RATIO * lengths[groups[-1][0]]:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
+        groups = length_buckets(lengths)
         base = [0] * len(lengths)  # first output slot of each sequence
         blocks = []
         offset = 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from erpo_fast.kernels.sampling import derive_seeds, sample_tokens
+from erpo_fast.packed_attention import length_buckets
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
 
@@ -552,7 +553,7 @@ class NativeEngine:
         """Each prompt's last-position logits [num_prompts, V] (fp32), prefilling the cache in length buckets."""
         device = self.device
         logits = torch.empty(len(prompts), self.vocab_size, dtype=torch.float32, device=device)
-        for bucket in _length_buckets(lengths_list):
+        for bucket in length_buckets(lengths_list):  # prefill batches of similar prompt length
             width = lengths_list[bucket[0]]
             ids = torch.zeros(len(bucket), width, dtype=torch.long)
             for row, i in enumerate(bucket):
@@ -675,19 +676,4 @@ class _RowSampling:
 
 # A prompt joins the current prefill batch while it is at least this fraction of the batch's longest prompt,
 # so at most ~20% of a batch's prefill compute goes to padding; each extra batch costs one forward's overhead.
-_PREFILL_BUCKET_RATIO = 0.8
-
-
-def _length_buckets(lengths: list[int]) -> list[list[int]]:
-    """Group prompt indices into prefill batches of similar length, longest first in each batch."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    for i in order:
-        if buckets and lengths[i] >= _PREFILL_BUCKET_RATIO * lengths[buckets[-1][0]]:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets
-
-
 __all__ = ["NativeEngine", "RaggedKVCache", "FusedLlamaRunner", "HFModuleRunner", "FUSED_MODEL_TYPES"]
