@@ -105,7 +105,10 @@ class Rollout:
         # after the update brings the new weights back). Refill rounds above reuse the awake engine.
         self.engine.sleep()
         sequences = self._sequences(kept)
-        counts = all_gather_objects((len(sequences), totals.pop("response_tokens")), self.rt)
+        # Counts over every rank (each rank scores its own slice); the phase times stay this rank's own.
+        counts = all_gather_objects((len(sequences), totals.pop("response_tokens"), totals["reward_timeouts"],
+                                     totals["reward_errors"]), self.rt)
+        totals["reward_timeouts"], totals["reward_errors"] = sum(c[2] for c in counts), sum(c[3] for c in counts)
         s, n_groups = first_round_stats, max(1, first_round_stats["groups"])
         metrics = {
             "reward_mean": s["reward_mean"], "frac_all_correct": s["all_correct"] / n_groups,
