@@ -116,6 +116,10 @@ class RolloutConfig:
     sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
                                      "(0: never).", ge=0)
     sync_check_atol: float = knob(2e-2, "Tolerance of that check on probe log-probs.", gt=0)
+    device: str = knob("auto", "Device of the rollout process when trainer.async_steps >= 1 (auto: cpu on a CPU "
+                               "run; on CUDA the first GPU after the learner ranks', cuda:<local world size>).")
+    threads: int = knob(0, "CPU threads of the rollout process when trainer.async_steps >= 1 (0: trainer.threads).",
+                        ge=0)
 
 
 @dataclass
@@ -148,8 +152,9 @@ class AlgorithmConfig:
     logprob_temperature: str = knob("row", "Learner log-probs at each row's sampling temperature (row) or at "
                                            "T=1 with truncated importance sampling (one).",
                                     choices=C.LOGPROB_TEMPERATURES)
-    is_level: str = knob("none", "Truncated importance-sampling correction of rollout/learner mismatch.",
-                         choices=("none", *C.IS_LEVELS))
+    is_level: str = knob("auto", "Truncated importance-sampling correction of rollout/learner mismatch (auto: "
+                                 "token when trainer.async_steps >= 1, else none).",
+                         choices=("auto", "none", *C.IS_LEVELS))
     is_clip: float = knob(2.0, "Upper bound of the truncated importance-sampling weight.", gt=0)
     is_mask: str = knob("none", "Masked importance sampling: zero the loss of tokens (token, IcePop) or of whole "
                                 "sequences (sequence, geometric-mean ratio) whose learner/rollout ratio is outside "
@@ -176,6 +181,9 @@ class TrainerConfig:
     micro_batch_tokens: int = knob(0, "Packed tokens (prompt + response) per learner forward/backward at most, so "
                                       "that activation memory does not depend on response lengths; a longer single "
                                       "sequence runs alone (0: no token bound, micro_batch_size only).", ge=0)
+    async_steps: int = knob(0, "Asynchronous off-policy training: the rollout process generates batch t+K while "
+                                   "the learner trains on batch t, from the weights exactly K updates old (0: "
+                                   "the synchronous colocated loop).", ge=0)
     updates_per_step: int = knob(1, "Optimizer steps per rollout batch (mini-batches; >1 makes the ratio leave 1).",
                                  ge=1)
     lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
@@ -409,6 +417,8 @@ def validate(cfg: Config) -> Config:
             setattr(sub, f.name, value)
             _check_range(f"{section}.{f.name}", value, f.metadata)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
+    if a.is_level == "auto":  # off-policy correction on by default where the rollout policy is stale
+        a.is_level = "token" if t.async_steps else "none"
     _check_with_modules(a, r)
     if r.n < 2 and (a.advantage != "reinforce_pp" or a.dynamic_sampling):
         raise ConfigError(f"rollout.n={r.n}: group advantages ({a.advantage}) and dynamic sampling need at least "

@@ -169,6 +169,8 @@ def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool) -
 
 
 def _own_copy_reason(cfg: Config, engine_dtype: torch.dtype, distributed_world: int) -> str:
+    if cfg.trainer.async_steps:
+        return "it lives in the async rollout process"
     if not cfg.rollout.share_weights:
         return "rollout.share_weights is off"
     if engine_dtype != torch.float32:
@@ -225,7 +227,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
         workspace += shape.vocab * shape.hidden * act_bytes
     terms["loss workspace (logits chunk, LM-head gradient)"] = workspace
 
-    rows_total = cfg.trainer.prompts_per_step * cfg.rollout.n // shard
+    # The async rollout process samples the global batch; colocated engines each their rank's share.
+    rows_total = cfg.trainer.prompts_per_step * cfg.rollout.n // (1 if cfg.trainer.async_steps else shard)
     if native:
         engine_weights = 0 if shares_weights else p * torch.empty((), dtype=engine_dtype).element_size()
         if not shares_weights:
@@ -253,9 +256,28 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
                 + terms.get("reference model (fp32, for the KL term)", 0))
     learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk, LM-head gradient)"]
     phases = {"rollout": resident + rollout_transient, "learning": resident + learn}
+    if cfg.trainer.async_steps:
+        phases = _async_phases(cfg, terms, device, p * torch.empty((), dtype=engine_dtype).element_size(),
+                               resident - engine_weights + learn, engine_weights + rollout_transient + runtime, notes)
     return MemoryPlan(device=str(device), compute_dtype=compute, engine=cfg.rollout.engine,
                       shares_weights=native and shares_weights, checkpointing=ckpt, micro_batch_tokens=packed,
                       terms=terms, phases=phases, budget=budget, notes=notes)
+
+
+def _async_phases(cfg: Config, terms: dict, device: torch.device, slot_bytes: int, learner: int, rollout: int,
+                  notes: list) -> dict:
+    """trainer.async_steps >= 1: the rollout process (its engine and its own runtime) runs while the learner
+    learns, beside K weight slots; on CPU they share the machine's memory, on CUDA it has a GPU of its own."""
+    k = cfg.trainer.async_steps
+    terms[f"async weight slots ({k} x engine dtype, shared)"] = k * slot_bytes
+    if device.type == "cpu":
+        terms["async rollout process runtime"] = terms["runtime (torch, libraries)"]
+        notes.append("async: the rollout process samples while the learner learns, so both phases count at once")
+        return {"async (rollout and learning at once)": learner + rollout + k * slot_bytes}
+    notes.append(f"async: the engine, its KV cache and the weight slots live on the rollout process's GPU "
+                 f"(rollout.device); this plan is the learner's GPU; the rollout GPU holds about "
+                 f"{(rollout + k * slot_bytes) / GB:.2f} GB")
+    return {"learning": learner}
 
 
 def native_shares_weights(cfg: Config, device: torch.device, world: int = 1) -> bool:
@@ -265,7 +287,7 @@ def native_shares_weights(cfg: Config, device: torch.device, world: int = 1) -> 
     from erpo_fast.models import resolve_dtype
 
     return (cfg.rollout.engine == "native" and cfg.rollout.share_weights and world == 1
-            and resolve_dtype(cfg.model.dtype, device) == torch.float32)
+            and not cfg.trainer.async_steps and resolve_dtype(cfg.model.dtype, device) == torch.float32)
 
 
 MMAP_THRESHOLD = 1 << 20

@@ -51,12 +51,45 @@ def step_seed(seed: int, step: int, round_: int, row: int) -> int:
     return zlib.crc32(f"{seed}/{step}/{round_}/{row}".encode())
 
 
+def sync_check_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0)
+
+
+def check_probe(learner, probe: RolloutSequence, cfg: Config, step: int) -> dict:
+    """The weight-sync check: the learner's log-probs of the engine's probe sample must match the engine's own
+    (`erpo_fast.engines.base.verify_sync`). A stale engine (one public trainer kept sampling from the base weights
+    after "syncing") stops the run. Collective under FSDP (every rank passes the same probe)."""
+    ours = learner.compute_logprobs([probe], temperature=1.0)[0]
+    return verify_sync(probe.rollout_logprobs, ours, atol=cfg.rollout.sync_check_atol,
+                       what=f"weight sync check at step {step} (rollout.sync_check_atol)")
+
+
+def new_tracker(cfg: Config, num_prompts: int) -> HistoryTracker:
+    a = cfg.algorithm
+    return HistoryTracker(num_prompts, base_temperature=a.base_temperature, temperature_step=a.temperature_step,
+                          max_temperature=a.max_temperature, success_threshold=a.success_threshold, history=a.history)
+
+
+def restore_tracker(cfg: Config, state: dict, train: list[PromptRecord]
+                    ) -> tuple[PromptIndex, np.ndarray, HistoryTracker]:
+    """The prompt index, each training row's tracker id and the tracker of a saved `Rollout.state_dict`. Prompt
+    ids are stable by key: the saved index first, then any prompt new to ``train`` appended (the tracker grows)."""
+    index = PromptIndex()
+    index.load_state_dict(state["prompt_index"])
+    tracker_ids = index.add([r.key for r in train])
+    tracker = new_tracker(cfg, int(state["tracker"]["num_prompts"]))
+    tracker.load_state_dict(state["tracker"])
+    tracker.grow(max(tracker.num_prompts, len(index)))
+    return index, tracker_ids, tracker
+
+
 class Rollout:
     """Sampler, tracker, engine and verifiers behind one object; see the module docstring."""
 
     def __init__(self, cfg: Config, rt: Runtime, *, tokenizer, engine, rewards, train: list[PromptRecord],
-                 heldout: list[PromptRecord]):
+                 heldout: list[PromptRecord], colocated: bool = True):
         self.cfg, self.rt, self.tokenizer, self.engine, self.rewards = cfg, rt, tokenizer, engine, rewards
+        self.colocated = colocated  # False in the async rollout process: its engine has its device to itself
         self.train, self.heldout = train, heldout
         self.prompt_ids = encode_prompts(tokenizer, [r.prompt for r in train],
                                          chat_template=cfg.data.chat_template,
@@ -65,15 +98,9 @@ class Rollout:
         self.stop_token_ids = stop_token_ids(tokenizer, getattr(engine, "eos_token_id", None))
         self.prompt_index = PromptIndex()
         self.tracker_ids = self.prompt_index.add([r.key for r in train])  # tracker id of each dataset row
-        self.tracker = self._new_tracker(len(self.prompt_index))
+        self.tracker = new_tracker(cfg, len(self.prompt_index))
         self.sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank,
                                      rt.world_size)
-
-    def _new_tracker(self, num_prompts: int) -> HistoryTracker:
-        a = self.cfg.algorithm
-        return HistoryTracker(num_prompts, base_temperature=a.base_temperature, temperature_step=a.temperature_step,
-                              max_temperature=a.max_temperature, success_threshold=a.success_threshold,
-                              history=a.history)
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -103,7 +130,8 @@ class Rollout:
                 break
         # The learner runs next: the engine frees its device memory (at the level it chooses; the weight sync
         # after the update brings the new weights back). Refill rounds above reuse the awake engine.
-        self.engine.sleep()
+        if self.colocated:
+            self.engine.sleep()
         sequences = self._sequences(kept)
         # Counts over every rank (each rank scores its own slice); the phase times stay this rank's own.
         counts = all_gather_objects((len(sequences), totals.pop("response_tokens"), totals["reward_timeouts"],
@@ -219,24 +247,22 @@ class Rollout:
 
     def sync_weights(self, learner, step: int) -> dict:
         """Bring the learner's new weights into the engine (in memory; the engine wakes as it needs), and every
-        ``rollout.sync_check_every`` steps check that the engine really samples from them.
-
-        The check: the engine samples a fixed probe at T=1 and the learner's log-probs of that sample must match
-        the engine's (`erpo_fast.engines.base.verify_sync`). A stale engine (one public trainer kept sampling from
-        the base weights after "syncing") stops the run. Returns the check's statistics ({} on other steps).
-        """
-        cfg = self.cfg
+        ``rollout.sync_check_every`` steps check that the engine really samples from them (:func:`check_probe`).
+        Returns the check's statistics ({} on other steps)."""
         self.engine.update_weights(learner.named_weights())
-        if not (cfg.rollout.sync_check_every and step % cfg.rollout.sync_check_every == 0):
+        if not sync_check_due(self.cfg, step):
             return {}
+        return check_probe(learner, self.sample_probe(step), self.cfg, step)
+
+    def sample_probe(self, step: int) -> RolloutSequence:
+        """The sync check's probe: the first training prompt sampled by the engine at T=1 (a fixed seed per
+        step), with the engine's log-probs as ``rollout_logprobs``."""
+        cfg = self.cfg
         probe = encode_prompt(self.tokenizer, self.train[0].prompt, chat_template=cfg.data.chat_template)
         sample = self._generate(step, [probe], [1.0], 1, min(16, cfg.rollout.max_new_tokens), stop_token_ids=[],
                                 seed=[1234 + step])[0][0]
-        probe_seq = RolloutSequence(prompt_ids=probe, response_ids=list(sample.token_ids), rollout_logprobs=[],
-                                    temperature=1.0, advantage=0.0, seq_key=0)
-        ours = learner.compute_logprobs([probe_seq], temperature=1.0)[0]
-        return verify_sync(sample.logprobs, ours, atol=cfg.rollout.sync_check_atol,
-                           what=f"weight sync check at step {step} (rollout.sync_check_atol)")
+        return RolloutSequence(prompt_ids=probe, response_ids=list(sample.token_ids),
+                               rollout_logprobs=list(sample.logprobs), temperature=1.0, advantage=0.0, seq_key=0)
 
     def evaluate(self, step: int) -> dict:
         """Held-out mean@k / pass@k (rank 0 samples; the result is shared with every rank)."""
@@ -267,12 +293,11 @@ class Rollout:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`. Prompt ids are stable by key: the saved index first, then any prompt new
         to this dataset appended (the tracker grows to match). Raises ValueError for a mismatched sampler."""
-        self.prompt_index.load_state_dict(state["prompt_index"])
-        self.tracker_ids = self.prompt_index.add([r.key for r in self.train])
-        tracker = self._new_tracker(int(state["tracker"]["num_prompts"]))
-        tracker.load_state_dict(state["tracker"])
-        tracker.grow(max(tracker.num_prompts, len(self.prompt_index)))
-        self.tracker = tracker
+        saved = state.get("async") or {}
+        if saved.get("pending"):
+            raise ValueError(f"the checkpoint holds {len(saved['pending'])} in-flight batches of an async run "
+                             f"(trainer.async_steps={saved['async_steps']}); resume with that setting")
+        self.prompt_index, self.tracker_ids, self.tracker = restore_tracker(self.cfg, state, self.train)
         self.sampler.load_state_dict(state["sampler"])
 
     def close(self) -> None:

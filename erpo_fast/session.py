@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from erpo_fast.async_rollout import AsyncRollout
 from erpo_fast.checkpoint import (
     SHARDS_DIRNAME,
     capture_rng_state,
@@ -53,7 +54,7 @@ class Session:
     model_dir: Path  # the run's starting model (the KL reference)
     tokenizer: object
     learner: Learner
-    rollout: Rollout
+    rollout: Rollout | AsyncRollout
     start_step: int = 0
     nan_streak: int = 0  # consecutive steps whose update was skipped for a non-finite loss
     heldout_before: dict = field(default_factory=dict)  # held-out metrics of the starting policy
@@ -80,7 +81,7 @@ class Session:
 
 def build_session(cfg: Config, rt: Runtime) -> Session:
     """Load or build every component; with trainer.resume, continue from the newest checkpoint."""
-    train, heldout = _load_data(cfg)
+    train, heldout = load_data(cfg)
     resume_from = latest_intact_checkpoint(cfg.trainer.output_dir) if cfg.trainer.resume else None
     if cfg.trainer.resume and resume_from is None:
         log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.trainer.output_dir)
@@ -102,18 +103,16 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     # One copy of the weights where one suffices: a native engine in the learner's dtype on its device reads the
     # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
     shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
-    engine = _make_engine(cfg, model, model_dir, device, share=shares)
-    from erpo_fast.tasks.builtin import reward_name as builtin_reward
-
-    reward_name = cfg.data.reward
-    if reward_name == "auto":
-        reward_name = "math" if cfg.data.path else builtin_reward(cfg.builtin)
-    rewards = RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
-                         timeout_s=cfg.data.reward_timeout_s, name=reward_name)
-    rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=rewards, train=train, heldout=heldout)
+    if cfg.trainer.async_steps:  # the engine, verifiers and tracker live in the rollout process (started below)
+        rollout = AsyncRollout(cfg, rt, model_dir=model_dir, train=train, heldout=heldout)
+        engine_copy = None
+    else:
+        engine = make_rollout_engine(cfg, model, model_dir, device, share=shares)
+        rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=make_rewards(cfg), train=train,
+                          heldout=heldout)
+        engine_copy = None if shares or cfg.rollout.engine != "native" else engine.model
     # The plan runs before the learner allocates anything (it may turn model.gradient_checkpointing on, logged);
     # on CPU its runtime term is what the process holds now (libraries, data, the tracker's JIT) besides weights.
-    engine_copy = None if shares or cfg.rollout.engine != "native" else engine.model
     plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
                runtime_bytes=_runtime_rss(model, ref_model, engine_copy) if device.type == "cpu" else None,
                shares_weights=shares, distributed_world=rt.world_size)
@@ -132,10 +131,23 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
         except ValueError as e:  # e.g. resumed with another trainer.seed: a usage error, not a crash
             raise ConfigError(f"--resume from {resume_from}: {e}") from None
         log.info("resumed from %s (step %d)", resume_from, session.start_step)
+    if isinstance(rollout, AsyncRollout):
+        rollout.start(learner, session.start_step)
     return session
 
 
-def _load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
+def make_rewards(cfg: Config) -> RewardPool:
+    """The verifier pool of data.reward (auto: math for a dataset, the built-in task's own checker otherwise)."""
+    from erpo_fast.tasks.builtin import reward_name as builtin_reward
+
+    reward_name = cfg.data.reward
+    if reward_name == "auto":
+        reward_name = "math" if cfg.data.path else builtin_reward(cfg.builtin)
+    return RewardPool(get_reward_fn(reward_name), num_workers=cfg.data.reward_workers,
+                      timeout_s=cfg.data.reward_timeout_s, name=reward_name)
+
+
+def load_data(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord]]:
     if cfg.data.path is None:
         from erpo_fast.tasks.builtin import splits
 
@@ -187,7 +199,10 @@ def _warn_if_bf16_is_emulated(cfg: Config, device: torch.device) -> None:
                     "it will run slower than float32")
 
 
-def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False):
+def make_rollout_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, share: bool = False,
+                        give_model: bool = False):
+    """The engine of rollout.engine. ``share``: a native engine reading the learner's own parameters;
+    ``give_model``: the engine may keep ``model`` itself (the async rollout process, which has no learner)."""
     _warn_if_bf16_is_emulated(cfg, device)
     if cfg.rollout.engine == "vllm":
         from erpo_fast.engines import vllm_available
@@ -205,6 +220,6 @@ def _make_engine(cfg: Config, model, model_dir: Path, device: torch.device, *, s
                            dtype=resolve_dtype(cfg.model.dtype, device))
     # Otherwise the engine samples from its own copy (bf16 engine and fp32 master weights, FSDP2 shards, or
     # rollout.share_weights off), and every step exercises the weight sync.
-    engine_model = model if share else copy.deepcopy(model)
+    engine_model = model if share or give_model else copy.deepcopy(model)
     return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
                        **({"backend": "fused"} if share else {}))
