@@ -92,7 +92,7 @@ class AsyncRollout:
             self._slots = WeightSlots(layout, num_slots=self.k, dtype=resolve_dtype(self.cfg.model.dtype, self.device),
                                       device=self.device)
             plan = WorkerPlan(config=self.cfg.to_dict(), model_dir=self.model_dir, device=str(self.device),
-                              start_step=start_step, first_batch=start_step + 1 + len(self._restored),
+                              parent_pid=os.getpid(), start_step=start_step, first_batch=start_step + 1 + len(self._restored),
                               rollout_state=self._rollout_state)
             ctx = mp.get_context("spawn")
             self._versions, self._queue = ctx.Queue(), ctx.Queue()
@@ -109,7 +109,13 @@ class AsyncRollout:
         proc, self._proc = self._proc, None
         if proc.is_alive():
             self._versions.put(None)
-            proc.join(timeout=30)
+            # Read what it still sends: a process exits only once its queue's buffered messages are delivered.
+            deadline = time.monotonic() + 30
+            while proc.is_alive() and time.monotonic() < deadline:
+                try:
+                    self._queue.get(timeout=0.2)
+                except queue.Empty:
+                    pass
         if proc.is_alive():
             proc.terminate()
             proc.join(timeout=10)

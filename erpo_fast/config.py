@@ -419,6 +419,9 @@ def validate(cfg: Config) -> Config:
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
     if a.is_level == "auto":  # off-policy correction on by default where the rollout policy is stale
         a.is_level = "token" if t.async_steps else "none"
+    if t.async_steps and r.engine == "vllm" and r.tensor_parallel_size > 1:
+        raise ConfigError("trainer.async_steps with rollout.tensor_parallel_size > 1 is not supported yet: the "
+                          "rollout process runs one vLLM engine on one device")
     _check_with_modules(a, r)
     if r.n < 2 and (a.advantage != "reinforce_pp" or a.dynamic_sampling):
         raise ConfigError(f"rollout.n={r.n}: group advantages ({a.advantage}) and dynamic sampling need at least "

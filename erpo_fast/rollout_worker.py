@@ -23,6 +23,9 @@ which re-raises it there; Ctrl-C ends this process quietly (the learner's side r
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import signal
 import traceback
 from dataclasses import dataclass
 
@@ -36,6 +39,7 @@ class WorkerPlan:
     """What the rollout process is told at spawn."""
 
     config: dict  # Config.to_dict(), validated
+    parent_pid: int  # the learner's process: this one ends when it does
     model_dir: str  # architecture, tokenizer (the weights come from the slots)
     device: str
     start_step: int  # the learner's step at start: version start_step is published first
@@ -66,9 +70,39 @@ def state_wanted(cfg, batch: int) -> bool:
     return batch == last or any(min(s + k, last) == batch for s in save_steps(cfg))
 
 
+def _next_version(versions, parent_pid: int) -> int | None:
+    """The next published version, or None when the learner says stop or is gone (killed without a word)."""
+    while True:
+        try:
+            return versions.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return None
+
+
+def _die_with_the_learner() -> None:
+    """Linux: SIGTERM this process when the learner's process dies, even from SIGKILL (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent-pid check between versions ends it
+
+
+def _leave_the_learners_world() -> None:
+    """Under torchrun this process inherits rank 0's RANK / WORLD_SIZE / MASTER_PORT; it is a world of its own
+    (vLLM's external_launcher would otherwise try to join the learners' process group)."""
+    for name in [k for k in os.environ if k.startswith("TORCHELASTIC_")] + [
+            "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+            "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"]:
+        os.environ.pop(name, None)
+
+
 def worker_main(plan: WorkerPlan, slots, versions, results) -> None:
     """Entry point of the rollout process (spawned by `erpo_fast.async_rollout.AsyncRollout`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [rollout] %(message)s")
+    _die_with_the_learner()
     try:
         _serve(plan, slots, versions, results)
     except KeyboardInterrupt:
@@ -84,6 +118,7 @@ def _serve(plan: WorkerPlan, slots, versions, results) -> None:
     from erpo_fast.rollout import Rollout, sync_check_due
     from erpo_fast.session import load_data, make_rewards, make_rollout_engine
 
+    _leave_the_learners_world()
     cfg = Config()
     apply_overrides(cfg, plan.config, source="async rollout")
     validate(cfg)
@@ -109,7 +144,7 @@ def _serve(plan: WorkerPlan, slots, versions, results) -> None:
             rollout.load_state_dict(plan.rollout_state)
         batch = plan.first_batch
         for version in range(plan.start_step, last + 1):
-            published = versions.get()
+            published = _next_version(versions, plan.parent_pid)
             if published is None:  # the learner stops early
                 return
             if published != version:
@@ -126,6 +161,6 @@ def _serve(plan: WorkerPlan, slots, versions, results) -> None:
                 results.put(("batch", batch, step_batch,
                              rollout.state_dict() if state_wanted(cfg, batch) else None))
                 batch += 1
-        versions.get()  # every version served: wait for the learner's stop
+        _next_version(versions, plan.parent_pid)  # every version served: wait for the learner's stop
     finally:
         rollout.close()

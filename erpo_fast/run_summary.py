@@ -12,12 +12,13 @@ from erpo_fast.plots import ascii_histogram, write_plots
 def finish(s) -> dict:
     """End-of-run summary (held-out before/after, residual fractions, temperatures) and plots."""
     out = Path(s.cfg.trainer.output_dir)
-    temps = s.rollout.tracker.temperatures(s.rollout.tracker_ids)
-    seen = s.rollout.tracker.times_seen[s.rollout.tracker_ids] > 0
-    summary = {"heldout_before": s.heldout_before, "heldout_after": s.heldout_after,
-               "output_dir": str(out), "temperature_counts": s.rollout.tracker.temperature_counts()}
-    if not s.rt.is_main:
+    summary = {"heldout_before": s.heldout_before, "heldout_after": s.heldout_after, "output_dir": str(out)}
+    if not s.rt.is_main:  # (an async run's tracker lives in rank 0's rollout process)
         return summary
+    tracker, tracker_ids = s.rollout.tracker, s.rollout.tracker_ids
+    temps = tracker.temperatures(tracker_ids)
+    seen = tracker.times_seen[tracker_ids] > 0
+    summary["temperature_counts"] = tracker.temperature_counts()
     metrics = read_metrics(out)
     plots = write_plots(metrics, out / "plots", temperatures=temps[seen],
                         heldout_before=summary["heldout_before"],

@@ -14,10 +14,13 @@ the learner's copy into it is a device-to-device copy. The buffers travel to the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from erpo_fast.errors import ConfigError
 
 _ALIGN = 64  # bytes: every view starts on a cache line and satisfies any dtype's alignment
 
@@ -39,6 +42,8 @@ class WeightSlots:
             size = item * _numel(shape)
             nbytes += -(-size // _ALIGN) * _ALIGN
         self.nbytes = nbytes  # per slot
+        if self.device.type == "cpu":
+            _check_shared_memory(num_slots * nbytes)
         self.buffers = [torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device) for _ in range(num_slots)]
         if self.device.type == "cpu":
             for b in self.buffers:
@@ -80,6 +85,18 @@ class WeightSlots:
     def __setstate__(self, state: dict) -> None:
         self.layout, self.dtype, self.device = state["layout"], state["dtype"], state["device"]
         self._offsets, self.nbytes, self.buffers = state["offsets"], state["nbytes"], state["buffers"]
+
+
+def _check_shared_memory(needed: int, path: str = "/dev/shm") -> None:
+    """A clear error instead of a bus error when /dev/shm (Docker's default: 64 MB) cannot hold the slots."""
+    if not os.path.isdir(path):
+        return
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        raise ConfigError(f"trainer.async_steps needs {needed / 1e9:.2f} GB of shared memory for its weight slots "
+                          f"and {path} has {free / 1e9:.2f} GB free: enlarge it (Docker: --shm-size), lower "
+                          "trainer.async_steps, or use model.dtype bfloat16 (half the bytes)")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

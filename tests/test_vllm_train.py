@@ -96,3 +96,24 @@ def test_vllm_dynamic_sampling_refills_between_syncs(cache, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert max(r["rollout_rounds"] for r in records) >= 2  # refill rounds really ran on the engine
     assert sum(r["groups_dropped"] for r in records) > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_in_the_async_rollout_process_trains_and_resumes_exactly(cache, tmp_path):
+    """trainer.async_steps 1 with vLLM's engine in the rollout process: weights through the shared-memory slots,
+    the sync probe at every step, batches one update behind, and a resume from a checkpoint with a batch in flight
+    logging what the uninterrupted run logged."""
+    import shutil
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    a = _train(full, "--max-steps", "4", "--trainer.async_steps", "1")
+    assert [r["policy_version"] for r in a] == [0, 0, 1, 2]
+    assert a[0]["mismatch_logp_abs_max"] < 1e-3  # batch 1 is on-policy: engine and learner agree
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000004")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "erpo_fast.train", "--output-dir", str(part), "--resume"],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _comparable(read_metrics(part)) == _comparable(a)
