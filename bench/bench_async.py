@@ -5,14 +5,15 @@ order swapped every seed so that drift in the machine's speed falls on both:
 
 - ``sync``: async_steps 0 with the job's own thread count (the default job: 1 thread);
 - ``sync-2t``: async_steps 0 with 2 threads (both cores for whichever phase runs);
-- ``async``: async_steps 1, one thread for the learner and one for the rollout process.
+- ``async``: async_steps 1, one thread for the learner and one for the rollout process;
+- ``async-2t``: async_steps 1, two learner threads beside the rollout process's one (3 threads on 2 cores).
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
 tokens, random weights and the parity reward; no evaluation). Per run: wall time of the command, the training
 loop's steps/s (steps over the summed step times; evaluations excluded), the held-out mean@4 gain, and the peak
 RSS of the whole process tree (learner + rollout process + helpers, sampled every 0.1 s). Writes
-``bench/results/async_<job>-cpu.json``.
+``bench/results/async_<job>[_<steps>steps]-cpu.json``.
 
     python bench/bench_async.py --job default --seeds 0 1 2
     python bench/bench_async.py --job B --steps 30
@@ -39,7 +40,8 @@ from bench.common import device_name, git_commit, print_table, write_results  # 
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0, "trainer.threads": 2},
-        "async": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1}}
+        "async": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1},
+        "async-2t": {"trainer.async_steps": 1, "trainer.threads": 2, "rollout.threads": 1}}
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -148,7 +150,7 @@ def main() -> None:
             entry["heldout_gain_mean"], entry["heldout_gain_se"] = mean_se(gain)
         table.append(entry)
     print_table(table, list(table[0]), title=f"sync vs async ({args.job} job, seeds {args.seeds})")
-    path = write_results(f"async_{args.job}", {
+    path = write_results(f"async_{args.job}" + (f"_{args.steps}steps" if args.steps else ""), {
         "job": args.job, "seeds": args.seeds, "steps": args.steps, "arms": {a: ARMS[a] for a in args.arms},
         "commit": git_commit(), "device": device_name("cpu"), "cpu_count": os.cpu_count(), "summary": table,
         "runs": rows})

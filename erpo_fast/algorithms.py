@@ -119,7 +119,8 @@ class LossSpec:
         return cls(loss_type=algo.loss_type, eps_low=algo.eps_low, eps_high=algo.eps_high, dual_clip=algo.dual_clip,
                    cispo_eps_low=algo.cispo_eps_low, cispo_eps_high=algo.cispo_eps_high,
                    ratio_level=algo.ratio_level, loss_agg=algo.loss_agg, max_len=max_len, kl_beta=algo.kl_beta,
-                   kl_estimator=algo.kl_estimator, is_level=None if algo.is_level in ("none", "auto") else algo.is_level,
+                   kl_estimator=algo.kl_estimator,
+                   is_level=None if algo.is_level in ("none", "auto") else algo.is_level,
                    is_clip=algo.is_clip, is_mask=None if algo.is_mask == "none" else algo.is_mask,
                    is_mask_low=algo.is_mask_low, is_mask_high=algo.is_mask_high,
                    mismatch_ratio_bound=algo.mismatch_ratio_bound)

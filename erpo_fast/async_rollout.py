@@ -24,6 +24,7 @@ weight slots (`erpo_fast.weight_transport`) and reads batches, probes and evalua
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -70,6 +71,7 @@ class AsyncRollout:
         self._consumed = -1  # the newest version the rollout process has copied into its engine
         self._proc = self._versions = self._queue = self._slots = None
         self.start_step = 0
+        self._restored_upto = 0
         self.sync_bytes = 0
 
     # ---- life cycle -----------------------------------------------------------------------------------------
@@ -86,14 +88,15 @@ class AsyncRollout:
     def start(self, learner, start_step: int) -> None:
         """Spawn the rollout process (rank 0) and publish the starting weights (collective)."""
         self.start_step = start_step
+        self._restored_upto = max(self._restored, default=start_step)  # the checkpoint's state is after this batch
         self._consumed = start_step - 1
         if self.rt.is_main:
             layout = {name: tuple(p.shape) for name, p in learner.model.named_parameters()}
             self._slots = WeightSlots(layout, num_slots=self.k, dtype=resolve_dtype(self.cfg.model.dtype, self.device),
                                       device=self.device)
             plan = WorkerPlan(config=self.cfg.to_dict(), model_dir=self.model_dir, device=str(self.device),
-                              parent_pid=os.getpid(), start_step=start_step, first_batch=start_step + 1 + len(self._restored),
-                              rollout_state=self._rollout_state)
+                              parent_pid=os.getpid(), start_step=start_step,
+                              first_batch=start_step + 1 + len(self._restored), rollout_state=self._rollout_state)
             ctx = mp.get_context("spawn")
             self._versions, self._queue = ctx.Queue(), ctx.Queue()
             self._proc = ctx.Process(target=worker_main, args=(plan, self._slots, self._versions, self._queue),
@@ -112,10 +115,8 @@ class AsyncRollout:
             # Read what it still sends: a process exits only once its queue's buffered messages are delivered.
             deadline = time.monotonic() + 30
             while proc.is_alive() and time.monotonic() < deadline:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self._queue.get(timeout=0.2)
-                except queue.Empty:
-                    pass
         if proc.is_alive():
             proc.terminate()
             proc.join(timeout=10)
@@ -133,7 +134,7 @@ class AsyncRollout:
         parts = None
         if self.rt.is_main:
             t0 = time.perf_counter()
-            batch = self._restored.pop(step, None) or self._take("batch", step)
+            batch = self._restored.pop(step) if step in self._restored else self._take("batch", step)
             waited = time.perf_counter() - t0
             version = int(batch.metrics.get("policy_version", batch_version(step, self.k, self.start_step)))
             batch.metrics.update(policy_version=version, staleness=step - 1 - version, time_wait_rollout_s=waited)
@@ -170,8 +171,7 @@ class AsyncRollout:
             if b not in self._restored:
                 self._restored[b] = self._take("batch", b)
             pending.append(_batch_to_plain(self._restored[b]))
-        state = self._states[last] if last in self._states else self._rollout_state
-        return {**state, "async": {"async_steps": self.k, "first": step + 1, "pending": pending}}
+        return {**self._state_after(last), "async": {"async_steps": self.k, "first": step + 1, "pending": pending}}
 
     @property
     def tracker(self):
@@ -184,11 +184,16 @@ class AsyncRollout:
     # ---- plumbing -------------------------------------------------------------------------------------------
 
     def _newest_state(self) -> dict:
-        if self.rt.is_main and self._states:
-            return self._states[max(self._states)]
-        if self._rollout_state is None:
-            raise RuntimeError("async rollout: no rollout state known yet")
-        return self._rollout_state
+        return self._state_after(max(self._states, default=self._restored_upto))
+
+    def _state_after(self, batch: int) -> dict:
+        """The rollout state after ``batch``: sent with it by the rollout process, or the checkpoint's own when
+        ``batch`` is the last one that checkpoint held."""
+        if batch in self._states:
+            return self._states[batch]
+        if batch == self._restored_upto and self._rollout_state is not None:
+            return self._rollout_state
+        raise RuntimeError(f"async rollout: no rollout state after batch {batch}")
 
     def _publish(self, learner, version: int) -> None:
         """Write version ``version`` into its slot once the rollout process is done with the slot's previous
@@ -289,7 +294,8 @@ def _batch_to_plain(batch: StepBatch) -> dict:
     """A StepBatch as lists and numbers (what a checkpoint's ``torch.load(weights_only=True)`` rebuilds)."""
     return {"sequences": [dataclasses.asdict(s) for s in batch.sequences],
             "metrics": {k: _plain(v) for k, v in batch.metrics.items()},
-            "global_sequences": int(batch.global_sequences), "global_response_tokens": int(batch.global_response_tokens)}
+            "global_sequences": int(batch.global_sequences),
+            "global_response_tokens": int(batch.global_response_tokens)}
 
 
 def _batch_from_plain(d: dict) -> StepBatch:

@@ -560,10 +560,17 @@ class Learner:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         self._reshard(self._policy)
-        with _single_process_dcp():
-            dcp.save({"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)}, checkpoint_id=directory,
-                     no_dist=not dist.is_initialized())
+        try:
+            with _single_process_dcp():
+                dcp.save({"optimizer": get_optimizer_state_dict(self._policy, self.optimizer)},
+                         checkpoint_id=directory, no_dist=not dist.is_initialized())
+        except CheckpointException as e:  # Ctrl-C while writing: an interruption, not a checkpoint failure
+            if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+                raise KeyboardInterrupt from None
+            raise
 
     def load_optimizer(self, directory: str | Path) -> None:
         """Load :meth:`save_optimizer`'s shards into this learner's (sharded) optimizer; the world size may
