@@ -395,3 +395,17 @@ def test_too_little_shared_memory_for_the_slots_is_a_usage_error(tmp_path, monke
     monkeypatch.setattr(weight_transport, "_check_shared_memory", lambda needed: real(needed * 10**9, str(tmp_path)))
     with pytest.raises(ConfigError, match="shared memory for its weight slots.*--shm-size"):
         weight_transport.WeightSlots({"w": (1000,)}, num_slots=2, dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_path):
+    """The golden file is what commit a6af403 (the synchronous loop before this feature) logged for this exact
+    command on this project's CPU machine; async_steps 0 must reproduce it to the bit. (Another CPU model may
+    round differently: regenerate the file by running a6af403 there, never from the code under test.)"""
+    golden = json.loads((Path(__file__).parent / "golden" / "sync_tiny_a6af403.json").read_text())
+    out = tmp_path / "run"
+    assert main([*golden["args"], "--trainer.async_steps", "0", "--output-dir", str(out)]) == 0
+    assert _comparable(read_metrics(out)) == golden["metrics"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout_before"] == golden["heldout_before"]
+    assert summary["heldout_after"] == golden["heldout_after"]
