@@ -558,9 +558,8 @@ class Learner:
         """Write the AdamW state with ``torch.distributed.checkpoint``: each rank writes only its own shards
         (``__<rank>_0.distcp``; rank 0 also the ``.metadata``), so no rank ever holds the full state. Collective."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         self._reshard(self._policy)
         try:
