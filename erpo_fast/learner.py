@@ -443,9 +443,8 @@ class Learner:
         keys = [s.seq_key for s in sequences]
         if len(set(keys)) != len(keys):
             raise ValueError("seq_key must be unique per sequence in the batch")
-        for knob in ("is_level", "is_mask"):
-            value = getattr(self.algo, knob)
-            if value != "none" and any(len(s.rollout_logprobs) != len(s.response_ids) for s in sequences):
+        for knob, value in (("is_level", self.loss_spec.is_level), ("is_mask", self.loss_spec.is_mask)):
+            if value is not None and any(len(s.rollout_logprobs) != len(s.response_ids) for s in sequences):
                 raise ValueError(f"algorithm.{knob}={value} needs rollout_logprobs for every response token")
         return sequences
 

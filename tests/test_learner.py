@@ -87,7 +87,7 @@ def reference_loss(model64, sequences, algo, *, old=None, ref_model64=None, roll
         with torch.no_grad():
             ref = torch.cat(reference_logprobs(ref_model64, sequences, temperature))
     is_w = None
-    if algo.is_level != "none" and rollout_is:
+    if algo.is_level not in ("none", "auto") and rollout_is:  # auto: none outside an async run
         # Written out by hand (not algorithms.truncated_is_weights): min(exp(learner - rollout), C).
         rollout = torch.cat([torch.tensor(s.rollout_logprobs, dtype=torch.float64) for s in sequences])
         diff = lp.detach() - rollout
