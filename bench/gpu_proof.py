@@ -15,6 +15,8 @@ run that is cut off still reports what it finished. Goals print as PASS / FAIL /
   6N-FLOP floor, peak memory against this script's own estimate.
 - P5 colocated vLLM (0.5B shapes), in a child process (vLLM keeps process-wide state): start, generate seeded
   and unseeded, sleep and memory freed, learner step, reload, wake, verify_sync, mismatch metrics, tokens/s.
+- P6 async rollout (``trainer.async_steps 1``) on this device: the tiny built-in job, 4 steps with the rollout
+  process beside the learner on the one GPU (weight slots through CUDA IPC), then an exact resume.
 
 ``--rehearse`` runs every phase on the CPU at tiny shapes (Triton interpreter; P5 needs vLLM, i.e. .venv-vllm):
 tests/test_gpu_proof.py runs it in CI. Run from the repository root: ``python bench/gpu_proof.py`` (no install
@@ -42,14 +44,26 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run by path: `bench` and `erpo_fast` from the checkout
     sys.path.insert(0, str(ROOT))
 
-PHASES = ("P0", "P1", "P2", "P3", "P4", "P5")
+PHASES = ("P0", "P1", "P2", "P3", "P4", "P5", "P6")
 # Deadlines in seconds (GPU, rehearsal). bench/GPU.md's call plan adds these up.
-DEADLINES = {"P0": (30, 60), "P1": (100, 150), "P2": (70, 60), "P3": (40, 60), "P4": (80, 90), "P5": (200, 240)}
+DEADLINES = {"P0": (30, 60), "P1": (100, 150), "P2": (70, 60), "P3": (40, 60), "P4": (80, 90), "P5": (200, 240),
+             "P6": (90, 150)}
 VOCAB = 151936
 QWEN2_SHAPES = {  # Qwen2.5 0.5B / 1.5B (hidden, intermediate, layers, heads, kv heads), tied embeddings
     "0.5B": (896, 4864, 24, 14, 2),
     "1.5B": (1536, 8960, 28, 12, 2),
 }
+
+
+# P6: the tiny built-in job of tests/test_async.py, 4 async steps, a checkpoint every 2.
+P6_ARGS = ["--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2", "--builtin.kv_heads", "1",
+           "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "20", "--builtin.task", "arithmetic",
+           "--builtin.warm_start_problems", "2000", "--builtin.warm_start_batch_size", "16",
+           "--builtin.num_train", "64", "--builtin.num_heldout", "8", "--trainer.prompts_per_step", "4",
+           "--rollout.n", "4", "--rollout.max_new_tokens", "6", "--trainer.eval_every", "2", "--trainer.eval_k", "2",
+           "--data.reward_workers", "0", "--logging.progress", "false", "--logging.plots", "false",
+           "--trainer.threads", "1", "--trainer.lr", "1e-3", "--rollout.sync_check_every", "1",
+           "--trainer.save_every", "2", "--max-steps", "4", "--trainer.async_steps", "1"]
 
 
 class PhaseTimeout(Exception):
@@ -493,6 +507,48 @@ class Proof:
         from bench.gpu_proof_vllm import run_colocated
 
         return run_colocated(self)
+
+    # ---- P6 ------------------------------------------------------------------------------------------------
+
+    def p6(self) -> dict:
+        """trainer.async_steps 1 on this device: the rollout process and the learner both on it (one GPU: the
+        weight slots reach the rollout process through CUDA IPC), the tiny built-in job for 4 steps (sync probe
+        every step), then a resume from its step-2 checkpoint, which must log what the uninterrupted run logged."""
+        import shutil
+
+        env = dict(os.environ, ERPO_FAST_CACHE=str(self.out / "p6_cache"))
+        env.pop("TRITON_INTERPRET", None)  # as a user runs it
+        device = ["--trainer.device", "cuda", "--rollout.device", "cuda:0"] if self.cuda else \
+            ["--trainer.device", "cpu"]
+
+        def train(out: Path, *extra: str) -> list[dict]:
+            done = subprocess.run([sys.executable, "-m", "erpo_fast.train", *P6_ARGS, *device, "--output-dir",
+                                   str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"train exited {done.returncode}: {tail}")
+            return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+        full, part = self.out / "p6_full", self.out / "p6_part"
+        for d in (full, part):
+            shutil.rmtree(d, ignore_errors=True)
+        t0 = time.perf_counter()
+        a = train(full)
+        seconds = time.perf_counter() - t0
+        shutil.copytree(full, part)
+        shutil.rmtree(part / "checkpoints" / "step_00000004")
+        b = train(part, "--resume")
+
+        def strip(records):
+            return [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in records]
+
+        versions = [r["policy_version"] for r in a]
+        same = strip(a) == strip(b)
+        goals = {"batches sampled exactly one update behind": goal(versions, [0, 0, 1, 2], versions == [0, 0, 1, 2]),
+                 "resume with a batch in flight logs the uninterrupted run": goal(same, True, same),
+                 "4 async steps (sync probe every step) within 60 s": goal(seconds, 60, seconds <= 60, perf=True)}
+        return {"data": {"seconds": seconds, "metrics": a}, "goals": goals,
+                "summary": f"4 async steps in {seconds:.1f} s (process start, warm start and held-out evals included)"}
 
 
 def kernel_resources() -> list[dict]:

@@ -90,13 +90,22 @@ def _die_with_the_learner() -> None:
         pass  # elsewhere the parent-pid check between versions ends it
 
 
-def _leave_the_learners_world() -> None:
+def _leave_the_learners_world(device: torch.device) -> None:
     """Under torchrun this process inherits rank 0's RANK / WORLD_SIZE / MASTER_PORT; it is a world of its own
-    (vLLM's external_launcher would otherwise try to join the learners' process group)."""
+    (vLLM's external_launcher would otherwise try to join the learners' process group). On CUDA that world of one
+    names the rollout GPU as its LOCAL_RANK, where external_launcher places vLLM's engine."""
     for name in [k for k in os.environ if k.startswith("TORCHELASTIC_")] + [
             "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"]:
         os.environ.pop(name, None)
+    if device.type == "cuda":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(device.index or 0), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
 
 
 def worker_main(plan: WorkerPlan, slots, versions, results) -> None:
@@ -118,14 +127,14 @@ def _serve(plan: WorkerPlan, slots, versions, results) -> None:
     from erpo_fast.rollout import Rollout, sync_check_due
     from erpo_fast.session import load_data, make_rewards, make_rollout_engine
 
-    _leave_the_learners_world()
+    device = torch.device(plan.device)
+    _leave_the_learners_world(device)
     cfg = Config()
     apply_overrides(cfg, plan.config, source="async rollout")
     validate(cfg)
     cfg.trainer.threads = cfg.rollout.threads or cfg.trainer.threads
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = torch.device(plan.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     k, last = cfg.trainer.async_steps, cfg.trainer.max_steps
