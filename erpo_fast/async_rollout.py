@@ -59,8 +59,8 @@ class _EventSink:
 class AsyncRollout:
     """The async rollout process behind `Rollout`'s interface; see the module docstring."""
 
-    def __init__(self, cfg: Config, rt: Runtime, *, model_dir, train, heldout):
-        self.cfg, self.rt, self.model_dir, self.train, self.heldout = cfg, rt, str(model_dir), train, heldout
+    def __init__(self, cfg: Config, rt: Runtime, *, model_dir, train):
+        self.cfg, self.rt, self.model_dir, self.train = cfg, rt, str(model_dir), train
         self.k = cfg.trainer.async_steps
         self.device = rollout_device(cfg, rt)
         self.rewards = _EventSink()

@@ -104,7 +104,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
     shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
     if cfg.trainer.async_steps:  # the engine, verifiers and tracker live in the rollout process (started below)
-        rollout = AsyncRollout(cfg, rt, model_dir=model_dir, train=train, heldout=heldout)
+        rollout = AsyncRollout(cfg, rt, model_dir=model_dir, train=train)
         engine_copy = None
     else:
         engine = make_rollout_engine(cfg, model, model_dir, device, share=shares)

@@ -17,22 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TIMING, TINY, _comparable  # the tiny built-in setup of the end-to-end tests
 
 from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.logger import read_metrics
 from erpo_fast.train import main
-
-TINY = [
-    "--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.heads", "2",
-    "--builtin.kv_heads", "1", "--builtin.intermediate_size", "64", "--builtin.warm_start_steps", "20",
-    "--builtin.task", "arithmetic", "--builtin.warm_start_problems", "2000",
-    "--builtin.warm_start_batch_size", "16", "--builtin.num_train", "64", "--builtin.num_heldout", "8",
-    "--trainer.prompts_per_step", "4", "--rollout.n", "4", "--rollout.max_new_tokens", "6",
-    "--trainer.eval_every", "2", "--trainer.eval_k", "2", "--data.reward_workers", "0",
-    "--logging.progress", "false", "--trainer.threads", "1", "--trainer.lr", "1e-3",
-    "--rollout.sync_check_every", "1", "--trainer.save_every", "3",
-]
-TIMING = ("time_", "tokens_per_s")
 
 
 @pytest.fixture(autouse=True)
@@ -42,10 +31,6 @@ def _cache(tmp_path_factory, monkeypatch):
 
 def _run(out, *extra):
     return main([*TINY, "--output-dir", str(out), *extra])
-
-
-def _comparable(records):
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
 
 
 # ---- pieces ------------------------------------------------------------------------------------------------
