@@ -40,7 +40,7 @@ from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.distributed import Runtime, broadcast_object
 from erpo_fast.models import resolve_dtype
-from erpo_fast.rollout import check_probe, restore_tracker, sync_check_due
+from erpo_fast.rollout import check_probe, in_flight, restore_tracker, sync_check_due
 from erpo_fast.rollout_worker import WorkerPlan, batch_version, worker_main
 from erpo_fast.weight_transport import WeightSlots
 
@@ -72,17 +72,13 @@ class AsyncRollout:
         self._proc = self._versions = self._queue = self._slots = None
         self.start_step = 0
         self._restored_upto = 0
-        self.sync_bytes = 0
 
     # ---- life cycle -----------------------------------------------------------------------------------------
 
     def load_state_dict(self, state: dict) -> None:
         """A checkpoint's rollout state and in-flight batches (before :meth:`start`)."""
         self._rollout_state = {k: state[k] for k in ("tracker", "sampler", "prompt_index")}
-        saved = state.get("async") or {"async_steps": 0, "first": 0, "pending": []}
-        if saved["pending"] and int(saved["async_steps"]) != self.k:
-            raise ValueError(f"the checkpoint holds {len(saved['pending'])} in-flight batches of a run with "
-                             f"trainer.async_steps={saved['async_steps']}; resume with that setting")
+        saved = in_flight(state, async_steps=self.k)
         self._restored = {int(saved["first"]) + i: _batch_from_plain(p) for i, p in enumerate(saved["pending"])}
 
     def start(self, learner, start_step: int) -> None:
@@ -201,7 +197,7 @@ class AsyncRollout:
         self._published = version
         if self.rt.is_main:
             self._wait(lambda: self._consumed >= version - self.k, f"loading weight version {version - self.k}")
-            self.sync_bytes = self._slots.write(version, learner.named_weights())
+            self._slots.write(version, learner.named_weights())
             self._versions.put(version)
         else:
             for _ in learner.named_weights():

@@ -64,6 +64,16 @@ def check_probe(learner, probe: RolloutSequence, cfg: Config, step: int) -> dict
                        what=f"weight sync check at step {step} (rollout.sync_check_atol)")
 
 
+def in_flight(state: dict, async_steps: int) -> dict:
+    """A checkpoint's in-flight batches (``{"async_steps", "first", "pending"}``; none for a synchronous run).
+    ValueError when it holds some from a run with another trainer.async_steps: they belong to that schedule."""
+    saved = state.get("async") or {"async_steps": 0, "first": 0, "pending": []}
+    if saved["pending"] and int(saved["async_steps"]) != async_steps:
+        raise ValueError(f"the checkpoint holds {len(saved['pending'])} in-flight batches of a run with "
+                         f"trainer.async_steps={saved['async_steps']}; resume with that setting")
+    return saved
+
+
 def new_tracker(cfg: Config, num_prompts: int) -> HistoryTracker:
     a = cfg.algorithm
     return HistoryTracker(num_prompts, base_temperature=a.base_temperature, temperature_step=a.temperature_step,
@@ -293,10 +303,7 @@ class Rollout:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`. Prompt ids are stable by key: the saved index first, then any prompt new
         to this dataset appended (the tracker grows to match). Raises ValueError for a mismatched sampler."""
-        saved = state.get("async") or {}
-        if saved.get("pending"):
-            raise ValueError(f"the checkpoint holds {len(saved['pending'])} in-flight batches of an async run "
-                             f"(trainer.async_steps={saved['async_steps']}); resume with that setting")
+        in_flight(state, async_steps=0)
         self.prompt_index, self.tracker_ids, self.tracker = restore_tracker(self.cfg, state, self.train)
         self.sampler.load_state_dict(state["sampler"])
 
