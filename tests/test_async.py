@@ -394,3 +394,22 @@ def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_before"] == golden["heldout_before"]
     assert summary["heldout_after"] == golden["heldout_after"]
+
+
+@pytest.mark.slow
+def test_a_learner_killed_outright_takes_the_rollout_process_with_it(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    try:
+        _wait_for_steps(proc, out, 3)
+        child = _rollout_pid(proc.pid)
+        assert child is not None
+        proc.kill()  # SIGKILL: no cleanup runs in the learner
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{child}").exists(), "the orphaned rollout process is still running"
