@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import TIMING, TINY, _comparable  # the tiny built-in setup of the end-to-end tests
+from test_train_distributed import _free_port
 
 from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.logger import read_metrics
@@ -296,22 +297,35 @@ def _wait_for_steps(proc, out, steps, timeout=240):
     raise AssertionError("the run did not reach its steps in time")
 
 
-@pytest.mark.slow
-def test_killed_rollout_process_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
-    from erpo_fast.checkpoint import latest_intact_checkpoint
-
-    out = tmp_path / "run"
+def _signal_mid_run(out, send, timeout=120):
+    """Start an async run, and once it has logged 3 steps call ``send(learner, rollout_pid)``; wait for the learner
+    to end. Returns (its exit code, its stderr, the rollout process's pid)."""
     proc = _start(out)
     try:
         _wait_for_steps(proc, out, 3)
         child = _rollout_pid(proc.pid)
         assert child is not None
-        os.kill(child, signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
+        send(proc, child)
+        _, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1
+    return proc.returncode, err, child
+
+
+def _wait_gone(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_rollout_process_stops_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    from erpo_fast.checkpoint import latest_intact_checkpoint
+
+    out = tmp_path / "run"
+    code, err, _ = _signal_mid_run(out, lambda proc, child: os.kill(child, signal.SIGKILL))
+    assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("erpo_fast.train: stopped: the rollout process died (exit code -9)"), last
     assert latest_intact_checkpoint(out) is not None
@@ -319,30 +333,12 @@ def test_killed_rollout_process_stops_the_run_with_one_line_and_keeps_the_checkp
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_learner_and_the_rollout_process(tmp_path):
-    out = tmp_path / "run"
-    proc = _start(out)
-    try:
-        _wait_for_steps(proc, out, 3)
-        child = _rollout_pid(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    # What a terminal's Ctrl-C does: SIGINT to the whole foreground group.
+    code, err, child = _signal_mid_run(tmp_path / "run", lambda proc, _: os.killpg(proc.pid, signal.SIGINT))
+    assert code == 130, err[-3000:]
     assert "interrupted" in err.strip().splitlines()[-1]
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    _wait_gone(child)
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -398,18 +394,7 @@ def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_pat
 
 @pytest.mark.slow
 def test_a_learner_killed_outright_takes_the_rollout_process_with_it(tmp_path):
-    out = tmp_path / "run"
-    proc = _start(out)
-    try:
-        _wait_for_steps(proc, out, 3)
-        child = _rollout_pid(proc.pid)
-        assert child is not None
-        proc.kill()  # SIGKILL: no cleanup runs in the learner
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # SIGKILL: no cleanup runs in the learner.
+    _, _, child = _signal_mid_run(tmp_path / "run", lambda proc, _: proc.kill(), timeout=60)
+    _wait_gone(child)
     assert not Path(f"/proc/{child}").exists(), "the orphaned rollout process is still running"
