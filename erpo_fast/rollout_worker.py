@@ -92,20 +92,14 @@ def _die_with_the_learner() -> None:
 
 def _leave_the_learners_world(device: torch.device) -> None:
     """Under torchrun this process inherits rank 0's RANK / WORLD_SIZE / MASTER_PORT; it is a world of its own
-    (vLLM's external_launcher would otherwise try to join the learners' process group). On CUDA that world of one
-    names the rollout GPU as its LOCAL_RANK, where external_launcher places vLLM's engine."""
+    (vLLM's external_launcher would otherwise try to join the learners' process group). On CUDA LOCAL_RANK names
+    the rollout GPU, where external_launcher places vLLM's engine (the engine sets up the rest of its world)."""
     for name in [k for k in os.environ if k.startswith("TORCHELASTIC_")] + [
             "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
             "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"]:
         os.environ.pop(name, None)
     if device.type == "cuda":
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(device.index or 0), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ["LOCAL_RANK"] = str(device.index or 0)
 
 
 def worker_main(plan: WorkerPlan, slots, versions, results) -> None:

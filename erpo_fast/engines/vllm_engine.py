@@ -78,8 +78,9 @@ def _prepare_external_launcher_env() -> None:
     """external_launcher expects torchrun's variables; a plain single-device process gets a 1-rank world."""
     # The engine core must live in this process, so that the reload sees our tensors without a copy.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if "RANK" not in os.environ:  # a LOCAL_RANK already set names the device (the async rollout process's GPU)
+        os.environ.update(RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
