@@ -39,6 +39,7 @@ from erpo_fast import errors
 from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.distributed import Runtime, broadcast_object
+from erpo_fast.lora import lora_layers
 from erpo_fast.models import resolve_dtype
 from erpo_fast.rollout import check_probe, in_flight, restore_tracker, sync_check_due
 from erpo_fast.rollout_worker import WorkerPlan, batch_version, worker_main
@@ -54,6 +55,13 @@ class _EventSink:
     incidents arrive here."""
 
     on_event = None
+
+
+def sync_layout(learner) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor ``learner.named_weights()`` yields (a LoRA policy: its adapted layers)."""
+    if learner.lora:
+        return {f"{name}.weight": tuple(layer.base_layer.weight.shape) for name, layer in lora_layers(learner.model)}
+    return {name: tuple(p.shape) for name, p in learner.model.named_parameters()}
 
 
 class AsyncRollout:
@@ -72,6 +80,7 @@ class AsyncRollout:
         self._proc = self._versions = self._queue = self._slots = None
         self.start_step = 0
         self._restored_upto = 0
+        self.last_sync_bytes = 0
 
     # ---- life cycle -----------------------------------------------------------------------------------------
 
@@ -87,7 +96,7 @@ class AsyncRollout:
         self._restored_upto = max(self._restored, default=start_step)  # the checkpoint's state is after this batch
         self._consumed = start_step - 1
         if self.rt.is_main:
-            layout = {name: tuple(p.shape) for name, p in learner.model.named_parameters()}
+            layout = sync_layout(learner)
             self._slots = WeightSlots(layout, num_slots=self.k, dtype=resolve_dtype(self.cfg.model.dtype, self.device),
                                       device=self.device)
             plan = WorkerPlan(config=self.cfg.to_dict(), model_dir=self.model_dir, device=str(self.device),
@@ -198,6 +207,7 @@ class AsyncRollout:
         if self.rt.is_main:
             self._wait(lambda: self._consumed >= version - self.k, f"loading weight version {version - self.k}")
             self._slots.write(version, learner.named_weights())
+            self.last_sync_bytes = self._slots.nbytes // self.k
             self._versions.put(version)
         else:
             for _ in learner.named_weights():

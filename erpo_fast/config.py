@@ -44,6 +44,16 @@ class ModelConfig:
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory (turned on "
                                                "automatically, and logged, when the memory plan needs it).")
     liger_kernels: bool = knob(False, "Patch the model with Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA only).")
+    lora_rank: int = knob(0, "LoRA rank (0: off, full fine-tuning). Adapters through peft; the optimizer holds only "
+                             "them and the frozen base is kept in the compute dtype.", ge=0)
+    lora_alpha: float = knob(32.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank.", gt=0)
+    lora_dropout: float = knob(0.0, "LoRA: dropout on the adapters' input in the training forward only (sampling, "
+                                    "log-prob passes and the sync check never drop).", ge=0, lt=1)
+    lora_targets: str = knob("all-linear", "LoRA: modules that get adapters: all-linear (every linear layer of the "
+                                           "decoder; not the LM head), or comma-separated module names "
+                                           "(q_proj,v_proj,...; lm_head only when it is not tied to the embedding).")
+    lora_merged_export: bool = knob(False, "LoRA: each checkpoint also holds the merged model (model/merged/), a "
+                                           "plain Hugging Face model; model/ itself holds the adapters (PEFT format).")
 
 
 @dataclass
@@ -116,6 +126,11 @@ class RolloutConfig:
     sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
                                      "(0: never).", ge=0)
     sync_check_atol: float = knob(2e-2, "Tolerance of that check on probe log-probs.", gt=0)
+    lora_sync: str = knob("auto", "LoRA: how the engine gets the policy. merged: the merged weights of the adapted "
+                                  "layers are copied into the engine; adapters: the engine applies the adapters "
+                                  "itself (native: in its forward, reading the learner's own tensors where it "
+                                  "shares them; vLLM: a LoRARequest per version). auto: adapters for native, "
+                                  "merged for vLLM (bench/NOTES.md, LoRA).", choices=C.LORA_SYNC_MODES)
     device: str = knob("auto", "Device of the rollout process when trainer.async_steps >= 1 (auto: cpu on a CPU "
                                "run; on CUDA the first GPU after the learner ranks', cuda:<local world size>).")
     threads: int = knob(0, "CPU threads of the rollout process when trainer.async_steps >= 1 (0: trainer.threads).",
@@ -423,6 +438,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("trainer.async_steps with rollout.tensor_parallel_size > 1 is not supported yet: the "
                           "rollout process runs one vLLM engine on one device")
     _check_with_modules(a, r)
+    if r.lora_sync == "auto":
+        r.lora_sync = "adapters" if r.engine == "native" and not t.async_steps else "merged"
+    if cfg.model.lora_rank and t.async_steps and r.lora_sync == "adapters":
+        raise ConfigError("trainer.async_steps with model.lora_rank sends the rollout process merged weights: set "
+                          "rollout.lora_sync to merged (or auto)")
     if r.n < 2 and (a.advantage != "reinforce_pp" or a.dynamic_sampling):
         raise ConfigError(f"rollout.n={r.n}: group advantages ({a.advantage}) and dynamic sampling need at least "
                           f"2 responses per prompt")

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import algorithms
+from . import algorithms, lora
 from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_sequences
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
@@ -148,9 +148,10 @@ class _HiddenAndHead(nn.Module):
 
 
 def _disable_dropout(model: nn.Module) -> None:
-    """On-policy ratios need a deterministic forward: the no-grad and the training pass must agree."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
+    """On-policy ratios need a deterministic forward: the no-grad and the training pass must agree. (LoRA's own
+    dropout is kept: `lora.dropout_active` turns it on in the training forward only.)"""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and ".lora_dropout." not in name:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
@@ -198,7 +199,12 @@ class Learner:
             compute dtype, gradient checkpointing, Liger).
         device: where the model runs (``"auto"``: cuda when available).
         max_len: the response-length budget (``rollout.max_new_tokens``), Dr. GRPO's constant normaliser.
-        ref_model: frozen reference for the KL penalty; required when ``algo.kl_beta > 0``, unused otherwise.
+        ref_model: frozen reference for the KL penalty; required when ``algo.kl_beta > 0`` (but with LoRA, whose
+            reference is the policy with its adapters switched off), unused otherwise.
+
+    LoRA (``model_cfg.lora_rank > 0``, `erpo_fast.lora`): the model gets peft's adapters (unless it has them
+    already), the optimizer holds only them, and the frozen base is kept in the compute dtype (float32 under
+    FSDP2, whose shards need one dtype); the fused loss sees the LM head's effective weight.
 
     The learner takes ownership of ``model``: it is converted in place (float32, dropout off, FSDP2 wrapping).
     A rollout engine either holds its own copy and receives weights through :meth:`named_weights`, or (same dtype
@@ -209,7 +215,8 @@ class Learner:
                  model_cfg: ModelConfig, *, device: str | torch.device = "auto", max_len: int,
                  ref_model: nn.Module | None = None):
         self.loss_spec = algorithms.LossSpec.from_config(algo, max_len)  # every loss setting, built (and checked) once
-        if algo.kl_beta > 0 and ref_model is None:
+        self.lora = model_cfg.lora_rank > 0
+        if algo.kl_beta > 0 and ref_model is None and not self.lora:
             raise ValueError(f"algorithm.kl_beta={algo.kl_beta} needs a reference model (ref_model=...)")
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must be a separate (frozen) copy of the policy, not the same object")
@@ -222,9 +229,11 @@ class Learner:
 
         self.model = self._prepare(model, trainable=True)
         self._policy = self._wrap(self.model)
-        use_ref = ref_model is not None and algo.kl_beta > 0  # without a KL term the reference is not needed
+        # Without a KL term the reference is not needed; with LoRA it is the policy with its adapters off.
+        use_ref = ref_model is not None and algo.kl_beta > 0 and not self.lora
         self.ref_model = self._prepare(ref_model, trainable=False) if use_ref else None
         self._ref = None if self.ref_model is None else self._wrap(self.ref_model)
+        self._ref_is_base = self.lora and algo.kl_beta > 0
         # Packed attention (sdpa models): attention per sequence, and a group's prompt runs once for its samples.
         self._packed = all(m.config._attn_implementation == PACKED_SDPA
                            for m in (self.model, self.ref_model) if m is not None)
@@ -246,6 +255,12 @@ class Learner:
 
     def _prepare(self, model: nn.Module, *, trainable: bool) -> nn.Module:
         model = model.to(device=self.device, dtype=torch.float32)
+        if trainable and self.lora:
+            lora.add_adapters(model, self.model_cfg, seed=self.trainer.seed)  # a no-op when the session injected them (shared engine)
+            if not self.distributed:  # frozen: no master copy needed, only the compute dtype
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(self.compute_dtype)
         if trainable:  # the export (checkpoint model/) gets the value back: it should load as the original did
             self.exported_use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
@@ -265,6 +280,7 @@ class Learner:
                 else:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.train()  # dropout is off; train mode keeps gradient checkpointing active
+            lora.set_dropout(model, active=False)  # LoRA's own dropout: on in the training forward only
         else:
             model.requires_grad_(False)
             model.eval()
@@ -319,6 +335,12 @@ class Learner:
 
         hidden, weight = self._hidden(root, batch)
         return linear_logprobs(hidden, weight, batch.target_ids, batch.temperature).float()
+
+    def _ref_logprobs(self, batch: PackedBatch) -> Tensor | None:
+        if self._ref_is_base:
+            with lora.adapters_off(self.model):
+                return self._batch_logprobs(self._policy, batch)
+        return self._batch_logprobs(self._ref, batch) if self._ref is not None else None
 
     def _micro_batches(self, sequences: Sequence[RolloutSequence]) -> list[list[int]]:
         return micro_batches(sequences, max_sequences=self.trainer.micro_batch_size,
@@ -487,8 +509,9 @@ class Learner:
             def cat(per_seq, idx=idx):
                 return None if per_seq is None else torch.cat([per_seq[i] for i in idx]).to(self.device)
 
-            ref = self._batch_logprobs(self._ref, batch) if self._ref is not None else None
-            hidden, weight = self._hidden(self._policy, batch)
+            ref = self._ref_logprobs(batch)
+            with lora.dropout_active(self.model):
+                hidden, weight = self._hidden(self._policy, batch)
             n = batch.num_tokens
             if n == 0:
                 # Nothing to train, but FSDP needs the backward (and its reduce-scatters) on every rank.
@@ -522,23 +545,41 @@ class Learner:
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """``(name, full tensor)`` for every parameter (Hugging Face names; tied weights once), gathered from
-        the FSDP2 shards when sharded. Collective under FSDP: every rank must exhaust the iterator."""
+        the FSDP2 shards when sharded. With LoRA: the merged weights of the adapted layers only (the others never
+        change), under the plain model's names. Collective under FSDP: every rank must exhaust the iterator."""
         self._reshard(self._policy)
+        if self.lora:
+            yield from lora.merged_weights(self.model, _full)
+            return
         for name, p in self.model.named_parameters():
             yield name, _full(p.detach())
 
+    def adapter_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """LoRA: ``(the model's own name, full tensor)`` of every adapter tensor. Collective under FSDP."""
+        self._reshard(self._policy)
+        yield from lora.adapter_weights(self.model, _full)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """LoRA: the adapters as CPU tensors on rank 0 (``{}`` on the others), for the checkpoint. Collective."""
+        tensors = {name: t.to("cpu", copy=True) for name, t in self.adapter_weights()}
+        return tensors if not self.distributed or dist.get_rank() == 0 else {}
+
     def full_model_state_dict(self) -> dict[str, Tensor]:
-        """The model's full state dict (Hugging Face names) as CPU tensors on rank 0, for the HF export; ``{}``
-        on the other ranks. Under FSDP2 it is gathered tensor by tensor and offloaded to CPU as it arrives
+        """The model's full state dict (Hugging Face names; with LoRA, the merged model) as CPU tensors on rank 0,
+        for the HF export; ``{}`` on the other ranks. Under FSDP2 it is gathered tensor by tensor and offloaded to CPU as it arrives
         (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no device holds it whole.
         Collective."""
         self._reshard(self._policy)
         if not self.distributed:
-            return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self._policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {name.removeprefix("lm."): t for name, t in full.items()}
+            full = get_model_state_dict(self._policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = {name.removeprefix("lm."): t for name, t in full.items()}
+        if self.lora and full:  # the plain model: adapters merged in, peft's names gone
+            full = lora.merged_state_dict(self.model, full)
+        return full
 
     def state_dict(self) -> dict:
         """Scheduler and step counter (plain, small). Model weights go to the HF export, the optimizer state to

@@ -189,6 +189,10 @@ def lm_head_weight(model: nn.Module) -> Tensor:
         raise ValueError(f"{type(model).__name__} has no output embedding (lm head)")
     if getattr(head, "bias", None) is not None:
         raise ValueError("lm heads with a bias are not supported by the fused log-prob kernels")
+    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # a LoRA-adapted head: its effective weight
+        from erpo_fast.lora import lora_layer_weight
+
+        return lora_layer_weight(head)
     return head.weight
 
 

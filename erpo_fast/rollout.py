@@ -111,6 +111,7 @@ class Rollout:
         self.tracker = new_tracker(cfg, len(self.prompt_index))
         self.sampler = PromptSampler(len(train), cfg.trainer.prompts_per_step, cfg.trainer.seed, rt.rank,
                                      rt.world_size)
+        self.last_sync_bytes = 0
 
     # ---- one step ------------------------------------------------------------------------------------------
 
@@ -259,10 +260,19 @@ class Rollout:
         """Bring the learner's new weights into the engine (in memory; the engine wakes as it needs), and every
         ``rollout.sync_check_every`` steps check that the engine really samples from them (:func:`check_probe`).
         Returns the check's statistics ({} on other steps)."""
-        self.engine.update_weights(learner.named_weights())
+        self.push_weights(learner)
         if not sync_check_due(self.cfg, step):
             return {}
         return check_probe(learner, self.sample_probe(step), self.cfg, step)
+
+    def push_weights(self, learner) -> None:
+        """The learner's policy into the engine: its weights, or for a LoRA policy the merged weights of the
+        adapted layers or the adapters themselves (rollout.lora_sync). Sets ``last_sync_bytes`` (what was copied)."""
+        if learner.lora and self.cfg.rollout.lora_sync == "adapters":
+            self.engine.update_adapters(learner.adapter_weights())
+        else:
+            self.engine.update_weights(learner.named_weights())
+        self.last_sync_bytes = int(getattr(self.engine, "last_update_bytes", 0))
 
     def sample_probe(self, step: int) -> RolloutSequence:
         """The sync check's probe: the first training prompt sampled by the engine at T=1 (a fixed seed per

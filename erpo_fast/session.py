@@ -27,6 +27,7 @@ from erpo_fast.distributed import Runtime, barrier
 from erpo_fast.engines import make_engine
 from erpo_fast.errors import CheckpointError, DataError
 from erpo_fast.learner import Learner
+from erpo_fast.lora import add_adapters, is_adapter_dir, load_adapters
 from erpo_fast.memory_plan import (
     MemoryPlan,
     ModelShape,
@@ -87,7 +88,13 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
         log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.trainer.output_dir)
     base_dir = _base_model_dir(cfg, rt)
     ckpt = load_checkpoint(resume_from) if resume_from is not None else None
-    model_dir = ckpt["model_dir"] if ckpt else base_dir
+    use_lora = cfg.model.lora_rank > 0
+    if ckpt and use_lora != is_adapter_dir(ckpt["model_dir"]):
+        raise ConfigError(f"--resume from {resume_from}: the checkpoint holds "
+                          f"{'a full model' if use_lora else 'LoRA adapters'}, but model.lora_rank is "
+                          f"{cfg.model.lora_rank}; resume with the run's own setting")
+    # A LoRA checkpoint holds the adapters only: the weights come from the base model, the adapters on top.
+    model_dir = ckpt["model_dir"] if ckpt and not use_lora else base_dir
 
     device = rt.device
     if device.type == "cpu":
@@ -97,12 +104,22 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     if tokenizer.eos_token_id is None:
         raise DataError(f"the tokenizer in {model_dir} has no EOS token; responses could never stop")
     ref_model = None
-    if cfg.algorithm.kl_beta > 0:  # the reference is the run's starting policy, also after a resume
+    # The reference is the run's starting policy, also after a resume (LoRA: the policy with its adapters off).
+    if cfg.algorithm.kl_beta > 0 and not use_lora:
         ref_model, _ = load_model(base_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
+    def attach_adapters() -> None:  # LoRA: peft's adapters in the model, the checkpoint's when resuming
+        add_adapters(model, cfg.model, seed=cfg.trainer.seed)
+        if ckpt:
+            load_adapters(model, ckpt["model_dir"])
+
+    # A merged-weights engine keeps a plain copy of the base; the adapters then go into the learner's model only.
+    merged_copy = use_lora and (cfg.rollout.lora_sync == "merged" or cfg.trainer.async_steps > 0)
     # One copy of the weights where one suffices: a native engine in the learner's dtype on its device reads the
     # learner's parameters (the weight sync is then a no-op; the sync check still compares two code paths).
-    shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model)
+    shares = native_shares_weights(cfg, device, rt.world_size) and _fused_backend(model) and not merged_copy
+    if use_lora and not merged_copy:
+        attach_adapters()
     if cfg.trainer.async_steps:  # the engine, verifiers and tracker live in the rollout process (started below)
         rollout = AsyncRollout(cfg, rt, model_dir=model_dir, train=train)
         engine_copy = None
@@ -111,6 +128,8 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
         rollout = Rollout(cfg, rt, tokenizer=tokenizer, engine=engine, rewards=make_rewards(cfg), train=train,
                           heldout=heldout)
         engine_copy = None if shares or cfg.rollout.engine != "native" else engine.model
+    if merged_copy:
+        attach_adapters()
     # The plan runs before the learner allocates anything (it may turn model.gradient_checkpointing on, logged);
     # on CPU its runtime term is what the process holds now (libraries, data, the tracker's JIT) besides weights.
     plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
@@ -133,6 +152,8 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
         log.info("resumed from %s (step %d)", resume_from, session.start_step)
     if isinstance(rollout, AsyncRollout):
         rollout.start(learner, session.start_step)
+    elif use_lora:  # an engine of its own starts from the base: give it the policy (resumed adapters)
+        rollout.push_weights(learner)
     return session
 
 
@@ -212,7 +233,8 @@ def make_rollout_engine(cfg: Config, model, model_dir: Path, device: torch.devic
                               "'erpo-fast[vllm]' on a CUDA machine, bash scripts/vllm_env.sh for vLLM's CPU "
                               "build, or use --rollout native")
         # The KV cache only needs room for the longest prompt plus the longest response.
-        return make_engine("vllm", str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        lora = cfg.model if cfg.model.lora_rank and cfg.rollout.lora_sync == "adapters" else None
+        return make_engine("vllm", str(model_dir), lora=lora, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed,
                            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,

@@ -26,6 +26,7 @@ from erpo_fast.config import Config, config_from_cli, help_text
 from erpo_fast.distributed import barrier, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted, UserError
 from erpo_fast.logger import RunLogger
+from erpo_fast.lora import MERGED_DIRNAME, save_adapters
 from erpo_fast.profiling import StepProfiler
 from erpo_fast.run_dir import prepare_run
 from erpo_fast.run_summary import finish
@@ -132,6 +133,7 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
         "sequences_trained": trained,
         "tokens_per_s": batch.global_response_tokens / step_time,  # sampled tokens, all ranks
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
+        "sync_bytes": s.rollout.last_sync_bytes,  # what the weight sync copied into the engine
     }
 
 
@@ -153,10 +155,20 @@ def _check_update(s: Session, step: int, learned: dict, logger: RunLogger | None
 
 
 def checkpoint(s: Session, step: int) -> None:
-    """Collective: the HF model export (gathered to rank 0), each rank's optimizer shards, the loop state."""
-    full_state = s.learner.full_model_state_dict()  # rank 0 gets it, with CPU offload; the others {}
+    """Collective: the HF model export (gathered to rank 0; with LoRA the adapters, plus the merged model when
+    model.lora_merged_export), each rank's optimizer shards, the loop state."""
+    lora = s.cfg.model.lora_rank > 0
+    adapters = s.learner.adapter_state_dict() if lora else None  # rank 0 gets them; the others {}
+    merged = not lora or s.cfg.model.lora_merged_export
+    full_state = s.learner.full_model_state_dict() if merged else None  # rank 0 gets it, with CPU offload
 
     def save_model(directory: Path) -> None:
+        if lora:
+            save_adapters(directory, adapters, s.cfg.model, base_model=str(Path(s.model_dir).resolve()))
+            s.tokenizer.save_pretrained(directory)
+            if not merged:
+                return
+            directory = directory / MERGED_DIRNAME
         config = s.learner.model.config
         training_value, config.use_cache = config.use_cache, s.learner.exported_use_cache  # as the model came
         try:

@@ -23,6 +23,11 @@ Two backends run the model:
   as views of one buffer, so no weight is stored twice and ``update_weights`` writes straight through.
 - ``"hf"`` (any other decoder using the transformers ``Cache`` API with sdpa or eager attention): the
   model's own modules, fed our 4-D masks, position ids and a ragged static cache.
+
+A model with peft LoRA layers (`erpo_fast.lora`) samples with its adapters: the fused backend adds each adapter's
+``scaling * B A x`` beside the (fused) base matmul, reading the adapter tensors where they are (the learner's own
+when the engine shares its parameters: the weight sync is then a no-op); the hf backend runs peft's own forward.
+Sampling never applies LoRA's dropout.
 """
 
 from __future__ import annotations
@@ -124,6 +129,42 @@ def _norm_eps(norm: torch.nn.Module) -> float:
     return float(eps if eps is not None else norm.eps)
 
 
+def _is_lora(module: torch.nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _lora_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``scaling * B(A(x))`` of a peft LoRA layer, in x's dtype (no dropout: sampling never drops)."""
+    (name,) = module.active_adapters
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight
+    return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * module.scaling[name]
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's output, LoRA included (the base matmul of a LoRA layer plus its adapter)."""
+    if not _is_lora(module):
+        return module(x)
+    out = F.linear(x, module.base_layer.weight, module.base_layer.bias)
+    return out if module.disable_adapters else out + _lora_delta(module, x)
+
+
+def _add_lora(out: torch.Tensor, x: torch.Tensor, adapted: list) -> torch.Tensor:
+    """A fused matmul's output plus the adapters of the LoRA layers among its parts (``(start, end, layer)``)."""
+    for start, end, module in adapted:
+        if not module.disable_adapters:
+            out[..., start:end] += _lora_delta(module, x)
+    return out
+
+
+def _adapted_slices(linears: Sequence[torch.nn.Module]) -> list:
+    out, start = [], 0
+    for m in linears:
+        if _is_lora(m):
+            out.append((start, start + m.out_features, m))
+        start += m.out_features
+    return out
+
+
 class _FusedLayer:
     def __init__(self, layer: torch.nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -135,6 +176,8 @@ class _FusedLayer:
         self._qkv_linears = (attn.q_proj, attn.k_proj, attn.v_proj)
         self._gate_up_linears = (mlp.gate_proj, mlp.up_proj)
         self.intermediate = mlp.gate_proj.out_features
+        self.qkv_lora = _adapted_slices(self._qkv_linears)
+        self.gate_up_lora = _adapted_slices(self._gate_up_linears)
         self.fuse()
 
     def fuse(self) -> None:
@@ -206,7 +249,7 @@ class FusedLlamaRunner:
         cos, sin = self.cos[:length, None], self.sin_signed[:length, None]  # broadcast over heads
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1.weight, layer.ln1_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qkv = _add_lora(F.linear(h, layer.w_qkv, layer.b_qkv), h, layer.qkv_lora)
             q = qkv[..., : hq * d].unflatten(-1, (hq, d))
             k = qkv[..., hq * d: (hq + hkv) * d].unflatten(-1, (hkv, d))
             v = qkv[..., (hq + hkv) * d:].unflatten(-1, (hkv, d)).transpose(1, 2)
@@ -217,10 +260,10 @@ class FusedLlamaRunner:
             k = _rope(k, cos, sin).transpose(1, 2)
             cache.write_prefill(i, k, v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=hq != hkv)
-            x = x + layer.o_proj(o.transpose(1, 2).flatten(2))
+            x = x + _linear(layer.o_proj, o.transpose(1, 2).flatten(2))
             x = x + self._mlp(layer, x)
         last = x[torch.arange(prompts, device=x.device), lengths - 1]
-        return self.lm_head(_rms_norm(last, self.final_norm.weight, _norm_eps(self.final_norm)))
+        return _linear(self.lm_head, _rms_norm(last, self.final_norm.weight, _norm_eps(self.final_norm)))
 
     def decode(self, tokens: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
         """One token per row at ``cache.positions``; returns ``[rows, V]`` logits."""
@@ -234,7 +277,7 @@ class FusedLlamaRunner:
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1.weight, layer.ln1_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qkv = _add_lora(F.linear(h, layer.w_qkv, layer.b_qkv), h, layer.qkv_lora)
             v = qkv[:, (hq + hkv) * d:].view(rows, hkv, d)
             if layer.q_norm is None:  # q and k share one RoPE call
                 qk = _rope(qkv[:, : (hq + hkv) * d].view(rows, hq + hkv, d), cos, sin)
@@ -245,9 +288,9 @@ class FusedLlamaRunner:
             keys, values = cache.write_decode(i, k, v)
             # GQA without repeating k/v: the G query heads of one kv head act as G queries.
             o = attend(q.reshape(rows, hkv, hq // hkv, d), keys, values)
-            x = x + layer.o_proj(o.reshape(rows, hq * d))
+            x = x + _linear(layer.o_proj, o.reshape(rows, hq * d))
             x = x + self._mlp(layer, x)
-        return self.lm_head(_rms_norm(x, self.final_norm.weight, _norm_eps(self.final_norm)))
+        return _linear(self.lm_head, _rms_norm(x, self.final_norm.weight, _norm_eps(self.final_norm)))
 
     def _decode_attention_fn(self, allowed: torch.Tensor, rows: int, groups: int):
         """Attention of one query token per row over its live cache slots.
@@ -276,8 +319,9 @@ class FusedLlamaRunner:
     @staticmethod
     def _mlp(layer: _FusedLayer, x: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(x, layer.ln2.weight, layer.ln2_eps)
-        gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).split(layer.intermediate, dim=-1)
-        return layer.down_proj(layer.act(gate) * up)
+        gate_up = _add_lora(F.linear(h, layer.w_gate_up, layer.b_gate_up), h, layer.gate_up_lora)
+        gate, up = gate_up.split(layer.intermediate, dim=-1)
+        return _linear(layer.down_proj, layer.act(gate) * up)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +480,7 @@ class NativeEngine:
         self.eos_token_id = eos if eos is not None else getattr(self.config, "eos_token_id", None)
         self._param_by_name = self._named_parameters()
         self._asleep = False
+        self.last_update_bytes = 0  # what the last update_weights copied
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -579,7 +624,7 @@ class NativeEngine:
         ``_orig_mod.``/``module.`` wrapper prefixes are ignored. An unknown name or a shape mismatch raises
         before that tensor is copied (tensors copied earlier in the same call stay copied).
         """
-        count = 0
+        count = copied = 0
         with torch.no_grad():
             for name, tensor in named_tensors:
                 param = self._param_by_name.get(strip_wrappers(name))
@@ -590,8 +635,15 @@ class NativeEngine:
                                      f"the model's is {tuple(param.shape)}")
                 if not _same_memory(param, tensor):  # the learner's own parameter (shared weights): nothing to copy
                     param.copy_(tensor)  # in place, so fused views and tied aliases see it
+                    copied += param.numel() * param.element_size()
                 count += 1
+        self.last_update_bytes = copied
         return count
+
+    def update_adapters(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """LoRA adapters by the model's own names (``...lora_A.default.weight``): the model carries the adapters
+        and applies them in its forward, so they are parameters like the others (see :meth:`update_weights`)."""
+        return self.update_weights(named_tensors)
 
     def sleep(self, level: int | None = None) -> None:
         """Free transient buffers (RoPE tables, allocator cache); the next generate() wakes the engine.

@@ -35,6 +35,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -46,6 +47,8 @@ import torch
 from erpo_fast.errors import WeightSyncError
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
+
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 INSTALL_HINT = ("VLLMEngine needs vLLM: pip install 'erpo-fast[vllm]' on a CUDA machine, or run "
                 "scripts/vllm_env.sh for vLLM's CPU build")
@@ -254,6 +257,8 @@ class VLLMEngine:
             learner's next sync replaces them anyway).
         bucket_bytes: on vLLM releases without the in-place reload, weights are handed to
             ``load_weights`` in buckets of about this many bytes.
+        lora: a LoRA policy's ``ModelConfig`` (rank, alpha, targets) when its adapters are to be served as adapters
+            (:meth:`update_adapters`, vLLM's LoRA support); None: the weights alone (also merged LoRA weights).
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``enforce_eager``, ``max_num_seqs``).
     """
 
@@ -261,7 +266,7 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0, cpu_threads: int | None = None,
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, seed: int = 0,
                  sleep_level: int = 2, bucket_bytes: int = 256 << 20,
-                 enable_prefix_caching: bool = True, **llm_kwargs) -> None:
+                 enable_prefix_caching: bool = True, lora=None, **llm_kwargs) -> None:
         model_dir = Path(model).expanduser()
         vllm = _import_vllm()
         if not (model_dir / "config.json").is_file():
@@ -295,6 +300,10 @@ class VLLMEngine:
             if not any(isinstance(f, _ExpectedChunkedPrefillWarning) for f in args_log.filters):
                 args_log.addFilter(_ExpectedChunkedPrefillWarning())
         rank = int(os.environ.get("RANK", "0"))
+        self._lora, self._lora_request, self._lora_dir = lora, None, None
+        if lora is not None:
+            llm_kwargs.update(enable_lora=True, max_loras=1,
+                              max_lora_rank=min(r for r in _VLLM_LORA_RANKS if r >= lora.lora_rank))
         with _shield_from_kernel_scan(current_platform.is_cpu()):
             self.llm = vllm.LLM(
                 model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
@@ -305,6 +314,7 @@ class VLLMEngine:
                 # Ranks of one TP group must sample identically; different groups must differ.
                 seed=seed + rank // tensor_parallel_size,
                 enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
+        self.last_update_bytes = 0
         self.reload_in_place = bool(self.llm.collective_rpc(_worker_reload_takes_iterator)[0])
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         if not any(isinstance(f, _ExpectedReloadWarnings) for f in reload_log.filters):
@@ -403,6 +413,7 @@ class VLLMEngine:
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"update_weights: {raw_name!r} has shape {tuple(tensor.shape)}, expected {shape}")
             names.add(name)
+            self.last_update_bytes += tensor.numel() * tensor.element_size()
             yield name, tensor.detach()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -414,6 +425,7 @@ class VLLMEngine:
         """
         self._wake("weights")
         names: set[str] = set()
+        self.last_update_bytes = 0
         self._weights_current = False  # until this update completes
         stream = self._checked(named_tensors, names)
         try:
@@ -434,6 +446,33 @@ class VLLMEngine:
         # Cached prefixes hold k/v computed with the old weights.
         self.llm.reset_prefix_cache()
         return len(names)
+
+    def update_adapters(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Serve a new version of the LoRA adapters (the learner's parameter names, ``...lora_A.default.weight``):
+        written as a PEFT folder in a private temporary directory and used from the next ``generate`` on, under a
+        new ``LoRARequest`` id (vLLM caches adapters by id). Needs ``lora=`` at construction. Returns how many
+        tensors."""
+        import tempfile
+
+        from erpo_fast.lora import save_adapters
+
+        if self._lora is None:
+            raise RuntimeError("update_adapters needs an engine built with lora=<the policy's ModelConfig>")
+        tensors = {name: t.detach() for name, t in named_tensors}
+        if self._lora_dir is None:
+            self._lora_dir = tempfile.TemporaryDirectory(prefix="erpo-lora-")
+        version = 1 if self._lora_request is None else self._lora_request.lora_int_id + 1
+        folder = Path(self._lora_dir.name) / f"v{version}"
+        save_adapters(folder, tensors, self._lora, base_model=str(self.model_dir))
+        from vllm.lora.request import LoRARequest
+
+        previous, self._lora_request = self._lora_request, LoRARequest(f"policy-v{version}", version, str(folder))
+        if previous is not None:  # one adapter at a time: drop the old version (and its folder)
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.last_update_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.llm.reset_prefix_cache()
+        return len(tensors)
 
     def _load_in_buckets(self, stream: Iterator[tuple[str, torch.Tensor]]) -> None:
         model = self._vllm_model()
@@ -489,7 +528,7 @@ class VLLMEngine:
         self._ready_for_generation()
         params = [self._sampling_params(t, k, p, n, max_new_tokens, stops, s) for _, t, k, p, s in all_requests]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids, *_ in all_requests], sampling_params=params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self._lora_request)
         results = [self._to_samples(out, request[1], n, index)
                    for index, (out, request) in enumerate(zip(outputs, all_requests))]
         return results[mine]
@@ -538,6 +577,8 @@ class VLLMEngine:
         """Shut vLLM down now (its engine core and distributed state) rather than at garbage collection, so
         that another engine can be built in this process."""
         llm, self.llm = self.llm, None
+        if self._lora_dir is not None:
+            self._lora_dir.cleanup()
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
@@ -551,7 +592,8 @@ class VLLMEngine:
             raise ValueError("the probe prompt needs at least 2 tokens")
         self._ready_for_generation()
         params = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        (out,) = self.llm.generate([{"prompt_token_ids": ids}], sampling_params=params, use_tqdm=False)
+        (out,) = self.llm.generate([{"prompt_token_ids": ids}], sampling_params=params, use_tqdm=False,
+                                   lora_request=self._lora_request)
         return torch.tensor([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))],
                             dtype=torch.float32)
 
