@@ -1,6 +1,7 @@
 """Held-out evaluation: mean@k and pass@k.
 
     python -m erpo_fast.evaluate --model PATH --data PATH --k 4
+    python -m erpo_fast.evaluate --model BASE --adapter ADAPTER_DIR --data PATH    (a LoRA policy)
 
 mean@k is the mean reward over k samples per prompt; pass@k is the fraction of prompts solved at least once
 in k samples. With n >= k samples per prompt, pass@k uses the unbiased estimator 1 - C(n-c, k) / C(n, k)
@@ -86,7 +87,11 @@ def evaluate(engine, tokenizer, records, *, reward_pool, ks: Sequence[int] = (4,
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m erpo_fast.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory (with tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="local Hugging Face model directory (with tokenizer), or a LoRA checkpoint's model/ "
+                             "folder (its base model is the one its adapter_config.json names)")
+    parser.add_argument("--adapter", default=None,
+                        help="LoRA adapters (a PEFT folder, e.g. a LoRA checkpoint's model/) applied to --model")
     parser.add_argument("--data", required=True, help=".jsonl/.parquet with prompt and answer fields")
     parser.add_argument("--k", type=int, nargs="+", default=[4], help="k values (samples per prompt = max k)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -102,6 +107,40 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="verifier processes")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-response verification timeout (s)")
     return parser
+
+
+def _base_and_adapter(model: str, adapter: str | None) -> tuple[str, str | None]:
+    """(base model folder, adapter folder or None): --model may itself be an adapter folder (a LoRA checkpoint's
+    model/), whose adapter_config.json names its base."""
+    from erpo_fast.errors import UserError
+    from erpo_fast.lora import is_adapter_dir, read_adapter_config
+
+    if adapter is None and is_adapter_dir(model):
+        base = read_adapter_config(model).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{model} holds LoRA adapters without a base model name; pass the base as --model and "
+                            "this folder as --adapter")
+        return base, model
+    if adapter is not None and not is_adapter_dir(adapter):
+        raise UserError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    return model, adapter
+
+
+def _lora_engine(kind: str, model, base: str, adapter: str):
+    """An engine that samples with the adapters: the native engine applies them in its forward; vLLM serves them
+    as a LoRARequest."""
+    from erpo_fast.engines import make_engine
+    from erpo_fast.lora import adapter_model_config, adapter_weights, add_adapters, load_adapters
+    from erpo_fast.models import resolve_dtype
+
+    cfg = adapter_model_config(adapter)
+    add_adapters(model, cfg)
+    load_adapters(model, adapter)
+    if kind == "native":
+        return make_engine("native", model)
+    engine = make_engine("vllm", base, dtype=resolve_dtype("auto"), lora=cfg)
+    engine.update_adapters(adapter_weights(model))
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         reward_name = "math" if args.reward == "auto" else args.reward
         reward_fn = get_reward_fn(reward_name)  # a spec that does not import fails before the model loads
         records = load_prompts(args.data)
-        model, tokenizer = load_model(args.model)
-        engine = make_engine(args.rollout, model) if args.rollout == "native" else make_engine(
-            "vllm", args.model, dtype=resolve_dtype("auto"))
+        base, adapter = _base_and_adapter(args.model, args.adapter)
+        model, tokenizer = load_model(base)
+        if adapter is None:
+            engine = make_engine(args.rollout, model) if args.rollout == "native" else make_engine(
+                "vllm", base, dtype=resolve_dtype("auto"))
+        else:
+            engine = _lora_engine(args.rollout, model, base, adapter)
         with RewardPool(reward_fn, num_workers=args.workers, timeout_s=args.timeout, name=reward_name) as pool, \
                 Progress(len(records), "evaluate (prompts)") as progress:
             result = evaluate(engine, tokenizer, records, reward_pool=pool, ks=args.k,

@@ -256,7 +256,8 @@ class Learner:
     def _prepare(self, model: nn.Module, *, trainable: bool) -> nn.Module:
         model = model.to(device=self.device, dtype=torch.float32)
         if trainable and self.lora:
-            lora.add_adapters(model, self.model_cfg, seed=self.trainer.seed)  # a no-op when the session injected them (shared engine)
+            # A no-op when the session injected them already (an engine that samples with them).
+            lora.add_adapters(model, self.model_cfg, seed=self.trainer.seed)
             if not self.distributed:  # frozen: no master copy needed, only the compute dtype
                 for p in model.parameters():
                     if not p.requires_grad:
@@ -566,9 +567,9 @@ class Learner:
 
     def full_model_state_dict(self) -> dict[str, Tensor]:
         """The model's full state dict (Hugging Face names; with LoRA, the merged model) as CPU tensors on rank 0,
-        for the HF export; ``{}`` on the other ranks. Under FSDP2 it is gathered tensor by tensor and offloaded to CPU as it arrives
-        (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no device holds it whole.
-        Collective."""
+        for the HF export; ``{}`` on the other ranks. Under FSDP2 it is gathered tensor by tensor and offloaded to
+        CPU as it arrives (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), so no device holds it
+        whole. Collective."""
         self._reshard(self._policy)
         if not self.distributed:
             full = {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}

@@ -39,9 +39,12 @@ def broken(response, answer):
 '''
 
 
-def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path, lora):
     """`python -m erpo_fast.evaluate --reward path.py:fn` (the specs data.reward takes) on the run's exported
-    model, at the run's evaluation settings and seed, gives the trainer's own final held-out numbers."""
+    model, at the run's evaluation settings and seed, gives the trainer's own final held-out numbers. A LoRA run's
+    checkpoint model/ holds adapters: evaluated as --model (its base named in it), as --adapter on the base, and
+    as the merged export (model/merged/), it gives the same numbers."""
     import json
     import os
     import subprocess
@@ -64,21 +67,30 @@ def test_evaluate_cli_reproduces_a_custom_reward_runs_heldout_score(tmp_path):
          "--data.heldout_path", str(data), "--data.reward", f"{verifier}:exact", "--data.reward_workers", "0",
          "--rollout.max_new_tokens", "4", "--rollout.n", "4", "--trainer.prompts_per_step", "4", "--max-steps", "2",
          "--trainer.eval_every", "2", "--trainer.eval_k", "4", "--trainer.lr", "1e-2", "--trainer.threads", "1",
-         "--logging.plots", "false", "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+         "--logging.plots", "false", "--output-dir", str(out),
+         *(["--model.lora_rank", "8", "--model.lora_merged_export", "true"] if lora else [])],
+        env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     after = json.loads((out / "summary.json").read_text())["heldout_after"]
     assert 0 < after["mean_at_4"] < 1  # a score that could come out otherwise
 
-    def evaluate(fn):
+    exported = latest_checkpoint(out) / "model"
+
+    def evaluate(fn, *model):
         return subprocess.run(
-            [sys.executable, "-m", "erpo_fast.evaluate", "--model", str(latest_checkpoint(out) / "model"), "--data",
+            [sys.executable, "-m", "erpo_fast.evaluate", *(model or ["--model", str(exported)]), "--data",
              str(data), "--k", "4", "--max-new-tokens", "4", "--seed", str(after["seed"]), "--reward",
              f"{verifier}:{fn}", "--workers", "0"], env=env, capture_output=True, text=True, timeout=600)
 
-    result = evaluate("exact")
-    assert result.returncode == 0, result.stderr[-2000:]
-    got = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (got["mean_at_4"], got["pass_at_4"]) == (after["mean_at_4"], after["pass_at_4"])
+    ways = [()]
+    if lora:
+        assert (exported / "adapter_model.safetensors").is_file() and not (exported / "model.safetensors").exists()
+        ways += [("--model", str(model_dir), "--adapter", str(exported)), ("--model", str(exported / "merged"))]
+    for way in ways:
+        result = evaluate("exact", *way)
+        assert result.returncode == 0, result.stderr[-2000:]
+        got = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (got["mean_at_4"], got["pass_at_4"]) == (after["mean_at_4"], after["pass_at_4"]), way
     assert "evaluate (prompts): 27/27" in result.stderr  # progress while it runs (a plain line off a terminal)
     broken = evaluate("broken")
     assert broken.returncode == 1
