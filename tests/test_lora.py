@@ -234,3 +234,81 @@ def test_kl_reference_of_a_lora_policy_is_the_base(tokenizer):
     ref_loss, ref_metrics, *_ = reference_loss(model64, seqs, algo, ref_model64=copy.deepcopy(base).double())
     assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-7)
     assert metrics["kl"] == pytest.approx(ref_metrics["kl_mean"], rel=1e-4) and metrics["kl"] > 1e-4
+
+
+# ---- end to end: python -m erpo_fast.train with model.lora_rank ---------------------------------------------
+
+
+@pytest.fixture
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ERPO_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+LORA = ["--model.lora_rank", "8", "--model.lora_alpha", "16", "--trainer.lr", "2e-2"]
+# The tiny warm-started model rarely solves a problem; a verifier that rewards even-length responses gives every
+# group a spread of rewards, so the adapters do get gradients.
+EVEN_LENGTH = "def even_length(response, answer):\n    return float(len(response) % 2 == 0)\n"
+
+
+@pytest.fixture
+def even_length(tmp_path):
+    path = tmp_path / "even_length.py"
+    path.write_text(EVEN_LENGTH)
+    return ["--data.reward", f"{path}:even_length"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["adapters", "merged"])
+def test_lora_run_resumes_exactly_and_trains_only_the_adapters(tmp_path, _cache, even_length, sync):
+    from safetensors.torch import load_file
+    from test_train import _comparable, _run
+
+    from erpo_fast.checkpoint import latest_checkpoint
+    from erpo_fast.logger import read_metrics
+
+    args = [*LORA, *even_length, "--rollout.lora_sync", sync]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _run(full, "--max-steps", "6", *args) == 0
+    assert _run(part, "--max-steps", "3", *args) == 0
+    assert _run(part, "--max-steps", "6", "--resume") == 0
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert _comparable(a) == _comparable(b)
+    assert all("sync_max_abs_diff" not in r for r in a)  # (the check ran every step: it raises, never logs)
+    # adapters mode shares the learner's tensors here (CPU, float32): nothing is copied; merged copies the
+    # adapted layers (every linear of the one decoder layer) in float32
+    hidden, inter = 32, 64
+    adapted = hidden * hidden + 2 * (hidden * hidden // 2) + hidden * hidden + 3 * hidden * inter
+    assert {r["sync_bytes"] for r in a} == ({0} if sync == "adapters" else {4 * adapted})
+    ckpt = latest_checkpoint(full) / "model"
+    adapters = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert len(adapters) == 2 * 7 and all(k.startswith("base_model.model.model.layers.0.") for k in adapters)
+    assert any(float(t.abs().max()) > 0 for k, t in adapters.items() if "lora_B" in k)  # B moved off zero
+
+
+@pytest.mark.slow
+def test_lora_with_async_rollouts_gets_merged_weights(tmp_path, _cache, capsys):
+    from test_train import _run
+
+    from erpo_fast.logger import read_metrics
+
+    assert _run(tmp_path / "a", "--max-steps", "3", *LORA, "--trainer.async_steps", "1") == 0
+    records = read_metrics(tmp_path / "a")
+    assert [r["staleness"] for r in records] == [0, 1, 1] and records[-1]["sync_bytes"] > 0
+    capsys.readouterr()
+    assert _run(tmp_path / "b", "--max-steps", "1", *LORA, "--trainer.async_steps", "1",
+                "--rollout.lora_sync", "adapters") == 2
+    assert "set rollout.lora_sync to merged" in capsys.readouterr().err
+
+
+def test_lora_usage_errors_are_one_line(tmp_path, _cache, capsys):
+    from test_train import _run
+
+    assert _run(tmp_path / "a", "--max-steps", "1", "--model.lora_rank", "4", "--model.lora_targets", "nope") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "model.lora_targets='nope'" in err[0], err
+    assert _run(tmp_path / "b", "--max-steps", "1", "--model.lora_rank", "4", "--trainer.eval_every", "0") == 0
+    capsys.readouterr()
+    assert _run(tmp_path / "b", "--max-steps", "2", "--resume", "--model.lora_rank", "0") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "holds LoRA adapters" in err[0], err
