@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from erpo_fast import lora
 from erpo_fast.batch import RolloutSequence
 from erpo_fast.config import AlgorithmConfig, BuiltinConfig, ModelConfig, TrainerConfig
 from erpo_fast.learner import Learner
@@ -45,6 +46,13 @@ CASES = {
         [[0, 1, 2, 3, 4], [5, 6, 7]],
         list(range(8)),
     ),
+    # LoRA (model cfg below): the base sharded and frozen, the adapters trained; KL to the adapters-off base.
+    "lora_kl_uneven": (
+        dict(kl_beta=0.2),
+        dict(micro_batch_size=2),
+        [[0, 1, 2, 3, 4], [5, 6, 7]],
+        list(range(8)),
+    ),
     # Two updates per step: global mini-batch k is the union of every rank's k-th half. IS weights, GRPO agg.
     "seq_mean_is_two_updates": (
         dict(loss_agg="seq_mean_token_mean", is_level="token", is_clip=1.5, eps_low=0.1, eps_high=0.1),
@@ -55,6 +63,9 @@ CASES = {
 }
 
 
+
+
+LORA_CASES = {"lora_kl_uneven": ModelConfig(lora_rank=4, lora_alpha=8.0)}
 
 
 def make_sequences():
@@ -77,16 +88,25 @@ def make_sequences():
 def build_learner(case: str, model=None) -> Learner:
     algo_kw, trainer_kw, _, _ = CASES[case]
     tokenizer = build_char_tokenizer()
-    model = build_tiny_qwen2(tokenizer, TINY, 0) if model is None else model
+    model_cfg = LORA_CASES.get(case, ModelConfig())
+    if model is None:
+        model = build_tiny_qwen2(tokenizer, TINY, 0)
+        if model_cfg.lora_rank:  # adapters with B != 0 (B = 0 would leave A without a gradient)
+            lora.add_adapters(model, model_cfg, seed=0)
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".lora_B." in name:
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g))
     algo = AlgorithmConfig(**algo_kw)
     ref = None
-    if algo.kl_beta > 0:
+    if algo.kl_beta > 0 and not model_cfg.lora_rank:
         ref = build_tiny_qwen2(tokenizer, TINY, 0)
         with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
             for p in ref.parameters():
                 p.mul_(1.05)
     trainer = TrainerConfig(lr=1e-3, grad_clip=1.0, **trainer_kw)
-    return Learner(model, algo, trainer, ModelConfig(), device="cpu", max_len=MAX_LEN, ref_model=ref)
+    return Learner(model, algo, trainer, model_cfg, device="cpu", max_len=MAX_LEN, ref_model=ref)
 
 
 def run_case(case: str, indices: list[int], ckpt_dir: Path) -> dict:
@@ -101,9 +121,11 @@ def run_case(case: str, indices: list[int], ckpt_dir: Path) -> dict:
     logprobs = learner.compute_logprobs(local)
     weights = {n: w.clone() for n, w in learner.named_weights()}
     full_state = learner.full_model_state_dict()  # rank 0 only
+    adapters = learner.adapter_state_dict() if learner.lora else None  # rank 0 only
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         torch.save(full_state, ckpt_dir / "model.pt")
+        torch.save(adapters, ckpt_dir / "adapters.pt")
     learner.save_optimizer(ckpt_dir / "optimizer")
     learner_state = learner.state_dict()
     # The test gathers the full optimizer state to compare it with the single process's (the learner never does).
@@ -112,8 +134,16 @@ def run_case(case: str, indices: list[int], ckpt_dir: Path) -> dict:
     if dist.is_initialized():
         dist.barrier()
 
-    model = build_tiny_qwen2(build_char_tokenizer(), TINY, 7)
-    model.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
+    if learner.lora:  # a LoRA checkpoint: the base model, and the adapters on top
+        model = build_tiny_qwen2(build_char_tokenizer(), TINY, 0)
+        lora.add_adapters(model, LORA_CASES[case], seed=7)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in torch.load(ckpt_dir / "adapters.pt", weights_only=True).items():
+                params[name].copy_(t)
+    else:
+        model = build_tiny_qwen2(build_char_tokenizer(), TINY, 7)
+        model.load_state_dict(torch.load(ckpt_dir / "model.pt", weights_only=True))
     resumed = build_learner(case, model=model)
     resumed.load_optimizer(ckpt_dir / "optimizer")
     resumed.load_state_dict(learner_state)
