@@ -39,7 +39,7 @@ from erpo_fast import errors
 from erpo_fast.batch import RolloutSequence, StepBatch
 from erpo_fast.config import Config, ConfigError
 from erpo_fast.distributed import Runtime, broadcast_object
-from erpo_fast.lora import lora_layers
+from erpo_fast.lora import merged_shapes
 from erpo_fast.models import resolve_dtype
 from erpo_fast.rollout import check_probe, in_flight, restore_tracker, sync_check_due
 from erpo_fast.rollout_worker import WorkerPlan, batch_version, worker_main
@@ -60,7 +60,7 @@ class _EventSink:
 def sync_layout(learner) -> dict[str, tuple[int, ...]]:
     """Name and shape of every tensor ``learner.named_weights()`` yields (a LoRA policy: its adapted layers)."""
     if learner.lora:
-        return {f"{name}.weight": tuple(layer.base_layer.weight.shape) for name, layer in lora_layers(learner.model)}
+        return merged_shapes(learner.model)
     return {name: tuple(p.shape) for name, p in learner.model.named_parameters()}
 
 

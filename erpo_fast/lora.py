@@ -99,11 +99,42 @@ def lora_layer_weight(layer: nn.Module, full=lambda t: t) -> Tensor:
     return base + (b.to(base.dtype) @ a.to(base.dtype)) * layer.scaling[ADAPTER]
 
 
+# Projections an engine may keep as one fused matrix (vLLM's qkv_proj and gate_up_proj): it reloads such a matrix
+# whole, so an update naming one of them must name them all.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def merged_weights(model: nn.Module, full=lambda t: t) -> Iterator[tuple[str, Tensor]]:
-    """``(plain model name, merged weight)`` of every adapted layer: the tensors a merged-weights engine needs."""
+    """``(plain model name, weight)`` of every adapted layer, merged, plus the (frozen) weight of every projection
+    fused with one of them: the tensors a merged-weights engine needs."""
+    adapted = dict(lora_layers(model))
+    modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, layer in lora_layers(model):
+        for name, layer in adapted.items():
             yield f"{name}.weight", lora_layer_weight(layer, full)
+        for name in _fused_siblings(adapted, modules):
+            yield f"{name}.weight", full(modules[name].weight.detach())
+
+
+def merged_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name and (full) shape of every tensor :func:`merged_weights` yields, without computing any."""
+    adapted = dict(lora_layers(model))
+    modules = dict(model.named_modules())
+    shapes = {f"{name}.weight": tuple(layer.base_layer.weight.shape) for name, layer in adapted.items()}
+    shapes.update({f"{name}.weight": tuple(modules[name].weight.shape) for name in _fused_siblings(adapted, modules)})
+    return shapes
+
+
+def _fused_siblings(adapted: dict, modules: dict) -> list[str]:
+    """Names of the projections that are not adapted but share a fused group with one that is."""
+    out: dict[str, None] = {}  # ordered set
+    for name in adapted:
+        parent, _, short = name.rpartition(".")
+        for group in FUSED_GROUPS:
+            if short in group:
+                out.update({f"{parent}.{s}": None for s in group
+                            if f"{parent}.{s}" not in adapted and f"{parent}.{s}" in modules})
+    return list(out)
 
 
 def adapter_weights(model: nn.Module, full=lambda t: t) -> Iterator[tuple[str, Tensor]]:

@@ -234,7 +234,11 @@ def make_rollout_engine(cfg: Config, model, model_dir: Path, device: torch.devic
                               "build, or use --rollout native")
         # The KV cache only needs room for the longest prompt plus the longest response.
         lora = cfg.model if cfg.model.lora_rank and cfg.rollout.lora_sync == "adapters" else None
-        return make_engine("vllm", str(model_dir), lora=lora, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        # A LoRA policy never changes most of the base: its engine sleeps at level 1 (weights parked in host
+        # memory) rather than 2 (weights dropped, then all re-sent).
+        sleep_level = 1 if cfg.model.lora_rank else 2
+        return make_engine("vllm", str(model_dir), lora=lora, sleep_level=sleep_level,
+                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                            enforce_eager=cfg.rollout.enforce_eager, seed=cfg.trainer.seed,
                            max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,

@@ -95,9 +95,12 @@ def test_merged_weights_are_base_plus_scaled_b_a_and_match_peft(tokenizer):
     learner = make_learner(copy.deepcopy(base), model_cfg=cfg)
     randomise_b(learner.model)
     merged = dict(learner.named_weights())
-    assert set(merged) == {f"model.layers.{i}.{m}.weight" for i in range(2)
-                           for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert set(merged) == {f"model.layers.{i}.{m}.weight" for i in range(2)  # k_proj: fused with q and v
+                           for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")}
     plain = dict(base.named_parameters())
+    for i in range(2):
+        assert torch.equal(merged[f"model.layers.{i}.self_attn.k_proj.weight"],
+                           plain[f"model.layers.{i}.self_attn.k_proj.weight"])
     for name, layer in lora.lora_layers(learner.model):
         a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
         expected = plain[f"{name}.weight"].double() + (12.0 / 4) * b @ a
@@ -312,3 +315,15 @@ def test_lora_usage_errors_are_one_line(tmp_path, _cache, capsys):
     assert _run(tmp_path / "b", "--max-steps", "2", "--resume", "--model.lora_rank", "0") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(err) == 1 and "holds LoRA adapters" in err[0], err
+
+
+def test_merged_weights_name_every_projection_an_engine_fuses_with_an_adapted_one(tokenizer):
+    """vLLM reloads its fused qkv_proj / gate_up_proj whole: adapting q_proj alone must still send k and v."""
+    cfg = ModelConfig(lora_rank=4, lora_targets="q_proj,up_proj,o_proj")
+    learner = make_learner(tiny_model(tokenizer), model_cfg=cfg)
+    names = [n for n, _ in learner.named_weights()]
+    layer = "model.layers.{}.{}.weight"
+    want = {layer.format(i, m) for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                           "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
+    assert len(names) == len(set(names)) and set(names) == want  # down_proj: neither adapted nor fused with one
+    assert lora.merged_shapes(learner.model) == {n: tuple(t.shape) for n, t in learner.named_weights()}

@@ -323,6 +323,7 @@ class VLLMEngine:
         self._awake = {"weights", "kv_cache"}
         self._weights_current = True  # fresh from the checkpoint
         self._ever_synced = False
+        self._discarded = False  # weights dropped (level-2 sleep, failed update): a full update must follow
         self._synced_since_discard: set[str] = set()
 
     # ---- construction helpers ----------------------------------------------------------------------
@@ -370,6 +371,7 @@ class VLLMEngine:
             self.llm.sleep(level=level)
             if level == 2:
                 self._weights_current = False
+                self._discarded = True
                 self._synced_since_discard.clear()
         self._awake.clear()
 
@@ -438,11 +440,15 @@ class VLLMEngine:
         except BaseException:
             # Some layers may hold new weights and others old ones: only a full update makes it whole again.
             self._ever_synced = True
+            self._discarded = True
             self._synced_since_discard.clear()
             raise
         self._ever_synced = True
         self._synced_since_discard |= names
-        self._weights_current = not self._missing_after_discard()
+        # A partial update (a LoRA policy's adapted layers) is whole when nothing was dropped before it.
+        if self._discarded and not self._missing_after_discard():
+            self._discarded = False
+        self._weights_current = not self._discarded
         # Cached prefixes hold k/v computed with the old weights.
         self.llm.reset_prefix_cache()
         return len(names)
