@@ -4,7 +4,9 @@ At start-up the trainer prints it as one short table; ``python -m erpo_fast.trai
 (a config-only model folder is enough: no weights are loaded, the parameter count comes from instantiating the
 architecture on the meta device). Terms, in bytes:
 
-- **weights / gradients / optimizer**: fp32 master weights, fp32 gradients, AdamW's two fp32 moments.
+- **weights / gradients / optimizer**: fp32 master weights, fp32 gradients, AdamW's two fp32 moments. With LoRA
+  (``model.lora_rank``): the frozen base in the compute dtype (fp32 under FSDP2, sharded), and gradients and AdamW
+  state of the adapters only (:func:`lora_params`); no reference copy for the KL term (the base is the reference).
 - **activations**: what autograd saves for one micro-batch (counted from the saved tensors of transformers'
   Llama-family decoder under our packed attention, see ``_saved_per_token``), plus the backward's transients.
   Packed tokens come from simulating :func:`erpo_fast.batch.micro_batches` on full-length sequences.
@@ -201,17 +203,28 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     notes = []
     p = shape.params
     shard = max(1, distributed_world)  # FSDP2 shards weights, gradients and optimizer state
-    terms = {"weights (fp32 master)": 4 * p // shard, "gradients (fp32)": 4 * p // shard,
-             "optimizer state (AdamW, fp32)": 8 * p // shard}
-    if cfg.algorithm.kl_beta > 0:
-        terms["reference model (fp32, for the KL term)"] = 4 * p // shard
+    adapters = lora_params(cfg, shape)
+    if adapters:
+        base_bytes = 4 if shard > 1 else act_bytes  # FSDP2's shards keep one dtype: fp32
+        weights = base_bytes * p // shard + 4 * adapters // shard
+        trained, reference = adapters, 0
+        names = (f"weights (frozen base {'fp32' if shard > 1 else str(compute).removeprefix('torch.')}, "
+                 f"LoRA {adapters / 1e6:.1f}M fp32)", "gradients (fp32, adapters)", "optimizer state (AdamW, adapters)")
+    else:
+        weights, trained, reference = 4 * p // shard, p, (4 * p // shard if cfg.algorithm.kl_beta > 0 else 0)
+        names = ("weights (fp32 master)", "gradients (fp32)", "optimizer state (AdamW, fp32)")
+    grads, optimizer = 4 * trained // shard, 8 * trained // shard
+    terms = dict(zip(names, (weights, grads, optimizer)))
+    if reference:
+        terms["reference model (fp32, for the KL term)"] = reference
 
     # Activations: packed attention (sdpa) shares a group's prompt; other attention runs every sequence whole.
     share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
         cfg.model.attn_implementation == "auto" and device.type == "cuda")
-    packed, attn_tokens, trained = _largest_micro_batch(cfg, prompt_tokens, share)
-    autocast = compute != torch.float32 and distributed_world <= 1  # FSDP2 casts through its mixed-precision policy
-    saved = saved_activation_bytes(shape, packed=packed, attention_tokens=attn_tokens, trained=trained,
+    packed, attn_tokens, trained_tokens = _largest_micro_batch(cfg, prompt_tokens, share)
+    # FSDP2 casts through its mixed-precision policy; a LoRA base is in the compute dtype already (no cast copies).
+    autocast = compute != torch.float32 and distributed_world <= 1 and not adapters
+    saved = saved_activation_bytes(shape, packed=packed, attention_tokens=attn_tokens, trained=trained_tokens,
                                    act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast)
     dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
     casts = shape.decoder_params * act_bytes / shape.layers if autocast else 0  # one layer's weights, cast
@@ -220,10 +233,14 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     activations = saved + recompute + backward
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
     rows = max(1, ROW_CHUNK_BYTES // (shape.vocab * act_bytes))
-    workspace = min(trained, rows) * shape.vocab * act_bytes * 2
-    if shape.tied:  # the loss's [V, H] weight gradient waits through the backward for the embedding's share
+    workspace = min(trained_tokens, rows) * shape.vocab * act_bytes * 2
+    if shape.tied and not adapters:  # the loss's [V, H] weight gradient waits through the backward for the embedding's
         workspace += shape.vocab * shape.hidden * 4
-    if compute != torch.float32:  # the LM head's weight in the compute dtype, held by the loss until its backward
+    # The LM head's weight cast to the compute dtype, held by the loss until its backward (a LoRA base is in that
+    # dtype already); a LoRA-adapted head: its effective weight W + s B A, materialised for the fused loss.
+    if compute != torch.float32 and not (adapters and shard == 1):
+        workspace += shape.vocab * shape.hidden * act_bytes
+    if adapters and "lm_head" in _lora_targets(cfg):
         workspace += shape.vocab * shape.hidden * act_bytes
     terms["loss workspace (logits chunk, LM-head gradient)"] = workspace
 
@@ -249,12 +266,14 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
         terms["vLLM share (weights + KV, asleep while learning)"] = share_bytes
         engine_weights, rollout_transient = 0, share_bytes
         notes.append("vLLM keeps its own bf16 copy of the weights inside its gpu_memory_utilization share")
+        if adapters:
+            notes.append(f"LoRA: vLLM sleeps at level 1, parking its {p * act_bytes / GB:.1f} GB of weights in host "
+                         "memory while the learner runs")
 
     runtime = RUNTIME_BYTES.get(device.type, RUNTIME_BYTES["cpu"]) if runtime_bytes is None else runtime_bytes
     terms = {"runtime (torch, libraries)": runtime, **terms}
-    resident = (runtime + terms["weights (fp32 master)"] + terms["optimizer state (AdamW, fp32)"] + engine_weights
-                + terms.get("reference model (fp32, for the KL term)", 0))
-    learn = terms["gradients (fp32)"] + int(activations) + terms["loss workspace (logits chunk, LM-head gradient)"]
+    resident = runtime + weights + optimizer + engine_weights + reference
+    learn = grads + int(activations) + terms["loss workspace (logits chunk, LM-head gradient)"]
     phases = {"rollout": resident + rollout_transient, "learning": resident + learn}
     if cfg.trainer.async_steps:
         phases = _async_phases(cfg, terms, device, p * torch.empty((), dtype=engine_dtype).element_size(),
@@ -278,6 +297,31 @@ def _async_phases(cfg: Config, terms: dict, device: torch.device, slot_bytes: in
                  f"(rollout.device); this plan is the learner's GPU; the rollout GPU holds about "
                  f"{(rollout + k * slot_bytes) / GB:.2f} GB")
     return {"learning": learner}
+
+
+LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_targets(cfg: Config) -> tuple[str, ...]:
+    targets = cfg.model.lora_targets.strip()
+    return LORA_ALL_LINEAR if targets == "all-linear" else tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def lora_params(cfg: Config, shape: ModelShape) -> int:
+    """Adapter parameters of ``model.lora_*`` on a Llama-family shape: r x (in + out) per adapted projection
+    (0 without LoRA). Targets other than the projections below and lm_head count nothing (the run itself checks
+    that they exist)."""
+    r = cfg.model.lora_rank
+    if not r:
+        return 0
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_width
+    per_layer = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+                 "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
+    targets = _lora_targets(cfg)
+    total = shape.layers * sum(size for name, size in per_layer.items() if name in targets)
+    if "lm_head" in targets:
+        total += shape.hidden + shape.vocab
+    return r * total
 
 
 def native_shares_weights(cfg: Config, device: torch.device, world: int = 1) -> bool:
@@ -382,10 +426,15 @@ def _advice(cfg: Config, plan: MemoryPlan, shape: ModelShape, device: torch.devi
                     trial, shape, device=device, budget=budget, checkpointing=True, **kwargs).fits:
                 fixes.append(f"--rollout.gpu_memory_utilization {share} with checkpointing and 1024 tokens")
                 break
+    if not cfg.model.lora_rank:
+        trial = copy.deepcopy(cfg)
+        trial.model.lora_rank, trial.trainer.micro_batch_tokens = 16, 1024
+        if plan_memory(trial, shape, device=device, budget=budget, checkpointing=True, **kwargs).fits:
+            fixes.append("LoRA: --model.lora_rank 16 --model.gradient_checkpointing true "
+                         "--trainer.micro_batch_tokens 1024")
     if not fixes:
-        static = (plan.terms["weights (fp32 master)"] + plan.terms["gradients (fp32)"]
-                  + plan.terms["optimizer state (AdamW, fp32)"])
-        return (f"no single-device knob fixes it: fp32 weights, gradients and AdamW state alone take "
+        static = sum(v for k, v in plan.terms.items() if k.startswith(("weights", "gradients", "optimizer")))
+        return (f"no single-device knob fixes it: the weights, gradients and AdamW state alone take "
                 f"{static / GB:.1f} GB; shard the learner over more devices (torchrun, FSDP2) or pick a smaller "
                 "model")
     return "try " + "; or ".join(fixes)

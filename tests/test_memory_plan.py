@@ -204,3 +204,41 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="erpo_fast"):
         session._warn_if_bf16_is_emulated(build_config("none"), torch.device("cpu"))  # float32: nothing to say
     assert not caplog.text
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj,lm_head"])
+def test_lora_terms_are_the_adapters_peft_injects(targets):
+    """The plan's adapter count against peft's own injection, and its LoRA weight/gradient/AdamW terms against
+    what a learner holds after a step (frozen base in the compute dtype, everything else adapters only)."""
+    model = qwen2(tied=False)
+    shape = ModelShape.from_config(model.config)
+    cfg = build_config("none", overrides={"model.path": "x", "model.lora_rank": 8, "model.lora_targets": targets})
+    learner = Learner(model, AlgorithmConfig(), TrainerConfig(), cfg.model, device="cpu", max_len=8)
+    adapters = sum(p.numel() for p in learner.model.parameters() if p.requires_grad)
+    from erpo_fast.memory_plan import lora_params
+
+    assert lora_params(cfg, shape) == adapters > 0
+    seq = RolloutSequence([5, 6, 7], [8, 9], [-1.0, -1.0], 1.0, 1.0, 0)
+    learner.train_on([seq, RolloutSequence([5, 6], [9], [-1.0], 1.0, -1.0, 1)])
+    plan = plan_memory(cfg, shape, device=torch.device("cpu"), runtime_bytes=0)
+    terms = list(plan.terms.values())
+    held = sum(p.numel() * p.element_size() for p in learner.model.parameters())
+    moments = sum(v.numel() * v.element_size() for s in learner.optimizer.state.values() for v in s.values()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0)
+    assert (terms[1], terms[2], terms[3]) == (held, 4 * adapters, moments)
+
+
+def test_plan_answers_qwen25_7b_with_lora_and_vllm_on_one_h100(tmp_path):
+    """Qwen2.5-7B's config (public numbers) with vLLM at 0.35 of an 80 GB GPU: full fine-tuning cannot fit and
+    the plan says LoRA would; LoRA r=16 fits, with activation checkpointing (the plan turns it on)."""
+    d = tmp_path / "qwen2.5-7b"
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(d)
+    common = ["--model", str(d), "--data", "none.jsonl", "--trainer.device", "cuda", "--rollout", "vllm",
+              "--rollout.gpu_memory_utilization", "0.35", "--trainer.memory_budget_gb", "80"]
+    full = _plan_cli(*common)
+    assert full.returncode == 1 and "try LoRA: --model.lora_rank 16" in full.stdout, full.stdout
+    lora = _plan_cli(*common, "--model.lora_rank", "16")
+    assert lora.returncode == 0, lora.stdout
+    assert "LoRA 40.4M fp32" in lora.stdout and "activation checkpointing would be turned on" in lora.stdout
+    assert "fits" in lora.stdout and "parking its 15.2 GB of weights in host memory" in lora.stdout
