@@ -29,6 +29,11 @@ contenders alternate (ours, TRL, TRL, ours, ...) over ``--rounds`` rounds. A sub
 rounds. "generation" is the time inside the engine (ours) or ``model.generate`` (TRL); "score" the verifier
 calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's bookkeeping).
 
+LoRA (``--lora R``): the contenders become erpo-fast full fine-tuning, erpo-fast with LoRA rank R and TRL with the
+same PEFT config (``peft.LoraConfig(r=R, lora_alpha=2R, target_modules="all-linear")``, GRPOTrainer's
+``peft_config``); ours: ``model.lora_rank R``, ``model.lora_alpha 2R``, the engine applying the adapters it shares
+with the learner (``rollout.lora_sync`` auto). ``bench/bench_lora_sync.py`` times the weight sync itself.
+
 Run: ``python -m bench.bench_vs_trl [--models A B] [--prompts var16-40 fixed15] [--checkpointing off]
 [--rounds 2] [--steps 2] [--warmup 1]`` from the repository root (results:
 ``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>-cpu.json``); needs the ``bench`` extra (``pip install trl
@@ -164,6 +169,8 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         "trainer.memory_budget_gb": 1000.0,  # the bench fixes the checkpointing setting; the plan must not
         "model.gradient_checkpointing": assets.get("checkpointing", False),
         "logging.progress": False, "logging.plots": False, **assets.get("overrides", {})})
+    if assets.get("lora"):
+        cfg.model.lora_rank, cfg.model.lora_alpha = assets["lora"], 2.0 * assets["lora"]
     session = build_session(cfg, init_runtime("cpu"))
     learn_batches = []
     train_on = session.learner.train_on
@@ -255,8 +262,14 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
         # TRL 1.16 turns gradient checkpointing ON by default; both contenders get the bench's one setting.
         gradient_checkpointing=assets.get("checkpointing", False),
         disable_tqdm=True, dataloader_num_workers=0, seed=0, log_completions=False)
+    peft_config = None
+    if assets.get("lora"):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=assets["lora"], lora_alpha=2 * assets["lora"], target_modules="all-linear",
+                                 lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config)
     gen_time = [0.0]
     generate = model.generate
 
@@ -288,7 +301,9 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 
 def worker(contender: str, assets: dict, steps: int, warmup: int) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-vs-trl-{contender}-") as tmp:
-        fn = run_ours if contender == "erpo-fast" else run_trl
+        fn = run_ours if contender.startswith("erpo-fast") else run_trl
+        if not contender.endswith("-lora"):
+            assets = {**assets, "lora": 0}
         result = fn(assets, steps, warmup, Path(tmp))
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -324,6 +339,11 @@ def summarise(name: str, contender: str, runs: list[dict]) -> dict:
             "step_times": [s["step_s"] for s in steps], "timed_steps": len(steps)}
 
 
+def _ratios(a: dict, b: dict) -> dict:
+    return {"s_per_step": a["s_per_step"] / b["s_per_step"], "generation": a["generation_s"] / b["generation_s"],
+            "learning": a["learning_s"] / b["learning_s"], "peak_rss": a["peak_rss_gb"] / b["peak_rss_gb"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["A", "B"], choices=list(MODELS))
@@ -340,7 +360,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two contenders")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per subprocess")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
-    parser.add_argument("--worker", choices=("erpo-fast", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--lora", type=int, default=0,
+                        help="LoRA rank R: contenders erpo-fast (full), erpo-fast-lora and trl-lora (same PEFT config)")
+    parser.add_argument("--worker", choices=("erpo-fast", "trl", "erpo-fast-lora", "trl-lora"), help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0 or args.new_tokens < 0:
@@ -366,41 +388,44 @@ def main() -> None:
             for regime in args.prompts:
                 assets = dict(build_assets(name, Path(tmp), regime, new_tokens=args.new_tokens or None),
                               checkpointing=args.checkpointing == "on", prompts_per_step=args.prompts_per_step,
-                              micro_batch=args.micro_batch, dtype=args.dtype)
+                              micro_batch=args.micro_batch, dtype=args.dtype, lora=args.lora)
                 key = f"{name}/{regime}"
-                runs = {"erpo-fast": [], "trl": []}
+                contenders = ["erpo-fast", "erpo-fast-lora", "trl-lora"] if args.lora else ["erpo-fast", "trl"]
+                runs = {c: [] for c in contenders}
                 for r in range(args.rounds):
-                    order = ["erpo-fast", "trl"] if r % 2 == 0 else ["trl", "erpo-fast"]
+                    order = contenders if r % 2 == 0 else contenders[::-1]
                     for contender in order:
                         res = run_worker(contender, assets, args.steps, args.warmup)
                         runs[contender].append(res)
                         print(f"{key} round {r + 1} {contender}: steps "
                               + ", ".join(f"{s['step_s']:.2f}s" for s in res["steps"])
                               + f", peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
-                ours, theirs = summarise(name, "erpo-fast", runs["erpo-fast"]), summarise(name, "trl", runs["trl"])
-                for row in (ours, theirs):
+                summary = {c: summarise(name, c, runs[c]) for c in contenders}
+                for row in summary.values():
                     row.update(prompts=regime, prompt_tokens=assets["prompt_tokens"], new_tokens=assets["new_tokens"])
-                ratios[key] = {"s_per_step": ours["s_per_step"] / theirs["s_per_step"],
-                               "generation": ours["generation_s"] / theirs["generation_s"],
-                               "learning": ours["learning_s"] / theirs["learning_s"],
-                               "peak_rss": ours["peak_rss_gb"] / theirs["peak_rss_gb"]}
-                rows += [ours, theirs]
-                print_table([ours, theirs], ["contender", "s_per_step", "generation_s", "score_s", "learning_s",
-                                             "tokens_per_s", "peak_rss_gb", "timed_steps"],
+                pairs = ([("erpo-fast-lora", "erpo-fast"), ("erpo-fast-lora", "trl-lora")] if args.lora
+                         else [("erpo-fast", "trl")])
+                ratios[key] = {f"{a} / {b}": _ratios(summary[a], summary[b]) for a, b in pairs}
+                rows += list(summary.values())
+                print_table(list(summary.values()), ["contender", "s_per_step", "generation_s", "score_s",
+                                                     "learning_s", "tokens_per_s", "peak_rss_gb", "timed_steps"],
                             title=f"model {name}, prompts {regime} tokens, {assets['new_tokens']} new tokens, "
-                                  f"checkpointing {args.checkpointing}, {args.dtype} (ratios erpo-fast / TRL: "
-                                  + ", ".join(f"{k} {v:.2f}" for k, v in ratios[key].items()) + ")")
+                                  f"checkpointing {args.checkpointing}, {args.dtype} (ratios: "
+                                  + "; ".join(f"{pair}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items())
+                                              for pair, r in ratios[key].items()) + ")")
     dtype_tag = "" if args.dtype == "float32" else f"_{args.dtype}"
-    write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}{dtype_tag}", {
+    tags = dtype_tag + (f"_lora{args.lora}" if args.lora else "")
+    write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}{tags}", {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "micro_batch": args.micro_batch,
                      "lr": LR, "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": args.dtype,
-                     "checkpointing": args.checkpointing,
+                     "checkpointing": args.checkpointing, "lora_rank": args.lora,
+                     "lora": "alpha 2R, all-linear, dropout 0; TRL: peft_config" if args.lora else None,
                      "prompt_regimes": {p: PROMPT_LENGTHS[p] for p in args.prompts},
                      "full_length": "TRL min_new_tokens=N; ours no stop tokens"},
         "models": {name: MODELS[name] for name in args.models},
-        "rows": rows, "ratios_erpo_fast_over_trl": ratios,
+        "rows": rows, "ratios": ratios,
         "notes": f"shared 2-core machine; load average {load_start} at start, {os.getloadavg()} at end; "
                  "each contender in its own subprocess (peak RSS is its own), alternated",
     })
