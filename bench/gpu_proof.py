@@ -17,6 +17,9 @@ run that is cut off still reports what it finished. Goals print as PASS / FAIL /
   and unseeded, sleep and memory freed, learner step, reload, wake, verify_sync, mismatch metrics, tokens/s.
 - P6 async rollout (``trainer.async_steps 1``) on this device: the tiny built-in job, 4 steps with the rollout
   process beside the learner on the one GPU (weight slots through CUDA IPC), then an exact resume.
+- P7 LoRA (``model.lora_rank 8``): the tiny built-in job, 3 steps (sync probe every step) with the native engine
+  applying the adapters, and with vLLM (when it imports) served a LoRARequest per version and sent merged weights;
+  engine and learner log-probs must agree on every trained token.
 
 ``--rehearse`` runs every phase on the CPU at tiny shapes (Triton interpreter; P5 needs vLLM, i.e. .venv-vllm):
 tests/test_gpu_proof.py runs it in CI. Run from the repository root: ``python bench/gpu_proof.py`` (no install
@@ -44,10 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run by path: `bench` and `erpo_fast` from the checkout
     sys.path.insert(0, str(ROOT))
 
-PHASES = ("P0", "P1", "P2", "P3", "P4", "P5", "P6")
+PHASES = ("P0", "P1", "P2", "P3", "P4", "P5", "P6", "P7")
 # Deadlines in seconds (GPU, rehearsal). bench/GPU.md's call plan adds these up.
 DEADLINES = {"P0": (30, 60), "P1": (100, 150), "P2": (70, 60), "P3": (40, 60), "P4": (80, 90), "P5": (200, 240),
-             "P6": (90, 150)}
+             "P6": (90, 150), "P7": (120, 240)}
 VOCAB = 151936
 QWEN2_SHAPES = {  # Qwen2.5 0.5B / 1.5B (hidden, intermediate, layers, heads, kv heads), tied embeddings
     "0.5B": (896, 4864, 24, 14, 2),
@@ -64,6 +67,12 @@ P6_ARGS = ["--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.he
            "--data.reward_workers", "0", "--logging.progress", "false", "--logging.plots", "false",
            "--trainer.threads", "1", "--trainer.lr", "1e-3", "--rollout.sync_check_every", "1",
            "--trainer.save_every", "2", "--max-steps", "4", "--trainer.async_steps", "1"]
+
+
+# P7: LoRA on a tiny built-in model (head_dim 32: vLLM's CPU attention in the rehearsal rejects 16).
+P7_ARGS = [*P6_ARGS[:P6_ARGS.index("--trainer.async_steps")], "--builtin.hidden_size", "64", "--builtin.heads", "2",
+           "--builtin.intermediate_size", "128", "--max-steps", "3", "--trainer.eval_every", "0",
+           "--trainer.save_every", "0", "--model.lora_rank", "8", "--trainer.lr", "2e-2"]
 
 
 class PhaseTimeout(Exception):
@@ -549,6 +558,38 @@ class Proof:
                  "4 async steps (sync probe every step) within 60 s": goal(seconds, 60, seconds <= 60, perf=True)}
         return {"data": {"seconds": seconds, "metrics": a}, "goals": goals,
                 "summary": f"4 async steps in {seconds:.1f} s (process start, warm start and held-out evals included)"}
+
+
+    # ---- P7 ------------------------------------------------------------------------------------------------
+
+    def p7(self) -> dict:
+        """LoRA end to end on this device: native engine (adapters in its forward), and vLLM with adapters
+        (LoRARequest) and with merged weights when vLLM imports; each run's sync probe passes every step."""
+        env = dict(os.environ, ERPO_FAST_CACHE=str(self.out / "p7_cache"))
+        env.pop("TRITON_INTERPRET", None)
+        device = ["--trainer.device", "cuda" if self.cuda else "cpu"]
+        runs = {"native adapters": ["--rollout", "native"]}
+        if importlib.util.find_spec("vllm") is not None:
+            runs.update({"vllm adapters": ["--rollout", "vllm", "--rollout.lora_sync", "adapters"],
+                         "vllm merged": ["--rollout", "vllm", "--rollout.lora_sync", "merged"]})
+        data, goals = {}, {}
+        for name, extra in runs.items():
+            out = self.out / f"p7_{name.replace(' ', '_')}"
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "erpo_fast.train", *P7_ARGS, *device, *extra,
+                                   "--output-dir", str(out), "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"{name}: train exited {done.returncode}: {tail}")
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            worst = max(r.get("mismatch_logp_abs_max", 0.0) for r in records)
+            data[name] = {"seconds": time.perf_counter() - t0, "mismatch_logp_abs_max": worst,
+                          "sync_bytes": records[-1]["sync_bytes"], "time_sync_s": [r["time_sync_s"] for r in records]}
+            goals[f"{name}: 3 steps, sync probe every step, engine = learner (max |d logp| <= 0.05)"] = goal(
+                worst, 0.05, worst <= 0.05)
+        summary = ", ".join(f"{n} {d['seconds']:.0f} s ({d['sync_bytes'] / 1e3:.0f} kB/sync)" for n, d in data.items())
+        return {"data": data, "goals": goals, "summary": summary}
 
 
 def kernel_resources() -> list[dict]:

@@ -61,3 +61,12 @@ def test_rehearsal_async_phase(tmp_path):
         assert p6["goals"][text]["pass"] is True, (text, p6["goals"][text])
     assert p6["goals"]["4 async steps (sync probe every step) within 60 s"]["pass"] is None  # speed: n/a on a CPU
     assert "| P6 | ok |" in done.stdout
+
+
+@pytest.mark.slow
+def test_rehearsal_lora_phase(tmp_path):
+    done, results = _rehearse(tmp_path, "P7")
+    p7 = results["P7"]
+    assert p7["status"] == "ok", p7
+    assert p7["goals"] and all(g["pass"] is True for g in p7["goals"].values()), p7["goals"]
+    assert "native adapters" in p7["data"] and "| P7 | ok |" in done.stdout
