@@ -8,8 +8,10 @@ steps/s and the peak RSS of the process tree (bench_async.py's runner). Writes `
 ``sync``: the weight sync alone at model D's shape (Qwen2.5-0.5B, bench_vs_trl.py; random weights, fp32), timed
 as the loop runs it (``Rollout.push_weights``): full fine-tuning into an engine's own copy (all 494M parameters)
 against LoRA r=16 sending the merged adapted layers or the adapters, and, for the native engine, the shared
-parameters (nothing to copy). Median of ``--repeats`` syncs, contenders alternated. ``--engine vllm`` runs in
-vLLM's environment (``$ERPO_VLLM_PYTHON``). Writes ``bench/results/lora_sync_<engine>-cpu.json``.
+parameters (nothing to copy). Median of ``--repeats`` syncs, contenders alternated. A sync is half the cost: each
+mode also times one rollout (16 prompts x 8 samples x 32 tokens, no stop token), since an engine that applies
+adapters decodes with their extra matmuls and a merged one without. ``--engine vllm`` runs in
+vLLM's environment (``$ERPO_VLLM_PYTHON``). Writes ``bench/results/lora_sync_<engine>_<model>-cpu.json``.
 
     python bench/bench_lora.py runs --seeds 0 1 2
     python bench/bench_lora.py sync --engine native
@@ -61,14 +63,17 @@ def bench_runs(seeds: list[int]) -> None:
     write_results("lora_default", {"arms": ARMS, "seeds": seeds, "runs": rows, "summary": table})
 
 
-def _model_d(root: Path) -> Path:
+def _model_dir(name: str, root: Path) -> Path:
     from bench.bench_vs_trl import build_assets
 
-    return Path(build_assets("D", root, prompts="fixed15")["model_dir"])
+    return Path(build_assets(name, root, prompts="fixed15")["model_dir"])
 
 
-def _time(contenders: dict, repeats: int, times: dict, sizes: dict) -> None:
-    """Median material: each contender's push ``repeats`` times after one warm-up, alternated."""
+ROLLOUT_PROMPTS = [[3 + (7 * i + j) % 500 for j in range(15)] for i in range(16)]
+
+
+def _time(contenders: dict, repeats: int, times: dict, sizes: dict, rollouts: dict) -> None:
+    """Each contender's push ``repeats`` times after one warm-up, alternated; then its rollouts, alternated."""
     for r in range(repeats + 1):
         for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
             engine, push = contenders[name]
@@ -77,9 +82,15 @@ def _time(contenders: dict, repeats: int, times: dict, sizes: dict) -> None:
             if r:
                 times.setdefault(name, []).append(time.perf_counter() - t0)
             sizes[name] = engine.last_update_bytes
+    for r in range(3):
+        for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
+            engine = contenders[name][0]
+            t0 = time.perf_counter()
+            engine.generate(ROLLOUT_PROMPTS, [1.0] * len(ROLLOUT_PROMPTS), 8, 32, stop_token_ids=[], seed=r)
+            rollouts.setdefault(name, []).append(time.perf_counter() - t0)
 
 
-def bench_sync(engine_kind: str, repeats: int, rank: int) -> None:
+def bench_sync(engine_kind: str, repeats: int, rank: int, model_name: str = "D") -> None:
     import torch
 
     from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
@@ -90,9 +101,9 @@ def bench_sync(engine_kind: str, repeats: int, rank: int) -> None:
 
     torch.set_num_threads(1)
     lora_cfg = ModelConfig(lora_rank=rank, lora_alpha=2.0 * rank)
-    times, sizes = {}, {}
+    times, sizes, rollouts = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-lora-sync-") as tmp:
-        model_dir = _model_d(Path(tmp))
+        model_dir = _model_dir(model_name, Path(tmp))
 
         def base():
             return load_model(model_dir, dtype="float32", device="cpu")[0]
@@ -118,25 +129,27 @@ def bench_sync(engine_kind: str, repeats: int, rank: int) -> None:
             _time({"full": push_full(native(copy.deepcopy(full.model))),
                    "lora merged": push_merged(native(base())),
                    "lora adapters": push_adapters(native(copy.deepcopy(lora.model))),
-                   "lora adapters, shared": push_adapters(native(lora.model))}, repeats, times, sizes)
+                   "lora adapters, shared": push_adapters(native(lora.model))}, repeats, times, sizes, rollouts)
         else:  # one vLLM engine at a time: the plain one (full, merged), then one serving adapters
             def vllm(**kw):
                 return make_engine("vllm", str(model_dir), dtype=torch.float32, max_model_len=256, cpu_threads=1,
                                    enforce_eager=True, **kw)
 
             plain = vllm()
-            _time({"full": push_full(plain), "lora merged": push_merged(plain)}, repeats, times, sizes)
+            _time({"full": push_full(plain), "lora merged": push_merged(plain)}, repeats, times, sizes, rollouts)
             plain.close()
             served = vllm(lora=lora_cfg)
-            _time({"lora adapters": push_adapters(served)}, repeats, times, sizes)
+            _time({"lora adapters": push_adapters(served)}, repeats, times, sizes, rollouts)
             served.close()
     base_s = statistics.median(times["full"])
     table = [{"mode": name, "sync_s": statistics.median(t), "vs_full": statistics.median(t) / base_s,
-              "bytes": sizes[name], "repeats": len(t)} for name, t in times.items()]
-    print_table(table, ["mode", "sync_s", "vs_full", "bytes", "repeats"],
-                title=f"weight sync at model D (fp32), {engine_kind} engine, LoRA r={rank} all-linear")
-    write_results(f"lora_sync_{engine_kind}", {"model": "D (Qwen2.5-0.5B shape)", "dtype": "float32",
-                                               "lora_rank": rank, "threads": 1, "rows": table, "times": times})
+              "bytes": sizes[name], "repeats": len(t), "rollout_s": statistics.median(rollouts[name])}
+             for name, t in times.items()]
+    print_table(table, ["mode", "sync_s", "vs_full", "bytes", "repeats", "rollout_s"],
+                title=f"weight sync at model {model_name} (fp32), {engine_kind} engine, LoRA r={rank} all-linear")
+    write_results(f"lora_sync_{engine_kind}_{model_name}", {"model": model_name, "dtype": "float32",
+                                               "lora_rank": rank, "threads": 1, "rows": table, "times": times,
+                                               "rollout": "16 prompts x 8 samples x 32 tokens", "rollouts": rollouts})
 
 
 def main() -> None:
@@ -148,11 +161,12 @@ def main() -> None:
     sync.add_argument("--engine", choices=("native", "vllm"), default="native")
     sync.add_argument("--repeats", type=int, default=5)
     sync.add_argument("--rank", type=int, default=16)
+    sync.add_argument("--model", default="D", choices=("A", "B", "C", "D"), help="a model of bench_vs_trl.py")
     args = ap.parse_args()
     if args.part == "runs":
         bench_runs(args.seeds)
     else:
-        bench_sync(args.engine, args.repeats, args.rank)
+        bench_sync(args.engine, args.repeats, args.rank, args.model)
 
 
 if __name__ == "__main__":
