@@ -141,7 +141,13 @@ def build_assets(name: str, root: Path, prompts: str = "var16-40", new_tokens: i
 # --- workers (one per subprocess) ----------------------------------------------------------------------------
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's own peak: VmHWM (reset by exec). ru_maxrss survives fork and exec, so a worker would
+    report at least the peak of the driver that built the model (about 3 GB at model D)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:

@@ -121,11 +121,47 @@ def own_memory(model: nn.Module) -> None:
     mapping: every page the run touches then counts in its resident memory, and keeps counting after the
     weights are replaced (the fused engine's q/k/v buffers, the optimizer's writes), while the file stays
     mapped (measured at Qwen2.5-0.5B's shape: 2.2 GB of file pages resident beside the trained copy). A copy
-    tensor by tensor costs one tensor at a time and releases the mapping.
+    tensor by tensor releases the mapping at the end; each tensor's file pages are also dropped from this
+    process as soon as it is copied (``madvise(MADV_DONTNEED)``: the file can always give them back), so the
+    load never holds the weights twice (it did: a 4.37 GB peak for the 1.98 GB of Qwen2.5-0.5B's shape, above a
+    LoRA run's whole training working set).
     """
+    release = _file_page_releaser()
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
-            t.data = t.data.clone()
+            source = t.data
+            t.data = source.clone()
+            release(source)
+
+
+def _file_page_releaser():
+    """A function that drops the whole pages of a tensor's memory from this process when that memory lies in a
+    mapping of a ``.safetensors`` file (a no-op elsewhere: anonymous memory would lose its data). Only for a tensor
+    just copied and no longer used: a dropped page of a private mapping reads as the file again."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        with open("/proc/self/maps") as f:
+            files = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f
+                     if len(line.split()) >= 6 and line.split()[5].endswith(".safetensors")]
+    except OSError:
+        return lambda t: None
+    page = mmap.PAGESIZE
+
+    def release(t: Tensor) -> None:
+        if not t.is_contiguous():
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(a <= start and end <= b for a, b in files):
+            return
+        first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours keep theirs
+        if last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+    return release
 
 
 def build_tiny_qwen2(tokenizer, cfg: BuiltinConfig, seed: int, *, max_position_embeddings: int = 512,

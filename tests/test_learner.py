@@ -647,3 +647,26 @@ def test_learner_input_validation(tokenizer):
         make_learner(same, AlgorithmConfig(kl_beta=0.1), ref_model=same)
     with pytest.raises(ValueError, match="max_len"):
         Learner(tiny_model(tokenizer), AlgorithmConfig(), TrainerConfig(), ModelConfig(), device="cpu", max_len=0)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_load_model_never_holds_the_weights_twice(tmp_path):
+    """The copy out of the file mapping drops each tensor's file pages as it goes: the load's peak resident memory
+    stays near what the process holds after it, instead of one more copy of the weights above it."""
+    import subprocess
+    import sys
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=4096, hidden_size=512, intermediate_size=1536,
+                                         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2))
+    weights = sum(p.numel() * 4 for p in model.parameters())  # ~90 MB
+    model.save_pretrained(tmp_path)
+    build_char_tokenizer().save_pretrained(tmp_path)
+    code = ("from erpo_fast.models import load_model\n"
+            f"m, _ = load_model({str(tmp_path)!r}, dtype='float32', device='cpu')\n"
+            "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+            "print(int(status['VmHWM'].split()[0]) * 1024, int(status['VmRSS'].split()[0]) * 1024)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    peak, now = map(int, done.stdout.split())
+    assert peak - now < 0.3 * weights, (peak, now, weights)
