@@ -29,8 +29,10 @@ from torch import Tensor, nn
 from erpo_fast.config import ModelConfig
 from erpo_fast.errors import ConfigError, ModelLoadError, first_line
 
-__all__ = ["ADAPTER_CONFIG", "adapter_weights", "add_adapters", "has_adapters", "is_adapter_dir", "lora_layers",
-           "lora_layer_weight", "load_adapters", "merged_weights", "save_adapters"]
+__all__ = ["ADAPTER_CONFIG", "MERGED_DIRNAME", "adapter_model_config", "adapter_weights", "adapters_off",
+           "add_adapters", "dropout_active", "has_adapters", "is_adapter_dir", "load_adapters", "lora_config",
+           "lora_layer_weight", "lora_layers", "merged_shapes", "merged_state_dict", "merged_weights",
+           "read_adapter_config", "save_adapters", "set_dropout", "target_modules"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED_DIRNAME = "merged"  # a LoRA checkpoint's model/merged/: the merged model (model.lora_merged_export)
@@ -39,16 +41,21 @@ _PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before
 ADAPTER = "default"  # peft's name of the one adapter
 
 
-def lora_config(cfg: ModelConfig):
-    """The peft ``LoraConfig`` of the ``model.lora_*`` knobs."""
-    from peft import LoraConfig
-
+def target_modules(cfg: ModelConfig) -> str | list[str]:
+    """``model.lora_targets`` as peft takes it: ``"all-linear"`` or a list of module names."""
     targets = cfg.lora_targets.strip()
     modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     if not modules:
         raise ConfigError("model.lora_targets is empty: name the modules to adapt, or all-linear")
+    return modules
+
+
+def lora_config(cfg: ModelConfig):
+    """The peft ``LoraConfig`` of the ``model.lora_*`` knobs."""
+    from peft import LoraConfig
+
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=modules, bias="none")
+                      target_modules=target_modules(cfg), bias="none")
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -95,8 +102,11 @@ def lora_layer_weight(layer: nn.Module, full=lambda t: t) -> Tensor:
     base = full(layer.base_layer.weight)
     if layer.disable_adapters:
         return base
-    a, b = full(layer.lora_A[ADAPTER].weight), full(layer.lora_B[ADAPTER].weight)
-    return base + (b.to(base.dtype) @ a.to(base.dtype)) * layer.scaling[ADAPTER]
+    return _merge(base, full(layer.lora_A[ADAPTER].weight), full(layer.lora_B[ADAPTER].weight), layer.scaling[ADAPTER])
+
+
+def _merge(w: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    return w + (b.to(w.dtype) @ a.to(w.dtype)) * scaling
 
 
 # Projections an engine may keep as one fused matrix (vLLM's qkv_proj and gate_up_proj): it reloads such a matrix
@@ -150,9 +160,8 @@ def merged_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, T
     out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
     with torch.no_grad():
         for name, layer in lora_layers(model):
-            w = out[f"{name}.weight"]
-            a, b = state[f"{name}.lora_A.{ADAPTER}.weight"], state[f"{name}.lora_B.{ADAPTER}.weight"]
-            out[f"{name}.weight"] = w + (b.to(w.dtype) @ a.to(w.dtype)) * layer.scaling[ADAPTER]
+            out[f"{name}.weight"] = _merge(out[f"{name}.weight"], state[f"{name}.lora_A.{ADAPTER}.weight"],
+                                           state[f"{name}.lora_B.{ADAPTER}.weight"], layer.scaling[ADAPTER])
     return out
 
 

@@ -303,8 +303,10 @@ LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def _lora_targets(cfg: Config) -> tuple[str, ...]:
-    targets = cfg.model.lora_targets.strip()
-    return LORA_ALL_LINEAR if targets == "all-linear" else tuple(t.strip() for t in targets.split(",") if t.strip())
+    from erpo_fast.lora import target_modules
+
+    targets = target_modules(cfg.model)
+    return LORA_ALL_LINEAR if targets == "all-linear" else tuple(targets)
 
 
 def lora_params(cfg: Config, shape: ModelShape) -> int:
