@@ -206,8 +206,7 @@ class AsyncRollout:
         self._published = version
         if self.rt.is_main:
             self._wait(lambda: self._consumed >= version - self.k, f"loading weight version {version - self.k}")
-            self._slots.write(version, learner.named_weights())
-            self.last_sync_bytes = self._slots.nbytes // self.k
+            self.last_sync_bytes = self._slots.write(version, learner.named_weights())  # one slot's bytes
             self._versions.put(version)
         else:
             for _ in learner.named_weights():
