@@ -32,7 +32,7 @@ calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's 
 LoRA (``--lora R``): the contenders become erpo-fast full fine-tuning, erpo-fast with LoRA rank R and TRL with the
 same PEFT config (``peft.LoraConfig(r=R, lora_alpha=2R, target_modules="all-linear")``, GRPOTrainer's
 ``peft_config``); ours: ``model.lora_rank R``, ``model.lora_alpha 2R``, the engine applying the adapters it shares
-with the learner (``rollout.lora_sync`` auto). ``bench/bench_lora_sync.py`` times the weight sync itself.
+with the learner (``rollout.lora_sync`` auto). ``bench/bench_lora.py sync`` times the weight sync itself.
 
 Run: ``python -m bench.bench_vs_trl [--models A B] [--prompts var16-40 fixed15] [--checkpointing off]
 [--rounds 2] [--steps 2] [--warmup 1]`` from the repository root (results:
