@@ -116,7 +116,8 @@ def main() -> None:
             for budget, share, dtype in runs:
                 a = dict(assets, threads=args.threads, overrides={
                     "trainer.micro_batch_tokens": budget, "rollout.share_weights": share, "model.dtype": dtype,
-                    "trainer.prompts_per_step": args.prompts_per_step, "trainer.micro_batch_size": 1024})
+                    "trainer.prompts_per_step": args.prompts_per_step, "trainer.micro_batch_size": 1024,
+                    "trainer.cpu_heap": "release"})  # the resident peak the plan predicts (erpo_fast/cpu_heap.py)
                 res = run_worker(a, args.steps, 0)
                 steps = res["steps"]
                 last = steps[-1]

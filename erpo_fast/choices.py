@@ -19,3 +19,4 @@ TASKS = ("arithmetic", "digits")  # built-in tasks: each a module erpo_fast/task
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+CPU_HEAP_MODES = ("auto", "release", "reuse")  # erpo_fast/cpu_heap.py

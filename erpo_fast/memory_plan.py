@@ -336,26 +336,6 @@ def native_shares_weights(cfg: Config, device: torch.device, world: int = 1) -> 
             and not cfg.trainer.async_steps and resolve_dtype(cfg.model.dtype, device) == torch.float32)
 
 
-MMAP_THRESHOLD = 1 << 20
-
-
-def return_freed_memory_to_the_os() -> bool:
-    """glibc: serve allocations of ``MMAP_THRESHOLD`` bytes or more with their own mapping, unmapped on free.
-
-    By default glibc raises that threshold each time such a block is freed (up to 32 MB), after which a micro-
-    batch's activations come from the heap and stay resident once freed: measured at SmolLM2-135M's shape, the
-    RSS after a learner step stayed 0.7 GB above the live tensors and the peak grew 0.5 GB over the plan. A fixed
-    threshold disables that adjustment, so the resident peak is the live peak the plan predicts. Returns whether
-    it applied (glibc only)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def device_budget(cfg: Config, device: torch.device) -> int | None:
     """``trainer.memory_budget_gb``, else the device's memory: CUDA total, CPU available (None if unknown)."""
     if cfg.trainer.memory_budget_gb > 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from erpo_fast import cpu_heap
 from erpo_fast.async_rollout import AsyncRollout
 from erpo_fast.checkpoint import (
     SHARDS_DIRNAME,
@@ -35,7 +36,6 @@ from erpo_fast.memory_plan import (
     device_budget,
     fit,
     native_shares_weights,
-    return_freed_memory_to_the_os,
 )
 from erpo_fast.models import load_model, resolve_dtype
 from erpo_fast.rewards import get_reward_fn
@@ -98,7 +98,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
 
     device = rt.device
     if device.type == "cpu":
-        return_freed_memory_to_the_os()  # before the weights: their big blocks get their own mappings too
+        cpu_heap.set_cpu_heap("release")  # before the weights: their big blocks get their own mappings too
     model, tokenizer = load_model(model_dir, dtype="float32", attn_implementation=cfg.model.attn_implementation,
                                   device=device)
     if tokenizer.eos_token_id is None:
@@ -135,6 +135,11 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     plan = fit(cfg, ModelShape.from_config(model.config), device=device, budget=device_budget(cfg, device),
                runtime_bytes=_runtime_rss(model, ref_model, engine_copy) if device.type == "cpu" else None,
                shares_weights=shares, distributed_world=rt.world_size)
+    if device.type == "cpu":
+        heap = cpu_heap.resolve(cfg.trainer.cpu_heap, peak=plan.peak, budget=plan.budget)
+        if cpu_heap.set_cpu_heap(heap):
+            plan.notes.append(f"freed CPU blocks of 1-32 MB are {'kept for reuse' if heap == 'reuse' else 'unmapped'}"
+                              f" (trainer.cpu_heap {cfg.trainer.cpu_heap}: {heap})")
     if rt.is_main:
         log.info("%s", plan.table())
     learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,
