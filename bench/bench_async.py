@@ -6,7 +6,9 @@ order swapped every seed so that drift in the machine's speed falls on both:
 - ``sync``: async_steps 0 with the job's own thread count (the default job: 1 thread);
 - ``sync-2t``: async_steps 0 with 2 threads (both cores for whichever phase runs);
 - ``async``: async_steps 1, one thread for the learner and one for the rollout process;
-- ``async-2t``: async_steps 1, two learner threads beside the rollout process's one (3 threads on 2 cores).
+- ``async-2t``: async_steps 1, two learner threads beside the rollout process's one (3 threads on 2 cores);
+- ``sync-release``, ``async-release``: ``sync`` and ``async`` with ``trainer.cpu_heap release`` (freed activation
+  blocks unmapped, as before that knob existed; the other arms take its ``auto``).
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
@@ -41,7 +43,11 @@ from bench.common import device_name, git_commit, print_table, write_results  # 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0, "trainer.threads": 2},
         "async": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1},
-        "async-2t": {"trainer.async_steps": 1, "trainer.threads": 2, "rollout.threads": 1}}
+        "async-2t": {"trainer.async_steps": 1, "trainer.threads": 2, "rollout.threads": 1},
+        # trainer.cpu_heap pinned (the arms above take auto, which is reuse for the default job on this machine)
+        "sync-release": {"trainer.async_steps": 0, "trainer.cpu_heap": "release"},
+        "async-release": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
+                          "trainer.cpu_heap": "release"}}
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -121,6 +127,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="max_steps (default: the job's own; B: 30)")
     ap.add_argument("--arms", nargs="+", default=["sync", "async", "sync-2t"], choices=list(ARMS))
+    ap.add_argument("--tag", default="", help="suffix of the results file's name (e.g. _heap)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="erpo-bench-async-") as tmp:
@@ -150,7 +157,7 @@ def main() -> None:
             entry["heldout_gain_mean"], entry["heldout_gain_se"] = mean_se(gain)
         table.append(entry)
     print_table(table, list(table[0]), title=f"sync vs async ({args.job} job, seeds {args.seeds})")
-    path = write_results(f"async_{args.job}" + (f"_{args.steps}steps" if args.steps else ""), {
+    path = write_results(f"async_{args.job}" + (f"_{args.steps}steps" if args.steps else "") + args.tag, {
         "job": args.job, "seeds": args.seeds, "steps": args.steps, "arms": {a: ARMS[a] for a in args.arms},
         "commit": git_commit(), "device": device_name("cpu"), "cpu_count": os.cpu_count(), "summary": table,
         "runs": rows})

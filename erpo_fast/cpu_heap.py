@@ -23,12 +23,12 @@ from __future__ import annotations
 import ctypes
 import logging
 
-__all__ = ["RELEASE_THRESHOLD", "RELEASE_TRIM", "REUSE_THRESHOLD", "REUSE_TRIM", "resolve", "set_cpu_heap"]
+__all__ = ["RELEASE_THRESHOLD", "REUSE_THRESHOLD", "REUSE_TRIM", "describe", "resolve",
+           "set_cpu_heap"]
 
 log = logging.getLogger("erpo_fast")
 
 RELEASE_THRESHOLD = 1 << 20  # release: blocks from 1 MB on get their own mapping
-RELEASE_TRIM = 128 << 10  # release: glibc's default top-of-heap trim
 REUSE_THRESHOLD = 32 << 20  # reuse: glibc's largest allowed mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 REUSE_TRIM = 256 << 20  # reuse: free memory kept at the heap's top before glibc gives it back
 
@@ -42,6 +42,12 @@ def resolve(mode: str, *, peak: int, budget: int | None) -> str:
     return "reuse" if budget is not None and 2 * peak <= budget else "release"
 
 
+def describe(setting: str, mode: str) -> str:
+    """The memory plan's note for ``trainer.cpu_heap`` = ``setting`` resolved to ``mode``."""
+    return (f"freed CPU blocks of 1-32 MB are {'kept for reuse' if mode == 'reuse' else 'unmapped'} "
+            f"(trainer.cpu_heap {setting}: {mode})")
+
+
 def set_cpu_heap(mode: str) -> bool:
     """Apply ``release`` or ``reuse`` (fixed thresholds: glibc's own adjustment stops). Returns whether it applied
     (glibc only)."""
@@ -50,10 +56,7 @@ def set_cpu_heap(mode: str) -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         if mode == "release":
-            applied = (libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD)
-                       and libc.mallopt(_M_TRIM_THRESHOLD, RELEASE_TRIM))
-            libc.malloc_trim(0)  # free heap memory a reuse phase kept would otherwise still serve big blocks
-            return bool(applied)
+            return bool(libc.mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD))
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, REUSE_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, REUSE_TRIM))
     except (OSError, AttributeError):
         return False

@@ -464,6 +464,11 @@ def main(argv: list[str]) -> int:
             if with_ckpt.fits:
                 with_ckpt.notes.append("activation checkpointing would be turned on by the plan")
                 plan = with_ckpt
+        if device.type == "cpu":
+            from erpo_fast import cpu_heap
+
+            setting = cfg.trainer.cpu_heap
+            plan.notes.append(cpu_heap.describe(setting, cpu_heap.resolve(setting, peak=plan.peak, budget=budget)))
     except ConfigError as e:
         print(f"erpo_fast.train: error: {e}", file=sys.stderr)
         return 2

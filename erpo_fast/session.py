@@ -138,8 +138,7 @@ def build_session(cfg: Config, rt: Runtime) -> Session:
     if device.type == "cpu":
         heap = cpu_heap.resolve(cfg.trainer.cpu_heap, peak=plan.peak, budget=plan.budget)
         if cpu_heap.set_cpu_heap(heap):
-            plan.notes.append(f"freed CPU blocks of 1-32 MB are {'kept for reuse' if heap == 'reuse' else 'unmapped'}"
-                              f" (trainer.cpu_heap {cfg.trainer.cpu_heap}: {heap})")
+            plan.notes.append(cpu_heap.describe(cfg.trainer.cpu_heap, heap))
     if rt.is_main:
         log.info("%s", plan.table())
     learner = Learner(model, cfg.algorithm, cfg.trainer, cfg.model, device=device,

@@ -80,3 +80,12 @@ def test_the_session_applies_the_mode_it_resolved(tmp_path, monkeypatch, mode, b
     assert applied == ["release", expect]  # the weights load under release; the plan's choice applies after
     if GLIBC:
         assert any(f"(trainer.cpu_heap {mode}: {expect})" in n for n in session.memory_plan.notes)
+
+
+@pytest.mark.parametrize("mode, budget_gb, expect", [("auto", 1000.0, "reuse"), ("auto", 0.001, "release")])
+def test_plan_cli_names_the_mode_a_run_would_take(capsys, mode, budget_gb, expect):
+    from erpo_fast.memory_plan import main as plan_main
+
+    plan_main(["--plan", "--trainer.device", "cpu", "--trainer.cpu_heap", mode,
+               "--trainer.memory_budget_gb", str(budget_gb)])
+    assert f"(trainer.cpu_heap {mode}: {expect})" in capsys.readouterr().out

@@ -3,7 +3,9 @@
 One small warm-started built-in model, shared through the cache by every run here:
 - 20 steps with the weight-sync probe at every step, against the same run with `--rollout native`;
 - exact resume: 3 steps, then resumed to 6, log what the uninterrupted run logged for those steps;
-- DAPO dynamic sampling with refill rounds (several generate calls between two syncs).
+- DAPO dynamic sampling with refill rounds (several generate calls between two syncs);
+- async rollout process; LoRA (adapters or merged weights), and `python -m erpo_fast.evaluate --rollout vllm` on a
+  LoRA checkpoint.
 """
 
 from __future__ import annotations
@@ -124,8 +126,10 @@ def test_vllm_in_the_async_rollout_process_trains_and_resumes_exactly(cache, tmp
 def test_vllm_samples_a_lora_policy_from_adapters_or_merged_weights_and_resumes_exactly(cache, tmp_path):
     """LoRA on q_proj, v_proj and down_proj (k_proj is fused with q and v in vLLM's qkv_proj): a LoRARequest per
     version, or the merged weights of the adapted layers; either way the sync probe passes at every step and the
-    engine's log-probs equal the learner's on every trained token. A resume (adapters mode) is exact."""
-    lora = ["--model.lora_rank", "8", "--trainer.lr", "2e-2", "--model.lora_targets", "q_proj,v_proj,down_proj"]
+    engine's log-probs equal the learner's on every trained token. A resume (adapters mode) is exact, and vLLM
+    evaluates the checkpoint's adapters as it evaluates its merged export."""
+    lora = ["--model.lora_rank", "8", "--trainer.lr", "2e-2", "--model.lora_targets", "q_proj,v_proj,down_proj",
+            "--model.lora_merged_export", "true"]
     runs = {sync: _train(tmp_path / sync, "--max-steps", "4", *lora, "--rollout.lora_sync", sync)
             for sync in ("adapters", "merged")}
     for sync, records in runs.items():
@@ -138,3 +142,42 @@ def test_vllm_samples_a_lora_policy_from_adapters_or_merged_weights_and_resumes_
     _train(part, "--max-steps", "3", *lora, "--rollout.lora_sync", "adapters")
     resumed = _train(part, "--max-steps", "4", "--resume")
     assert _comparable(resumed) == _comparable(runs["adapters"])
+    _check_vllm_evaluates_the_adapters_like_the_merged_export(tmp_path, tmp_path / "adapters")
+
+
+FINGERPRINT = """
+import zlib
+def fingerprint(response, answer):  # a reward that differs whenever the sampled text does
+    return (zlib.crc32(response.encode()) % 997) / 997
+"""
+
+
+def _check_vllm_evaluates_the_adapters_like_the_merged_export(tmp_path, run):
+    """`python -m erpo_fast.evaluate --rollout vllm` on a LoRA checkpoint: the adapters (a LoRARequest) sample
+    what the merged export samples, text for text (the reward fingerprints every response), and not what the
+    base model alone samples."""
+    import json
+
+    from erpo_fast.checkpoint import latest_checkpoint
+    from erpo_fast.lora import read_adapter_config
+
+    exported = latest_checkpoint(run) / "model"
+    base = read_adapter_config(exported)["base_model_name_or_path"]
+    data, verifier = tmp_path / "eval.jsonl", tmp_path / "fingerprint.py"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    verifier.write_text(FINGERPRINT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    def evaluate(*model):
+        result = subprocess.run(
+            [sys.executable, "-m", "erpo_fast.evaluate", *model, "--rollout", "vllm", "--data", str(data),
+             "--k", "4", "--max-new-tokens", "6", "--seed", "5", "--reward", f"{verifier}:fingerprint",
+             "--workers", "0", "--no-chat-template"], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])["mean_at_4"]
+
+    adapters = evaluate("--model", str(exported))  # the base named in adapter_config.json, the adapters on top
+    assert adapters == evaluate("--model", str(exported / "merged"))
+    assert adapters != evaluate("--model", base)
