@@ -8,7 +8,8 @@ order swapped every seed so that drift in the machine's speed falls on both:
 - ``async``: async_steps 1, one thread for the learner and one for the rollout process;
 - ``async-2t``: async_steps 1, two learner threads beside the rollout process's one (3 threads on 2 cores);
 - ``sync-release``, ``async-release``: ``sync`` and ``async`` with ``trainer.cpu_heap release`` (freed activation
-  blocks unmapped, as before that knob existed; the other arms take its ``auto``).
+  blocks unmapped, as before that knob existed; the other arms take its ``auto``);
+- ``async-unpinned``: ``async`` with ``rollout.pin_cpus false`` (the scheduler places both processes).
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
@@ -47,7 +48,10 @@ ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0
         # trainer.cpu_heap pinned (the arms above take auto, which is reuse for the default job on this machine)
         "sync-release": {"trainer.async_steps": 0, "trainer.cpu_heap": "release"},
         "async-release": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
-                          "trainer.cpu_heap": "release"}}
+                          "trainer.cpu_heap": "release"},
+        # the two processes left to the scheduler (the arms above pin them: rollout.pin_cpus, on by default)
+        "async-unpinned": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
+                           "rollout.pin_cpus": "false"}}
 
 
 def tree_rss_bytes(pid: int) -> int:

@@ -42,7 +42,7 @@ from erpo_fast.distributed import Runtime, broadcast_object
 from erpo_fast.lora import merged_shapes
 from erpo_fast.models import resolve_dtype
 from erpo_fast.rollout import check_probe, in_flight, restore_tracker, sync_check_due
-from erpo_fast.rollout_worker import WorkerPlan, batch_version, worker_main
+from erpo_fast.rollout_worker import WorkerPlan, batch_version, pin_process, worker_main
 from erpo_fast.weight_transport import WeightSlots
 
 log = logging.getLogger("erpo_fast")
@@ -78,6 +78,7 @@ class AsyncRollout:
         self._results: dict[tuple[str, int], object] = {}
         self._consumed = -1  # the newest version the rollout process has copied into its engine
         self._proc = self._versions = self._queue = self._slots = None
+        self._own_cpus: set[int] | None = None  # the learner's affinity before rollout.pin_cpus narrowed it
         self.start_step = 0
         self._restored_upto = 0
         self.last_sync_bytes = 0
@@ -99,9 +100,16 @@ class AsyncRollout:
             layout = sync_layout(learner)
             self._slots = WeightSlots(layout, num_slots=self.k, dtype=resolve_dtype(self.cfg.model.dtype, self.device),
                                       device=self.device)
+            split = cpu_split(self.cfg, self.rt, self.device)
+            if split is not None:
+                self._own_cpus = os.sched_getaffinity(0)
+                pin_process(split[0])
+                log.info("async rollout: learner pinned to CPU(s) %s, rollout process to %s (rollout.pin_cpus)",
+                         sorted(split[0]), sorted(split[1]))
             plan = WorkerPlan(config=self.cfg.to_dict(), model_dir=self.model_dir, device=str(self.device),
                               parent_pid=os.getpid(), start_step=start_step,
-                              first_batch=start_step + 1 + len(self._restored), rollout_state=self._rollout_state)
+                              first_batch=start_step + 1 + len(self._restored), rollout_state=self._rollout_state,
+                              cpus=None if split is None else tuple(sorted(split[1])))
             ctx = mp.get_context("spawn")
             self._versions, self._queue = ctx.Queue(), ctx.Queue()
             self._proc = ctx.Process(target=worker_main, args=(plan, self._slots, self._versions, self._queue),
@@ -112,6 +120,9 @@ class AsyncRollout:
         self._publish(learner, start_step)
 
     def close(self) -> None:
+        if self._own_cpus is not None:  # the learner's own cores back (train() may run inside a longer process)
+            pin_process(self._own_cpus)
+            self._own_cpus = None
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
@@ -274,6 +285,22 @@ def rollout_device(cfg: Config, rt: Runtime) -> torch.device:
                           f"the learner's {learner_gpus}, and this node has {torch.cuda.device_count()}: start fewer "
                           "learner ranks, set rollout.device, or use async_steps 0 (colocated, sleep mode)")
     return torch.device("cuda", learner_gpus)
+
+
+def cpu_split(cfg: Config, rt: Runtime, device: torch.device) -> tuple[set[int], set[int]] | None:
+    """(learner cores, rollout cores) for ``rollout.pin_cpus``: both sides on CPU, one learner process, fixed thread
+    counts, and a core for every thread among those this process may use; else None (nothing pinned).
+
+    Two busy processes on as many cores otherwise share them at the scheduler's will: on the 2-core CI machine a
+    learner step of the default job varied by 30% between identical runs (bench/NOTES.md)."""
+    t = cfg.trainer.threads
+    r = cfg.rollout.threads or t
+    if not cfg.rollout.pin_cpus or rt.device.type != "cpu" or device.type != "cpu" or rt.world_size != 1 or not t:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if t + r > len(cores):
+        return None
+    return set(cores[:t]), set(cores[t:t + r])
 
 
 def split_batch(batch: StepBatch, world_size: int, group_size: int) -> list[StepBatch]:

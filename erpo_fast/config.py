@@ -135,6 +135,9 @@ class RolloutConfig:
                                "run; on CUDA the first GPU after the learner ranks', cuda:<local world size>).")
     threads: int = knob(0, "CPU threads of the rollout process when trainer.async_steps >= 1 (0: trainer.threads).",
                         ge=0)
+    pin_cpus: bool = knob(True, "trainer.async_steps >= 1 on CPU, one learner process, fixed thread counts: pin the "
+                                "learner to its trainer.threads cores and the rollout process (with its verifiers) "
+                                "to the next rollout.threads cores, when the machine has that many.")
 
 
 @dataclass

@@ -22,6 +22,7 @@ which re-raises it there; Ctrl-C ends this process quietly (the learner's side r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -45,6 +46,15 @@ class WorkerPlan:
     start_step: int  # the learner's step at start: version start_step is published first
     first_batch: int  # the first batch to sample (start_step + 1 + the in-flight batches a checkpoint held)
     rollout_state: dict | None  # tracker, sampler, prompt index to continue from
+    cpus: tuple[int, ...] | None = None  # the cores this process (and its verifiers) keeps to (rollout.pin_cpus)
+
+
+def pin_process(cores: set[int]) -> None:
+    """Every thread of this process onto ``cores`` (an affinity call moves only the calling thread; torch's
+    intra-op threads may exist already). Threads started later inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cores)
 
 
 def batch_version(batch: int, async_steps: int, start_step: int) -> int:
@@ -122,6 +132,8 @@ def _serve(plan: WorkerPlan, slots, versions, results) -> None:
     from erpo_fast.session import load_data, make_rewards, make_rollout_engine
 
     device = torch.device(plan.device)
+    if plan.cpus is not None:
+        pin_process(set(plan.cpus))  # before the verifier processes start: they inherit it
     _leave_the_learners_world(device)
     cfg = Config()
     apply_overrides(cfg, plan.config, source="async rollout")

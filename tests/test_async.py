@@ -253,6 +253,28 @@ def test_dynamic_sampling_refills_in_the_rollout_process(tmp_path):
     assert all(r["sequences_trained"] <= 16 for r in records)
 
 
+WHERE = """import json, os
+def score(response, answer):  # where the rollout process and its parent, the learner, may run
+    with open({path!r}, "a") as f:
+        f.write(json.dumps([sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(os.getppid()))]) + "\\n")
+    return 1.0
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+@pytest.mark.parametrize("pin", [True, False])
+def test_async_on_cpu_pins_the_learner_and_the_rollout_process_to_cores_of_their_own(tmp_path, pin):
+    seen, reward = tmp_path / "seen.jsonl", tmp_path / "where.py"
+    reward.write_text(WHERE.format(path=str(seen)))  # data.reward_workers 0: scored in the rollout process
+    before = os.sched_getaffinity(0)
+    assert _run(tmp_path / "run", "--max-steps", "2", "--trainer.async_steps", "1", "--data.reward", f"{reward}:score",
+                "--rollout.pin_cpus", str(pin).lower()) == 0
+    cores = sorted(before)
+    expected = [[cores[1]], [cores[0]]] if pin else [cores, cores]  # [rollout process, learner]
+    assert {json.dumps(json.loads(line)) for line in seen.read_text().splitlines()} == {json.dumps(expected)}
+    assert os.sched_getaffinity(0) == before  # the learner's cores back after the run
+
+
 @pytest.mark.slow
 def test_an_error_in_the_rollout_process_stops_the_run_with_its_own_message(tmp_path, capsys):
     reward = tmp_path / "broken.py"
