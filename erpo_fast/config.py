@@ -231,7 +231,7 @@ class TrainerConfig:
                                         "device's own: CUDA total memory, CPU available memory).", ge=0)
     cpu_heap: str = knob("auto", "CPU: freed activation blocks of 1-32 MB are unmapped (release: the resident peak "
                                  "is the plan's, every step re-faults its pages) or kept for reuse (reuse: no page "
-                                 "faults, ~8% faster learner steps at the default job's size, the peak may exceed "
+                                 "faults, 6-12% shorter learner steps at the default job's size, the peak may exceed "
                                  "the plan by fragmentation); auto: reuse when the predicted peak is at most half "
                                  "the memory available.", choices=C.CPU_HEAP_MODES)
     profile_steps: str | None = knob(None, "Profile steps A..B ('A:B'): a torch.profiler Chrome trace in "

@@ -7,11 +7,11 @@ Two costs pull apart here, and the memory plan decides between them (`resolve`):
   freed (up to 32 MB), after which activation-sized blocks stay resident once freed: measured at SmolLM2-135M's
   shape, the RSS after a learner step stayed 0.7 GB above the live tensors and the peak grew 0.5 GB over the plan
   (bench/NOTES.md). But every step then maps its activations afresh and the kernel faults in and zeroes every
-  page: at the default job's size about 12,000 page faults and 19 ms of system time per 0.165 s learner step.
+  page: in the default job's loop about 17,000 page faults and 30 ms of system time per learner step.
 - ``reuse``: blocks under 32 MB come from the heap and stay there once freed (and the heap's top is not trimmed
-  below 256 MB), so later steps reuse warm pages: no page faults, the same default-job learner step in 0.152 s
-  (measured side by side in one process, bench/NOTES.md). The resident peak may exceed the plan by the heap's
-  fragmentation.
+  below 256 MB), so later steps reuse warm pages: a few hundred page faults per step, and the default job's
+  learner step 6-12% shorter (whole runs side by side, bench/NOTES.md). The resident peak may exceed the plan by
+  the heap's fragmentation.
 
 ``auto`` takes ``reuse`` when the plan's predicted peak is at most half the memory available (fragmentation
 cannot matter there), else ``release``. The weights are always loaded under ``release`` (their big blocks get
@@ -21,12 +21,9 @@ their own mappings); the resolved mode applies from the plan on. glibc only: els
 from __future__ import annotations
 
 import ctypes
-import logging
 
 __all__ = ["RELEASE_THRESHOLD", "REUSE_THRESHOLD", "REUSE_TRIM", "describe", "resolve",
            "set_cpu_heap"]
-
-log = logging.getLogger("erpo_fast")
 
 RELEASE_THRESHOLD = 1 << 20  # release: blocks from 1 MB on get their own mapping
 REUSE_THRESHOLD = 32 << 20  # reuse: glibc's largest allowed mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
