@@ -291,8 +291,8 @@ def cpu_split(cfg: Config, rt: Runtime, device: torch.device) -> tuple[set[int],
     """(learner cores, rollout cores) for ``rollout.pin_cpus``: both sides on CPU, one learner process, fixed thread
     counts, and a core for every thread among those this process may use; else None (nothing pinned).
 
-    Two busy processes on as many cores otherwise share them at the scheduler's will: on the 2-core CI machine a
-    learner step of the default job varied by 30% between identical runs (bench/NOTES.md)."""
+    Two busy processes on as many cores otherwise share them at the scheduler's will: on a 2-core machine the
+    default job's learner step came out up to 30% longer in some runs than in identical ones (bench/NOTES.md)."""
     t = cfg.trainer.threads
     r = cfg.rollout.threads or t
     if not cfg.rollout.pin_cpus or rt.device.type != "cpu" or device.type != "cpu" or rt.world_size != 1 or not t:
