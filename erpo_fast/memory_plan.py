@@ -28,12 +28,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import torch
 
 from erpo_fast.batch import RolloutSequence, micro_batches, packed_length
 from erpo_fast.config import Config, ConfigError
+from erpo_fast.packed_attention import shares_prompt_attention
 
 log = logging.getLogger("erpo_fast")
 
@@ -122,51 +124,61 @@ class MemoryPlan:
 
 
 def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autocast: bool = False
-                     ) -> tuple[float, float]:
-    """(bytes per packed token, bytes per attention token) saved by one decoder layer for backward.
+                     ) -> tuple[float, float, float]:
+    """(bytes per packed token, per attention query, per attention key) saved by one decoder layer for backward.
 
     Counted from autograd's saved tensors of transformers' Llama-family layer (tests/test_memory_plan.py checks
     the count against the real saved tensors): each RMSNorm keeps its input, the normalised value and its output
     (the next linear's input) in fp32 (``res_bytes``), the o_proj input (``act_bytes``), the MLP gate, up,
-    activation and product (4 x intermediate); packed attention keeps the gathered q, k, v blocks and the sdpa
-    output, padded per block (attention tokens: prompt + response per sequence, since shared prompts are
-    re-gathered for each sample), and a log-sum-exp per head. Under autocast each linear also keeps the bf16 cast
-    of its fp32 input (the two norm outputs).
+    activation and product (4 x intermediate); packed attention keeps the gathered q block, the sdpa output and a
+    log-sum-exp per head for each query slot, and the gathered k and v blocks for each key slot (padding
+    included: see ``PackedLayout.query_slots``). Under autocast each linear also keeps the bf16 cast of its fp32
+    input (the two norm outputs).
     """
     h, i = shape.hidden, shape.intermediate
     dense = 6 * h * res_bytes + h * act_bytes + 4 * i * act_bytes + (2 * h * act_bytes if autocast else 0)
-    attention = (2 * h + 2 * shape.kv_width) * act_bytes + shape.heads * 4
-    return dense, attention
+    return dense, 2 * h * act_bytes + shape.heads * 4, 2 * shape.kv_width * act_bytes
 
 
-def saved_activation_bytes(shape: ModelShape, *, packed: int, attention_tokens: int, trained: int, act_bytes: int,
-                           checkpointing: bool, autocast: bool = False) -> int:
-    """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``attention_tokens``
-    (sum of prompt + response over its sequences), ``trained`` response tokens. With checkpointing each layer keeps
+def saved_activation_bytes(shape: ModelShape, *, packed: int, queries: int, keys: int, trained: int,
+                           act_bytes: int, checkpointing: bool, autocast: bool = False) -> int:
+    """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``queries`` and ``keys``
+    attention slots (``PackedLayout.query_slots``/``key_slots``; without packed attention both are the sum of
+    prompt + response over the sequences), ``trained`` response tokens. With checkpointing each layer keeps
     only its input (fp32 residual stream). ``autocast`` (a compute dtype below the fp32 master weights, one
     process): every linear also keeps the cast copy of its weight until its backward, so the decoder's weights
     are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory)."""
-    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
+    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
     final = packed * 2 * shape.hidden * 4 + trained * shape.hidden * act_bytes  # final norm; the loss's hidden rows
     casts = shape.decoder_params * act_bytes if autocast else 0
     if checkpointing:
         return int(packed * shape.hidden * 4 * shape.layers + final)
-    return int((packed * dense + attention_tokens * attention) * shape.layers + final + casts)
+    return int((packed * dense + queries * per_query + keys * per_key) * shape.layers + final + casts)
 
 
-def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool) -> tuple[int, int, int]:
-    """(packed tokens, attention tokens, trained tokens) of the largest micro-batch of a full-length step."""
+def _largest_micro_batch(cfg: Config, prompt_tokens: int, share_prompts: bool, share_prompt_attention: bool
+                         ) -> tuple[int, int, int, int]:
+    """(packed tokens, attention queries, attention keys, trained tokens) of the largest micro-batch of a
+    full-length step (every response ``max_new_tokens`` long: no padding inside an attention block)."""
     n, new = cfg.rollout.n, cfg.rollout.max_new_tokens
     seqs = []
     for p in range(cfg.trainer.prompts_per_step):  # every response full length: the worst case
         prompt = [p] * prompt_tokens
         seqs += [RolloutSequence(prompt, [0] * new, [], 1.0, 0.0, p * n + j) for j in range(n)]
-    best = (0, 0, 0)
+    best = (0, 0, 0, 0)
     for idx in micro_batches(seqs, max_sequences=cfg.trainer.micro_batch_size,
                              max_tokens=cfg.trainer.micro_batch_tokens, share_prompts=share_prompts):
+        queries = keys = 0
+        for _, run in groupby(idx, key=lambda i: seqs[i].prompt_ids):  # a group's samples in this micro-batch
+            k = len(list(run))
+            if share_prompts and share_prompt_attention and shares_prompt_attention(prompt_tokens, new, k):
+                queries += prompt_tokens + k * new  # the prompt's attention once, then each response's queries
+                keys += prompt_tokens + k * (prompt_tokens + new)
+            else:
+                queries += k * (prompt_tokens + new)
+                keys += k * (prompt_tokens + new)
         chunk = [seqs[i] for i in idx]
-        packed = packed_length(chunk, share_prompts=share_prompts)
-        best = max(best, (packed, len(chunk) * (prompt_tokens + new), len(chunk) * new))
+        best = max(best, (packed_length(chunk, share_prompts=share_prompts), queries, keys, len(chunk) * new))
     return best
 
 
@@ -221,14 +233,15 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     # Activations: packed attention (sdpa) shares a group's prompt; other attention runs every sequence whole.
     share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
         cfg.model.attn_implementation == "auto" and device.type == "cuda")
-    packed, attn_tokens, trained_tokens = _largest_micro_batch(cfg, prompt_tokens, share)
+    # Its shared prompt's attention runs once where PackedLayout shares it by default (CPU).
+    packed, queries, keys, trained_tokens = _largest_micro_batch(cfg, prompt_tokens, share, device.type == "cpu")
     # FSDP2 casts through its mixed-precision policy; a LoRA base is in the compute dtype already (no cast copies).
     autocast = compute != torch.float32 and distributed_world <= 1 and not adapters
-    saved = saved_activation_bytes(shape, packed=packed, attention_tokens=attn_tokens, trained=trained_tokens,
+    saved = saved_activation_bytes(shape, packed=packed, queries=queries, keys=keys, trained=trained_tokens,
                                    act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast)
-    dense, attention = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
+    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
     casts = shape.decoder_params * act_bytes / shape.layers if autocast else 0  # one layer's weights, cast
-    recompute = (packed * dense + attn_tokens * attention + casts) if ckpt else 0  # backward re-runs one layer
+    recompute = (packed * dense + queries * per_query + keys * per_key + casts) if ckpt else 0  # one layer re-runs
     backward = packed * (3 * shape.intermediate + 2 * shape.hidden) * act_bytes  # one layer's gradient transients
     activations = saved + recompute + backward
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)

@@ -10,6 +10,11 @@ each layer gathers q/k/v into padded ``[B, H, L, D]`` blocks of sequences of sim
 AFTER each sequence's real tokens, so under the causal mask no real query ever sees it, and the padded queries'
 outputs are dropped: the result is the per-sequence attention exactly, never touching a dense mask.
 
+A GRPO group's samples share their prompt, which the row holds once. Its causal self-attention then runs once
+too (a causal block of the prompt alone), and each response's queries attend to the prompt plus themselves in a
+suffix block: one small lower-right causal mask per block instead of recomputing (and back-propagating) the
+prompt's attention for every sample, 0.3-0.6x the attention time at 60-200-token prompts and 64 response tokens.
+
 Use: :func:`enable_packed_attention` switches a model that runs ``sdpa`` to the registered implementation
 ``PACKED_SDPA`` (nothing is serialised: a saved config.json does not name it), and :func:`packed_hidden_state`
 runs the decoder on a packed row with a :class:`PackedLayout`. Called WITHOUT a layout (any ordinary forward,
@@ -18,15 +23,17 @@ generate, padding masks) the implementation is plain sdpa, masks included, so th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PACKED_SDPA", "PackedLayout", "enable_packed_attention", "length_buckets", "packed_hidden_state",
-           "packed_sdpa_attention"]
+__all__ = ["PACKED_SDPA", "CausalBlock", "PackedLayout", "SuffixBlock", "enable_packed_attention", "length_buckets",
+           "packed_hidden_state", "packed_sdpa_attention", "shares_prompt_attention"]
 
 PACKED_SDPA = "erpo_packed_sdpa"
 
@@ -34,6 +41,10 @@ PACKED_SDPA = "erpo_packed_sdpa"
 # padding costs at most ~1/0.8^2 - 1 = 56% extra attention work (attention only; projections never see padding)
 # and lengths spanning 64x still make only ~19 blocks per layer.
 _BLOCK_LENGTH_RATIO = 0.8
+
+# A group's responses attend to their shared prompt through a masked suffix block while they are at most this
+# long (or no longer than the prompt); see shares_prompt_attention.
+_SUFFIX_MAX_RESPONSE = 256
 
 
 def length_buckets(lengths: Sequence[int], ratio: float = _BLOCK_LENGTH_RATIO) -> list[list[int]]:
@@ -49,56 +60,135 @@ def length_buckets(lengths: Sequence[int], ratio: float = _BLOCK_LENGTH_RATIO) -
     return buckets
 
 
+class CausalBlock(NamedTuple):
+    """Sequences of similar length attending causally to themselves, every token a query.
+
+    ``gather`` [batch * width] holds the row index of token j of the block's i-th sequence at ``i * width + j``
+    (padding slots repeat that sequence's first token: any finite value works, causality hides it)."""
+
+    gather: Tensor
+    batch: int
+    width: int
+
+
+class SuffixBlock(NamedTuple):
+    """Responses whose prompt is computed elsewhere (once per group): each response's tokens are the queries, its
+    prompt then itself the keys. All of a block's prompts have length ``prompt``, so one lower-right causal
+    ``mask`` [width, prompt + width] (query j sees keys 0 .. prompt + j) serves every sequence; padding sits after
+    each response, where only padded queries see it."""
+
+    query_gather: Tensor  # [batch * width]
+    key_gather: Tensor  # [batch * (prompt + width)]
+    batch: int
+    width: int
+    prompt: int
+    mask: Tensor
+
+
+def shares_prompt_attention(prompt: int, longest_response: int, samples: int) -> bool:
+    """Whether a prompt held once for ``samples`` responses runs its attention once (suffix blocks) rather than
+    once per sample. The suffix block's masked rectangle skips no work above the diagonal, so past
+    ``_SUFFIX_MAX_RESPONSE`` response tokens (unless the prompt is at least as long) recomputing the prompt per
+    sample is cheaper (measured on CPU, fp32 and bf16: bench/NOTES.md)."""
+    return samples > 1 and prompt > 0 and longest_response <= max(_SUFFIX_MAX_RESPONSE, prompt)
+
+
 @dataclass
 class PackedLayout:
     """Where each sequence of a packed row sits, precomputed once per micro-batch and shared by every layer.
 
-    ``blocks``: per attention block, ``(gather, batch, length)``: ``gather`` [batch * length] holds the row index
-    of token j of the block's i-th sequence at ``i * length + j`` (padding slots repeat that sequence's first
-    token, any finite value works). ``scatter`` [T]: for each row token, its slot in the concatenation of all
-    blocks' ``[batch * length]`` outputs.
+    ``blocks``: causal attention blocks (:class:`CausalBlock`); ``suffix_blocks``: responses attending to a
+    shared prompt (:class:`SuffixBlock`). ``scatter`` [T]: for each row token, its slot in the concatenation of
+    all blocks' query outputs (causal blocks first, then suffix blocks). Each row token is a query in exactly one
+    slot except where a prompt shared by samples that do not share its attention is recomputed per sample.
     """
 
-    blocks: list[tuple[Tensor, int, int]]
+    blocks: list[CausalBlock]
+    suffix_blocks: list[SuffixBlock]
     scatter: Tensor
     total: int
 
+    @property
+    def query_slots(self) -> int:
+        """Query rows of all attention blocks, padding included (what autograd keeps per head)."""
+        return sum(b.batch * b.width for b in self.blocks) + sum(b.batch * b.width for b in self.suffix_blocks)
+
+    @property
+    def key_slots(self) -> int:
+        """Key (and value) rows of all attention blocks, padding included."""
+        return (sum(b.batch * b.width for b in self.blocks)
+                + sum(b.batch * (b.prompt + b.width) for b in self.suffix_blocks))
+
     @classmethod
     def from_segments(cls, segments: Sequence[tuple[int, int, int, int]], total: int,
-                      device: torch.device | str = "cpu") -> PackedLayout:
+                      device: torch.device | str = "cpu", share_prompt_attention: bool | None = None
+                      ) -> PackedLayout:
         """Layout of attention sequences that are each two ranges of a row of ``total`` tokens.
 
         Sequence i is row tokens ``a0 .. a0+alen-1`` then ``b0 .. b0+blen-1`` for ``segments[i] = (a0, alen,
         b0, blen)``. Ranges may be shared: a group's samples all name the one copy of their prompt as their
-        first range (the row holds it once; each sample attends to it). Every row token must belong to some
-        sequence; a shared token's output is taken from the first sequence that holds it (all are equal).
+        first range (the row holds it once). Every row token must belong to some sequence.
+
+        ``share_prompt_attention`` (default: on CPU, where it was measured): a prompt range named by several
+        sequences runs its causal self-attention once, and each response attends to it through a suffix block
+        (where :func:`shares_prompt_attention` says that is cheaper). Otherwise each sample's block recomputes its
+        prompt and the first sequence holding a token provides its output (all are equal).
         """
         lengths = [int(al) + int(bl) for _, al, _, bl in segments]
         if not lengths or min(lengths) <= 0:
             raise ValueError(f"a packed layout needs sequences of positive length, got {lengths}")
-        groups = length_buckets(lengths)
-        base = [0] * len(lengths)  # first output slot of each sequence
-        blocks = []
-        offset = 0
-        for group in groups:
-            width = lengths[group[0]]
+        if share_prompt_attention is None:
+            share_prompt_attention = torch.device(device).type == "cpu"
+        uses = Counter((a0, al) for a0, al, _, _ in segments)
+        longest: dict[tuple[int, int], int] = {}
+        for a0, al, _, bl in segments:
+            longest[(a0, al)] = max(longest.get((a0, al), 0), bl)
+        shared = {key for key, n in uses.items()
+                  if share_prompt_attention and shares_prompt_attention(key[1], longest[key], n)}
+        whole = [seg for seg in segments if (seg[0], seg[1]) not in shared]
+        whole += [(a0, al, a0 + al, 0) for a0, al in dict.fromkeys(s[:2] for s in segments) if (a0, al) in shared]
+        suffixes = [seg for seg in segments if (seg[0], seg[1]) in shared and seg[3] > 0]
+
+        scatter = torch.full((total,), -1, dtype=torch.long)
+        blocks, offset = [], 0
+        base = [0] * len(whole)  # first output slot of each whole sequence
+        wlengths = [al + bl for _, al, _, bl in whole]
+        for group in length_buckets(wlengths):
+            width = wlengths[group[0]]
             slot = torch.arange(width)
             gather = []
             for b, i in enumerate(group):
-                a0, al, b0, bl = segments[i]
-                # Padding slots (after the sequence) point at its first token: finite, and masked by causality.
+                a0, al, b0, bl = whole[i]
                 gather.append(torch.where(slot < al, a0 + slot, torch.where(slot < al + bl, b0 + slot - al, a0)))
                 base[i] = offset + b * width
-            blocks.append((torch.cat(gather).to(device), len(group), width))
+            blocks.append(CausalBlock(torch.cat(gather).to(device), len(group), width))
             offset += len(group) * width
-        scatter = torch.full((total,), -1, dtype=torch.long)
-        for i in reversed(range(len(segments))):  # the lowest-numbered sequence holding a token writes last
-            a0, al, b0, bl = segments[i]
+        for i in reversed(range(len(whole))):  # the lowest-numbered sequence holding a token writes last
+            a0, al, b0, bl = whole[i]
             scatter[a0: a0 + al] = base[i] + torch.arange(al)
             scatter[b0: b0 + bl] = base[i] + al + torch.arange(bl)
+
+        suffix_blocks = []
+        by_prompt: dict[int, list[tuple[int, int, int, int]]] = {}
+        for seg in suffixes:  # one mask per prompt length: groups with equal prompt lengths share blocks
+            by_prompt.setdefault(seg[1], []).append(seg)
+        for prompt, segs in by_prompt.items():
+            for group in length_buckets([bl for *_, bl in segs]):
+                width = segs[group[0]][3]
+                slot, kslot = torch.arange(width), torch.arange(prompt + width)
+                queries, keys = [], []
+                for b, i in enumerate(group):
+                    a0, al, b0, bl = segs[i]
+                    queries.append(torch.where(slot < bl, b0 + slot, b0))
+                    keys.append(torch.where(kslot < al, a0 + kslot, torch.where(kslot < al + bl, b0 + kslot - al, a0)))
+                    scatter[b0: b0 + bl] = offset + b * width + torch.arange(bl)
+                mask = torch.ones(width, prompt + width, dtype=torch.bool).tril(prompt)
+                suffix_blocks.append(SuffixBlock(torch.cat(queries).to(device), torch.cat(keys).to(device),
+                                                 len(group), width, prompt, mask.to(device)))
+                offset += len(group) * width
         if bool((scatter < 0).any()):
             raise ValueError("every row token must belong to a sequence of the packed layout")
-        return cls(blocks=blocks, scatter=scatter.to(device), total=total)
+        return cls(blocks=blocks, suffix_blocks=suffix_blocks, scatter=scatter.to(device), total=total)
 
 
 def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -131,6 +221,17 @@ def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                                            dropout_p=dropout, scale=scaling, is_causal=True,
                                            enable_gqa=heads != kv_heads)
         outs.append(o.transpose(1, 2).reshape(batch * width, heads, dim))
+    for sb in packed_layout.suffix_blocks:
+        keys = sb.prompt + sb.width
+
+        def rows(t, h, gather, n):
+            return t.index_select(0, gather).view(sb.batch, n, h, dim).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(rows(q, heads, sb.query_gather, sb.width),
+                                           rows(k, kv_heads, sb.key_gather, keys),
+                                           rows(v, kv_heads, sb.key_gather, keys), attn_mask=sb.mask,
+                                           dropout_p=dropout, scale=scaling, enable_gqa=heads != kv_heads)
+        outs.append(o.transpose(1, 2).reshape(sb.batch * sb.width, heads, dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, packed_layout.scatter)[None], None
 

@@ -73,8 +73,10 @@ def test_saved_activations_match_autograds_saved_tensors(ckpt, dtype):
     measured += hidden.numel() * hidden.element_size()  # the [N, H] rows the fused loss saves
     shape = ModelShape.from_config(model.config)
     packed = batch.input_ids.shape[1]
-    attention = sum(s[1] + s[3] for s in batch.segments)
-    predicted = saved_activation_bytes(shape, packed=packed, attention_tokens=attention, trained=batch.num_tokens,
+    layout = batch.layout()
+    assert layout.suffix_blocks  # the groups' prompts run their attention once
+    predicted = saved_activation_bytes(shape, packed=packed, queries=layout.query_slots, keys=layout.key_slots,
+                                       trained=batch.num_tokens,
                                        act_bytes=4 if dtype == "float32" else 2, checkpointing=ckpt,
                                        autocast=dtype != "float32")
     assert predicted == pytest.approx(measured, rel=0.05)
@@ -121,6 +123,25 @@ def test_kv_cache_term_is_the_engines_cache():
     assert any("own copy" in note for note in copy_plan.notes)
     bf16 = plan_memory(cfg, shape, device=torch.device("cuda"), runtime_bytes=0)  # a plan needs no GPU
     assert not bf16.shares_weights and bf16.terms["engine weights"] == 2 * p
+
+
+@pytest.mark.parametrize("prompt,new,budget", [(24, 16, 0), (24, 16, 100), (40, 300, 0), (5, 8, 30)])
+@pytest.mark.parametrize("cpu", [True, False])
+def test_attention_slots_of_the_plan_are_the_layouts(prompt, new, budget, cpu):
+    """The plan's largest micro-batch counts the attention query and key slots that PackedLayout builds for the
+    same full-length sequences (shared prompt attention on CPU; not past the suffix limit: 300 new tokens)."""
+    from erpo_fast.memory_plan import _largest_micro_batch
+
+    cfg = build_config("none", overrides={"model.path": "x", "rollout.n": 4, "trainer.prompts_per_step": 3,
+                                          "rollout.max_new_tokens": new, "trainer.micro_batch_tokens": budget})
+    seqs = [RolloutSequence([g + 3] * prompt, [1] * new, [], 1.0, 0.0, g * 4 + j) for g in range(3) for j in range(4)]
+    expected = (0, 0, 0, 0)
+    for idx in micro_batches(seqs, max_sequences=cfg.trainer.micro_batch_size, max_tokens=budget, share_prompts=True):
+        batch = pack_sequences([seqs[i] for i in idx], share_prompts=True)
+        layout = type(batch.layout()).from_segments(batch.segments, batch.input_ids.shape[1],
+                                                    share_prompt_attention=cpu)
+        expected = max(expected, (batch.input_ids.shape[1], layout.query_slots, layout.key_slots, batch.num_tokens))
+    assert _largest_micro_batch(cfg, prompt, True, cpu) == expected
 
 
 def test_token_budget_bounds_the_activations():

@@ -100,6 +100,105 @@ def test_packed_forward_and_gradients_equal_each_sequence_alone_float64():
     assert checked == len(ref_params) - 1
 
 
+def shared_prompt_row(groups, seed=0, vocab=97):
+    """A row as ``pack_sequences(share_prompts=True)`` lays it out: each group's prompt once, then its responses.
+    ``groups``: (prompt length, [response lengths]). Returns (full sequences, row ids, positions, segments)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, ids, pos, segments = [], [], [], []
+    for prompt_len, responses in groups:
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
+        a0 = len(ids)
+        ids += prompt.tolist()
+        pos += list(range(prompt_len))
+        for r in responses:
+            response = torch.randint(0, vocab, (r,), generator=g)
+            segments.append((a0, prompt_len, len(ids), r))
+            ids += response.tolist()
+            pos += list(range(prompt_len, prompt_len + r))
+            seqs.append(torch.cat([prompt, response]))
+    return seqs, torch.tensor(ids)[None], torch.tensor(pos)[None], segments
+
+
+# Groups: two with equal prompt lengths (one suffix block for both), an empty response, a lone sample (its own
+# causal block), and responses past the suffix limit with a shorter prompt (the prompt recomputed per sample).
+SHARED_GROUPS = [(9, [4, 7, 0, 7]), (9, [5, 5]), (23, [3, 12, 11]), (6, [8]), (4, [260, 300])]
+
+
+def test_shared_prompts_equal_each_sequence_alone_float64():
+    reference = qwen2(seed=12, max_position_embeddings=512).double()
+    seqs, ids, pos, segments = shared_prompt_row(SHARED_GROUPS, seed=13)
+    g = torch.Generator().manual_seed(14)
+    weights = torch.randn(ids.shape[1], 48, generator=g, dtype=torch.float64)
+
+    alone = [reference.model(input_ids=s[None], use_cache=False).last_hidden_state[0] for s in seqs]
+    # The row's hidden states from the sequences alone: a prompt from its group's first sample.
+    expected = torch.empty(ids.shape[1], 48, dtype=torch.float64)
+    for (a0, al, b0, bl), h in zip(reversed(segments), reversed(alone)):
+        expected[a0: a0 + al] = h[:al].detach()
+        expected[b0: b0 + bl] = h[al:].detach()
+    # The same loss on the reference: a shared prompt's weight counts once (on the first sample holding it).
+    ref_loss, seen = 0.0, set()
+    for (a0, al, b0, bl), h in zip(segments, alone):
+        if a0 not in seen:
+            ref_loss = ref_loss + (h[:al] * weights[a0: a0 + al]).sum()
+            seen.add(a0)
+        ref_loss = ref_loss + (h[al:] * weights[b0: b0 + bl]).sum()
+    ref_loss.backward()
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if name != "lm_head.weight"}
+
+    grads = {}
+    for share in (True, False):
+        packed = copy.deepcopy(reference)
+        packed.zero_grad(set_to_none=True)
+        assert enable_packed_attention(packed)
+        layout = PackedLayout.from_segments(segments, ids.shape[1], share_prompt_attention=share)
+        # Suffix blocks: the short responses, by prompt length (the two 9-token groups mix) and response length
+        # (7, 7 | 5, 5, 4 and 12, 11 | 3); the long-response group, the lone sample and prompts alone are causal.
+        assert sorted((b.prompt, b.batch) for b in layout.suffix_blocks) == (
+            [(9, 2), (9, 3), (23, 1), (23, 2)] if share else [])
+        hidden = packed_hidden_state(packed.model, ids, pos, layout)[0]
+        (hidden * weights).sum().backward()
+        torch.testing.assert_close(hidden.detach(), expected, rtol=1e-12, atol=1e-12)
+        grads[share] = {name: p.grad for name, p in packed.named_parameters() if name != "lm_head.weight"}
+    for name, want in ref_grads.items():
+        # The prompt's attention once or per sample: the same gradient to rounding.
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-10, atol=1e-12, msg=name)
+        # Against the sequences alone: HF's RMSNorm computes in float32 even in a float64 model, so summing a
+        # shared prompt's gradient before the norm (the row) or after it (each sequence) differs at ~1e-7 of
+        # the gradient's scale.
+        err = (grads[True][name] - want).abs().max() / want.abs().max()
+        assert err < 1e-6, (name, float(err))  # measured at most 7e-8
+
+
+def test_when_a_prompt_shares_its_attention():
+    from erpo_fast.packed_attention import shares_prompt_attention
+
+    assert shares_prompt_attention(40, 256, 2) and shares_prompt_attention(300, 300, 8)
+    assert not shares_prompt_attention(40, 257, 8)  # long responses: the masked block would cost more
+    assert not shares_prompt_attention(40, 8, 1)  # nothing to share
+    assert not shares_prompt_attention(0, 8, 8)
+
+
+def test_shared_prompt_attention_runs_each_query_once():
+    """Structure, not time: with the prompt's attention shared, every row token is a query in exactly one real
+    slot, and the keys are each group's prompt once per sample plus each response (no prompt query is repeated);
+    without it each sample re-queries its prompt."""
+    _, ids, _, segments = shared_prompt_row([(40, [8] * 8), (35, [6, 8, 7, 8])], seed=15)
+    total = ids.shape[1]
+    on = PackedLayout.from_segments(segments, total, share_prompt_attention=True)
+    off = PackedLayout.from_segments(segments, total, share_prompt_attention=False)
+    assert not off.suffix_blocks and on.suffix_blocks
+    queries = torch.cat([b.gather for b in on.blocks] + [b.query_gather for b in on.suffix_blocks])
+    assert torch.equal(queries[on.scatter], torch.arange(total))
+    real_queries = sum(al + sum(bl for a, _, _, bl in segments if a == a0) for a0, al in {s[:2] for s in segments})
+    assert real_queries == total
+    # Blocks: the two prompts alone (35 padded to 40), the 8 responses of 8 to their 40-token prompt, then by
+    # length the 8, 8, 7 (padded to 8) and the 6 to the 35-token prompt.
+    assert on.query_slots == 2 * 40 + 8 * 8 + 3 * 8 + 6
+    assert on.key_slots == 2 * 40 + 8 * (40 + 8) + 3 * (35 + 8) + (35 + 6)
+    assert off.query_slots >= 8 * (40 + 8) + 4 * (35 + 6)  # every sample re-queries its prompt
+
+
 def test_packed_float32_matches_unpacked_tightly():
     reference = qwen2(seed=4, num_key_value_heads=6)  # MHA (no GQA grouping) in fp32
     packed = copy.deepcopy(reference)

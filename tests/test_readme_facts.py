@@ -188,3 +188,10 @@ def test_every_flag_the_readme_names_exists():
                 else:
                     assert flag in train_flags | evaluate_flags | OTHER_TOOLS, (flag, line)
     assert checked > 20
+
+
+def test_shared_prompt_attention_limit_is_the_codes():
+    from erpo_fast.packed_attention import _SUFFIX_MAX_RESPONSE
+
+    match = re.search(r"while responses are at most (\d+) tokens", README)
+    assert match and int(match.group(1)) == _SUFFIX_MAX_RESPONSE
