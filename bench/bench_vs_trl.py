@@ -215,8 +215,13 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 def learner_flops(session, sequences) -> dict:
     """Model FLOPs of one learner step on ``sequences``: 6 x decoder parameters x packed tokens (prompts run
     through the decoder too; a shared prompt once per micro-batch), 6 x V x H per trained token (the fused LM
-    head: logits, grad hidden, grad weight), and causal attention 6 x H x L^2 per layer and sequence."""
+    head: logits, grad hidden, grad weight), and causal attention 6 x H x L^2 per layer and sequence, where a
+    group's prompt whose attention runs once (``shares_prompt_attention``, CPU) counts once: 6 x H x P^2 for the
+    prompt, then 6 x H x (2 R P + R^2) per response."""
+    from itertools import groupby
+
     from erpo_fast.batch import micro_batches, packed_length
+    from erpo_fast.packed_attention import shares_prompt_attention
 
     learner = session.learner
     model = learner.model
@@ -228,7 +233,16 @@ def learner_flops(session, sequences) -> dict:
     packed = sum(packed_length([sequences[i] for i in p], share_prompts=learner._packed) for p in parts)
     trained = sum(len(s.response_ids) for s in sequences)
     layers = cfg.num_hidden_layers
-    attention = sum(6 * hidden * (len(s.prompt_ids) + len(s.response_ids)) ** 2 for s in sequences) * layers
+    attention = 0
+    for part in parts:
+        for _, run in groupby((sequences[i] for i in part), key=lambda s: s.prompt_ids):
+            group = list(run)
+            p, responses = len(group[0].prompt_ids), [len(s.response_ids) for s in group]
+            shared = learner._packed and learner.device.type == "cpu" and shares_prompt_attention(
+                p, max(responses), len(group))
+            attention += (p * p + sum(2 * r * p + r * r for r in responses) if shared
+                          else sum((p + r) ** 2 for r in responses))
+    attention *= 6 * hidden * layers
     total = 6 * decoder_params * packed + 6 * vocab * hidden * trained + attention
     return {"total": total, "packed_tokens": packed, "trained_tokens": trained, "decoder_params": decoder_params}
 
