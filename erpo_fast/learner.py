@@ -311,6 +311,14 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def _casts_kept(self):
+        """Keeps autocast's casts of the trained weights for a whole update: autocast caches them until the
+        outermost autocast context exits, so this outer (disabled) one makes each weight cast once per update
+        instead of once per micro-batch. Only ``_hidden`` runs with autocast on; the numbers are unchanged."""
+        if self.compute_dtype == torch.float32 or self.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=False)
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().num_embeddings)
@@ -501,33 +509,34 @@ class Learner:
                                           sum(1 for s in sequences if s.response_ids)])
         (num_micro,) = all_reduce_floats([len(micro)], op="max")
         metrics = Metrics()
-        for k in range(int(num_micro)):
-            idx = micro[k] if k < len(micro) else []
-            batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
-                                    vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
-                     if idx else _placeholder_batch(self.device))
+        with self._casts_kept():  # each weight cast to the compute dtype once per update
+            for k in range(int(num_micro)):
+                idx = micro[k] if k < len(micro) else []
+                batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
+                                        vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
+                         if idx else _placeholder_batch(self.device))
 
-            def cat(per_seq, idx=idx):
-                return None if per_seq is None else torch.cat([per_seq[i] for i in idx]).to(self.device)
+                def cat(per_seq, idx=idx):
+                    return None if per_seq is None else torch.cat([per_seq[i] for i in idx]).to(self.device)
 
-            ref = self._ref_logprobs(batch)
-            with lora.dropout_active(self.model):
-                hidden, weight = self._hidden(self._policy, batch)
-            n = batch.num_tokens
-            if n == 0:
-                # Nothing to train, but FSDP needs the backward (and its reduce-scatters) on every rank.
-                (hidden.sum() * 0.0 + weight.sum() * 0.0).backward()
-                continue
-            loss, m = linear_grpo_loss(
-                hidden, weight, batch.target_ids, batch.temperature, batch.advantages,
-                torch.ones(n, dtype=torch.bool, device=self.device), self.loss_spec,
-                old_logprobs=cat(old_by_seq), ref_logprobs=ref, seq_ids=batch.seq_ids,
-                rollout_logprobs=batch.rollout_logprobs)
-            # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
-            share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
-            (loss * (share * self.world_size)).backward()
-            metrics.mean("loss", float(loss.detach()), weight=share)
-            _add_loss_metrics(metrics, m, update_share=n / tokens, tokens=n, with_mismatch=temperature == "row")
+                ref = self._ref_logprobs(batch)
+                with lora.dropout_active(self.model):
+                    hidden, weight = self._hidden(self._policy, batch)
+                n = batch.num_tokens
+                if n == 0:
+                    # Nothing to train, but FSDP needs the backward (and its reduce-scatters) on every rank.
+                    (hidden.sum() * 0.0 + weight.sum() * 0.0).backward()
+                    continue
+                loss, m = linear_grpo_loss(
+                    hidden, weight, batch.target_ids, batch.temperature, batch.advantages,
+                    torch.ones(n, dtype=torch.bool, device=self.device), self.loss_spec,
+                    old_logprobs=cat(old_by_seq), ref_logprobs=ref, seq_ids=batch.seq_ids,
+                    rollout_logprobs=batch.rollout_logprobs)
+                # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
+                share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
+                (loss * (share * self.world_size)).backward()
+                metrics.mean("loss", float(loss.detach()), weight=share)
+                _add_loss_metrics(metrics, m, update_share=n / tokens, tokens=n, with_mismatch=temperature == "row")
         metrics = metrics.all_reduce()
         metrics.total("num_tokens", int(tokens))
         metrics.total("num_sequences", int(seqs))

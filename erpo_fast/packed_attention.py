@@ -224,8 +224,8 @@ def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     for sb in packed_layout.suffix_blocks:
         keys = sb.prompt + sb.width
 
-        def rows(t, h, gather, n):
-            return t.index_select(0, gather).view(sb.batch, n, h, dim).transpose(1, 2)
+        def rows(t, h, gather, n, batch=sb.batch):
+            return t.index_select(0, gather).view(batch, n, h, dim).transpose(1, 2)
 
         o = F.scaled_dot_product_attention(rows(q, heads, sb.query_gather, sb.width),
                                            rows(k, kv_heads, sb.key_gather, keys),

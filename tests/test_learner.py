@@ -7,6 +7,7 @@ gradient.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -632,6 +633,42 @@ def test_bf16_compute_on_cpu_tracks_fp32(tokenizer):
         losses.append((m["loss"], m["entropy"]))
     assert losses[1][0] == pytest.approx(losses[0][0], abs=2e-2)
     assert losses[1][1] == pytest.approx(losses[0][1], rel=2e-2)
+
+
+def test_bf16_casts_each_weight_once_per_update(tokenizer):
+    """Under autocast each linear's fp32 weight is cast to bf16 once per update, not once per micro-batch (the
+    casts are kept for the whole update), and the step is the same as with a fresh cast per micro-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountParameterCasts(TorchDispatchMode):
+        def __init__(self, params):
+            super().__init__()
+            self.params, self.casts = params, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in self.params:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    seqs = make_sequences(12, seed=21)
+    grads = {}
+    for kept in (True, False):
+        model = tiny_model(tokenizer)
+        learner = make_learner(model, trainer=TrainerConfig(micro_batch_size=4),
+                               model_cfg=ModelConfig(dtype="bfloat16"))
+        assert len(learner._micro_batches(seqs)) == 3
+        if not kept:  # what the learner did before: every micro-batch's autocast cast the weights again
+            learner._casts_kept = contextlib.nullcontext
+        counter = CountParameterCasts({p.untyped_storage().data_ptr() for p in model.parameters()})
+        with counter:
+            learner.loss_and_grads(seqs)
+        linear_params = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head
+                            for p in (m.weight, m.bias) if p is not None)
+        # + the LM head's weight, cast by the learner itself for the loss in each micro-batch
+        assert counter.casts == (linear_params + 3 if kept else 3 * linear_params + 3)
+        grads[kept] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
 
 
 def test_learner_input_validation(tokenizer):
