@@ -145,50 +145,65 @@ class PackedLayout:
             longest[(a0, al)] = max(longest.get((a0, al), 0), bl)
         shared = {key for key, n in uses.items()
                   if share_prompt_attention and shares_prompt_attention(key[1], longest[key], n)}
-        whole = [seg for seg in segments if (seg[0], seg[1]) not in shared]
+        # Whole sequences (causal blocks): those whose prompt is not shared, and each shared prompt alone.
+        whole = [seg for seg in segments if seg[:2] not in shared]
         whole += [(a0, al, a0 + al, 0) for a0, al in dict.fromkeys(s[:2] for s in segments) if (a0, al) in shared]
-        suffixes = [seg for seg in segments if (seg[0], seg[1]) in shared and seg[3] > 0]
+        suffixes = [seg for seg in segments if seg[:2] in shared and seg[3] > 0]
 
         scatter = torch.full((total,), -1, dtype=torch.long)
-        blocks, offset = [], 0
-        base = [0] * len(whole)  # first output slot of each whole sequence
-        wlengths = [al + bl for _, al, _, bl in whole]
-        for group in length_buckets(wlengths):
-            width = wlengths[group[0]]
-            slot = torch.arange(width)
-            gather = []
-            for b, i in enumerate(group):
-                a0, al, b0, bl = whole[i]
-                gather.append(torch.where(slot < al, a0 + slot, torch.where(slot < al + bl, b0 + slot - al, a0)))
-                base[i] = offset + b * width
-            blocks.append(CausalBlock(torch.cat(gather).to(device), len(group), width))
-            offset += len(group) * width
-        for i in reversed(range(len(whole))):  # the lowest-numbered sequence holding a token writes last
-            a0, al, b0, bl = whole[i]
-            scatter[a0: a0 + al] = base[i] + torch.arange(al)
-            scatter[b0: b0 + bl] = base[i] + al + torch.arange(bl)
-
-        suffix_blocks = []
-        by_prompt: dict[int, list[tuple[int, int, int, int]]] = {}
-        for seg in suffixes:  # one mask per prompt length: groups with equal prompt lengths share blocks
-            by_prompt.setdefault(seg[1], []).append(seg)
-        for prompt, segs in by_prompt.items():
-            for group in length_buckets([bl for *_, bl in segs]):
-                width = segs[group[0]][3]
-                slot, kslot = torch.arange(width), torch.arange(prompt + width)
-                queries, keys = [], []
-                for b, i in enumerate(group):
-                    a0, al, b0, bl = segs[i]
-                    queries.append(torch.where(slot < bl, b0 + slot, b0))
-                    keys.append(torch.where(kslot < al, a0 + kslot, torch.where(kslot < al + bl, b0 + kslot - al, a0)))
-                    scatter[b0: b0 + bl] = offset + b * width + torch.arange(bl)
-                mask = torch.ones(width, prompt + width, dtype=torch.bool).tril(prompt)
-                suffix_blocks.append(SuffixBlock(torch.cat(queries).to(device), torch.cat(keys).to(device),
-                                                 len(group), width, prompt, mask.to(device)))
-                offset += len(group) * width
+        blocks = _causal_blocks(whole, scatter, device)
+        offset = sum(b.batch * b.width for b in blocks)
+        suffix_blocks = _suffix_blocks(suffixes, scatter, offset, device)
         if bool((scatter < 0).any()):
             raise ValueError("every row token must belong to a sequence of the packed layout")
         return cls(blocks=blocks, suffix_blocks=suffix_blocks, scatter=scatter.to(device), total=total)
+
+
+def _two_ranges(a0: int, alen: int, b0: int, blen: int, width: int) -> Tensor:
+    """Row indices of range a then range b, padded to ``width`` with a's first token (finite, never attended)."""
+    slot = torch.arange(width)
+    return torch.where(slot < alen, a0 + slot, torch.where(slot < alen + blen, b0 + slot - alen, a0))
+
+
+def _causal_blocks(whole: list[tuple[int, int, int, int]], scatter: Tensor, device) -> list[CausalBlock]:
+    """Causal blocks of the ``whole`` sequences by length; writes their tokens' output slots into ``scatter``."""
+    blocks, offset = [], 0
+    base = [0] * len(whole)  # first output slot of each sequence
+    lengths = [al + bl for _, al, _, bl in whole]
+    for group in length_buckets(lengths):
+        width = lengths[group[0]]
+        for b, i in enumerate(group):
+            base[i] = offset + b * width
+        blocks.append(CausalBlock(torch.cat([_two_ranges(*whole[i], width) for i in group]).to(device),
+                                  len(group), width))
+        offset += len(group) * width
+    for i in reversed(range(len(whole))):  # the lowest-numbered sequence holding a token writes last
+        a0, al, b0, bl = whole[i]
+        scatter[a0: a0 + al] = base[i] + torch.arange(al)
+        scatter[b0: b0 + bl] = base[i] + al + torch.arange(bl)
+    return blocks
+
+
+def _suffix_blocks(suffixes: list[tuple[int, int, int, int]], scatter: Tensor, offset: int, device
+                   ) -> list[SuffixBlock]:
+    """Suffix blocks of the responses in ``suffixes`` by prompt length (one mask per block: groups with equal
+    prompt lengths share blocks), then by response length; their output slots start at ``offset``."""
+    by_prompt: dict[int, list[tuple[int, int, int, int]]] = {}
+    for seg in suffixes:
+        by_prompt.setdefault(seg[1], []).append(seg)
+    blocks = []
+    for prompt, segs in by_prompt.items():
+        for group in length_buckets([bl for *_, bl in segs]):
+            width = segs[group[0]][3]
+            for b, i in enumerate(group):
+                _, _, b0, bl = segs[i]
+                scatter[b0: b0 + bl] = offset + b * width + torch.arange(bl)
+            queries = torch.cat([_two_ranges(segs[i][2], segs[i][3], 0, 0, width) for i in group])
+            keys = torch.cat([_two_ranges(*segs[i], prompt + width) for i in group])
+            mask = torch.ones(width, prompt + width, dtype=torch.bool).tril(prompt)
+            blocks.append(SuffixBlock(queries.to(device), keys.to(device), len(group), width, prompt, mask.to(device)))
+            offset += len(group) * width
+    return blocks
 
 
 def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
