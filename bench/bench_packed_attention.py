@@ -4,12 +4,14 @@ One packed row as the learner builds it (``pack_sequences(share_prompts=True)``:
 n responses), random q/k/v of a model's attention shape, and the learner's own ``packed_sdpa_attention``
 forward + backward with two layouts of the same row: ``per-sample`` (``share_prompt_attention=False``: each
 sample's block holds its prompt again, as before) and ``shared`` (the prompt alone once, then the responses
-against prompt + themselves in masked suffix blocks). The two alternate in one process on the same threads;
-median of ``--iters`` after a warm-up. ``naive`` (``--naive``) is a plain-torch reference: each sample's full
-sequence through ``F.scaled_dot_product_attention(is_causal=True)`` with its prompt copied (no packing).
+against prompt + themselves in masked suffix blocks, where ``shares_prompt_attention`` says so; where it does not,
+``suffix-forced`` times the suffix blocks anyway, the evidence for that rule). The contenders alternate in one
+process on the same threads; median of ``--iters`` after a warm-up. ``naive`` (``--naive``) is a plain-torch
+reference: each sample's full sequence through ``F.scaled_dot_product_attention(is_causal=True)`` with its prompt
+copied (no packing).
 
 Run: ``python -m bench.bench_packed_attention [--models C D] [--prompts 15 60 130 200] [--responses 64 256 512]
-[--dtypes float32 bfloat16]`` (results: ``bench/results/packed_attention_<models>-cpu.json``).
+[--dtypes float32 bfloat16]`` [--tag _x]`` (results: ``bench/results/packed_attention_<models><tag>-cpu.json``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.bench_vs_trl import MODELS  # noqa: E402
 from bench.common import print_table, write_results  # noqa: E402
+from erpo_fast import packed_attention  # noqa: E402
 from erpo_fast.packed_attention import PackedLayout, packed_sdpa_attention, shares_prompt_attention  # noqa: E402
 
 
@@ -51,6 +54,12 @@ def run_case(model: str, dtype: torch.dtype, groups: int, n: int, prompt: int, r
     segments, total = group_row(groups, n, prompt, response)
     layouts = {"per-sample": PackedLayout.from_segments(segments, total, share_prompt_attention=False),
                "shared": PackedLayout.from_segments(segments, total, share_prompt_attention=True)}
+    if not shares_prompt_attention(prompt, response, n):  # the rule's other side: suffix blocks anyway
+        limit, packed_attention._SUFFIX_MAX_RESPONSE = packed_attention._SUFFIX_MAX_RESPONSE, response
+        try:
+            layouts["suffix-forced"] = PackedLayout.from_segments(segments, total, share_prompt_attention=True)
+        finally:
+            packed_attention._SUFFIX_MAX_RESPONSE = limit
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, total, dim, generator=g).to(dtype).requires_grad_()
     k = torch.randn(1, kv_heads, total, dim, generator=g).to(dtype).requires_grad_()
@@ -88,6 +97,7 @@ def run_case(model: str, dtype: torch.dtype, groups: int, n: int, prompt: int, r
             "suffix_rule": shares_prompt_attention(prompt, response, n),
             **{f"{name}_ms": 1e3 * t for name, t in med.items()},
             "shared_over_per_sample": med["shared"] / med["per-sample"],
+            "forced_over_per_sample": med["suffix-forced"] / med["per-sample"] if "suffix-forced" in med else None,
             "times_s": times}
 
 
@@ -102,6 +112,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--naive", action="store_true", help="also time the unpacked plain-torch reference")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
     if min(args.prompts + args.responses) < 1 or min(args.groups, args.n, args.iters, args.threads) < 1:
         parser.exit(2, "bench_packed_attention: lengths, --groups, --n, --iters and --threads must be >= 1\n")
@@ -109,10 +120,11 @@ def main() -> None:
     rows = [run_case(m, getattr(torch, d), args.groups, args.n, p, r, args.iters, args.naive)
             for m in args.models for d in args.dtypes for r in args.responses for p in args.prompts]
     columns = ["model", "dtype", "prompt", "response", "per-sample_ms", "shared_ms"] + (
-        ["naive_ms"] if args.naive else []) + ["shared_over_per_sample", "suffix_rule"]
+        ["naive_ms"] if args.naive else []) + ["shared_over_per_sample", "suffix_rule", "forced_over_per_sample"]
     print_table(rows, columns, title=f"packed attention forward + backward, {args.groups} group(s) x {args.n}, "
-                                     f"{args.threads} thread(s); suffix_rule: what the layout picks")
-    write_results("packed_attention_" + "".join(args.models), {
+                                     f"{args.threads} thread(s); suffix_rule: whether the layout uses suffix blocks; "
+                                     f"forced: suffix blocks where the rule says no")
+    write_results("packed_attention_" + "".join(args.models) + args.tag, {
         "threads": args.threads, "iters": args.iters, "groups": args.groups, "n": args.n,
         "models": {m: MODELS[m] for m in args.models}, "rows": rows,
         "notes": f"shared 2-core machine; load average {os.getloadavg()} at end"})

@@ -43,7 +43,7 @@ PACKED_SDPA = "erpo_packed_sdpa"
 _BLOCK_LENGTH_RATIO = 0.8
 
 # A group's responses attend to their shared prompt through a masked suffix block while they are at most this
-# long (or no longer than the prompt); see shares_prompt_attention.
+# long (or at most twice the prompt); see shares_prompt_attention.
 _SUFFIX_MAX_RESPONSE = 256
 
 
@@ -88,9 +88,10 @@ class SuffixBlock(NamedTuple):
 def shares_prompt_attention(prompt: int, longest_response: int, samples: int) -> bool:
     """Whether a prompt held once for ``samples`` responses runs its attention once (suffix blocks) rather than
     once per sample. The suffix block's masked rectangle skips no work above the diagonal, so past
-    ``_SUFFIX_MAX_RESPONSE`` response tokens (unless the prompt is at least as long) recomputing the prompt per
-    sample is cheaper (measured on CPU, fp32 and bf16: bench/NOTES.md)."""
-    return samples > 1 and prompt > 0 and longest_response <= max(_SUFFIX_MAX_RESPONSE, prompt)
+    ``_SUFFIX_MAX_RESPONSE`` response tokens, unless the prompt is at least half as long, recomputing the prompt per
+    sample is cheaper (measured on CPU, fp32 and bf16, at 15-500-token prompts and 64-1024-token responses:
+    bench/bench_packed_attention.py, bench/NOTES.md)."""
+    return samples > 1 and prompt > 0 and longest_response <= max(_SUFFIX_MAX_RESPONSE, 2 * prompt)
 
 
 @dataclass

@@ -173,8 +173,9 @@ def test_shared_prompts_equal_each_sequence_alone_float64():
 def test_when_a_prompt_shares_its_attention():
     from erpo_fast.packed_attention import shares_prompt_attention
 
-    assert shares_prompt_attention(40, 256, 2) and shares_prompt_attention(300, 300, 8)
+    assert shares_prompt_attention(40, 256, 2) and shares_prompt_attention(300, 600, 8)
     assert not shares_prompt_attention(40, 257, 8)  # long responses: the masked block would cost more
+    assert not shares_prompt_attention(300, 601, 8)
     assert not shares_prompt_attention(40, 8, 1)  # nothing to share
     assert not shares_prompt_attention(0, 8, 8)
 
