@@ -10,8 +10,11 @@ process on the same threads; median of ``--iters`` after a warm-up. ``naive`` (`
 reference: each sample's full sequence through ``F.scaled_dot_product_attention(is_causal=True)`` with its prompt
 copied (no packing).
 
+``--learner``: the learner's own ``loss_and_grads`` at the model's shape (random weights) with the two layouts,
+alternated per round (results: ``bench/results/packed_attention_learner_<models><tag>-cpu.json``).
+
 Run: ``python -m bench.bench_packed_attention [--models C D] [--prompts 15 60 130 200] [--responses 64 256 512]
-[--dtypes float32 bfloat16]`` [--tag _x]`` (results: ``bench/results/packed_attention_<models><tag>-cpu.json``).
+[--dtypes float32 bfloat16] [--tag _x]`` (results: ``bench/results/packed_attention_<models><tag>-cpu.json``).
 """
 
 from __future__ import annotations
@@ -101,6 +104,62 @@ def run_case(model: str, dtype: torch.dtype, groups: int, n: int, prompt: int, r
             "times_s": times}
 
 
+def learner_case(model: str, dtype: str, prompts: tuple[int, int], response: int, rounds: int) -> dict:
+    """One learner step's forward + backward (``Learner.loss_and_grads``: 4 prompts x 8 samples, micro-batches of
+    8 sequences, as bench_vs_trl runs it) at ``model``'s shape with random weights, the layout's prompt sharing on
+    and off, alternated per round on fresh batches (prompt lengths drawn from ``prompts``)."""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from erpo_fast.batch import PackedBatch, RolloutSequence
+    from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from erpo_fast.learner import Learner
+
+    spec = {k: v for k, v in MODELS[model].items() if k not in ("new_tokens", "arch")}
+    llama = MODELS[model].get("arch") == "llama"
+    config = (LlamaConfig if llama else Qwen2Config)(**spec, tie_word_embeddings=True, max_position_embeddings=2048)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    lm = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config)
+    learner = Learner(lm, AlgorithmConfig(), TrainerConfig(micro_batch_size=8), ModelConfig(dtype=dtype),
+                      device="cpu", max_len=2048)
+
+    def batch(seed):
+        rng = random.Random(seed)
+        out = []
+        for g in range(4):
+            prompt = [rng.randrange(3, 1000) for _ in range(rng.randint(*prompts))]
+            out += [RolloutSequence(prompt, [rng.randrange(3, 1000) for _ in range(response)], [], 1.0,
+                                    rng.gauss(0, 1), g * 8 + j) for j in range(8)]
+        return out
+
+    def layout_sharing(share):
+        def layout(self):
+            if self._layout is None:
+                self._layout = PackedLayout.from_segments(self.segments, int(self.input_ids.shape[1]),
+                                                          self.input_ids.device, share_prompt_attention=share)
+            return self._layout
+        return layout
+
+    default_layout = PackedBatch.layout
+    times = {"per-sample": [], "shared": []}
+    try:
+        learner.loss_and_grads(batch(-1))  # warm-up
+        for r in range(rounds):
+            for name in (["shared", "per-sample"] if r % 2 == 0 else ["per-sample", "shared"]):
+                PackedBatch.layout = layout_sharing(name == "shared")
+                t0 = time.perf_counter()
+                learner.loss_and_grads(batch(r))
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        PackedBatch.layout = default_layout
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"model": model, "dtype": dtype, "prompt": f"{prompts[0]}-{prompts[1]}", "response": response,
+            "per-sample_s": med["per-sample"], "shared_s": med["shared"],
+            "shared_over_per_sample": med["shared"] / med["per-sample"], "times_s": times}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["C", "D"], choices=list(MODELS))
@@ -113,7 +172,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--naive", action="store_true", help="also time the unpacked plain-torch reference")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--learner", action="store_true",
+                        help="time Learner.loss_and_grads instead (prompts 60-200 and fixed 15, 64-token responses)")
+    parser.add_argument("--rounds", type=int, default=3, help="--learner: alternations of the two layouts")
     args = parser.parse_args()
+    if args.learner:
+        torch.set_num_threads(args.threads)
+        rows = [learner_case(m, d, p, 64, args.rounds) for m in args.models for d in args.dtypes
+                for p in ((60, 200), (15, 15))]
+        print_table(rows, ["model", "dtype", "prompt", "response", "per-sample_s", "shared_s",
+                           "shared_over_per_sample"],
+                    title=f"Learner.loss_and_grads, 4 prompts x 8, micro-batch 8, {args.threads} thread(s)")
+        write_results("packed_attention_learner_" + "".join(args.models) + args.tag, {
+            "threads": args.threads, "rounds": args.rounds, "models": {m: MODELS[m] for m in args.models},
+            "rows": rows, "notes": f"shared 2-core machine; load average {os.getloadavg()} at end"})
+        return
     if min(args.prompts + args.responses) < 1 or min(args.groups, args.n, args.iters, args.threads) < 1:
         parser.exit(2, "bench_packed_attention: lengths, --groups, --n, --iters and --threads must be >= 1\n")
     torch.set_num_threads(args.threads)
