@@ -233,7 +233,7 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     # Activations: packed attention (sdpa) shares a group's prompt; other attention runs every sequence whole.
     share = cfg.model.attn_implementation in ("auto", "sdpa") and not (
         cfg.model.attn_implementation == "auto" and device.type == "cuda")
-    # Its shared prompt's attention runs once where PackedLayout shares it by default (CPU).
+    # A shared prompt's attention runs once where PackedLayout does that by default (CPU).
     packed, queries, keys, trained_tokens = _largest_micro_batch(cfg, prompt_tokens, share, device.type == "cpu")
     # FSDP2 casts through its mixed-precision policy; a LoRA base is in the compute dtype already (no cast copies).
     autocast = compute != torch.float32 and distributed_world <= 1 and not adapters

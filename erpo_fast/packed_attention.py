@@ -225,29 +225,18 @@ def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     if query.shape[0] != 1 or query.shape[2] != packed_layout.total:
         raise ValueError(f"packed attention expects one row of {packed_layout.total} tokens, "
                          f"got query {tuple(query.shape)}")
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+    heads, kv_heads = query.shape[1], key.shape[1]
     # [T, H, D] token-major views: index_select gathers whole tokens.
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    outs = []
-    for gather, batch, width in packed_layout.blocks:
-        def block(t, h, gather=gather, batch=batch, width=width):
-            return t.index_select(0, gather).view(batch, width, h, dim).transpose(1, 2)
 
-        o = F.scaled_dot_product_attention(block(q, heads), block(k, kv_heads), block(v, kv_heads),
-                                           dropout_p=dropout, scale=scaling, is_causal=True,
-                                           enable_gqa=heads != kv_heads)
-        outs.append(o.transpose(1, 2).reshape(batch * width, heads, dim))
-    for sb in packed_layout.suffix_blocks:
-        keys = sb.prompt + sb.width
+    def attend(batch, queries, keys, **mask):  # queries/keys: [batch * length] row indices
+        o = F.scaled_dot_product_attention(*(t.index_select(0, g).unflatten(0, (batch, -1)).transpose(1, 2)
+                                             for t, g in ((q, queries), (k, keys), (v, keys))),
+                                           dropout_p=dropout, scale=scaling, enable_gqa=heads != kv_heads, **mask)
+        return o.transpose(1, 2).flatten(0, 1)  # [batch * query length, heads, dim]
 
-        def rows(t, h, gather, n, batch=sb.batch):
-            return t.index_select(0, gather).view(batch, n, h, dim).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(rows(q, heads, sb.query_gather, sb.width),
-                                           rows(k, kv_heads, sb.key_gather, keys),
-                                           rows(v, kv_heads, sb.key_gather, keys), attn_mask=sb.mask,
-                                           dropout_p=dropout, scale=scaling, enable_gqa=heads != kv_heads)
-        outs.append(o.transpose(1, 2).reshape(sb.batch * sb.width, heads, dim))
+    outs = [attend(b.batch, b.gather, b.gather, is_causal=True) for b in packed_layout.blocks]
+    outs += [attend(b.batch, b.query_gather, b.key_gather, attn_mask=b.mask) for b in packed_layout.suffix_blocks]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, packed_layout.scatter)[None], None
 
