@@ -25,6 +25,7 @@ from erpo_fast.checkpoint import save_checkpoint, saved_run_config
 from erpo_fast.config import Config, config_from_cli, help_text
 from erpo_fast.distributed import barrier, init_runtime, shutdown
 from erpo_fast.errors import TrainingAborted, UserError
+from erpo_fast.interrupts import CtrlC
 from erpo_fast.logger import RunLogger
 from erpo_fast.lora import MERGED_DIRNAME, save_adapters
 from erpo_fast.profiling import StepProfiler
@@ -46,12 +47,13 @@ def train(cfg: Config) -> dict:
         get_reward_fn(cfg.data.reward)
     run_lock = prepare_run(cfg, rt)  # one live run per output_dir; no fresh run over another run's checkpoints
     try:
-        return _train(cfg, rt)
+        with CtrlC() as ctrl_c:
+            return _train(cfg, rt, ctrl_c)
     finally:
         run_lock.release()
 
 
-def _train(cfg: Config, rt) -> dict:
+def _train(cfg: Config, rt, ctrl_c: CtrlC) -> dict:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     out = Path(cfg.trainer.output_dir)
@@ -70,6 +72,7 @@ def _train(cfg: Config, rt) -> dict:
             s.heldout_before = s.rollout.evaluate(step=0)
         last_eval: tuple[int, dict] | None = None  # (step, result) of the newest held-out evaluation
         for step in range(s.start_step + 1, cfg.trainer.max_steps + 1):
+            ctrl_c.check()  # a Ctrl-C that something swallowed still stops the run
             with profiler.step(step):
                 metrics = train_step(s, step, logger)
             if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
@@ -79,7 +82,9 @@ def _train(cfg: Config, rt) -> dict:
             if logger:
                 logger.log_step(metrics)
             if step == cfg.trainer.max_steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                checkpoint(s, step)
+                with ctrl_c.deferred():  # one Ctrl-C lets the checkpoint land whole first
+                    checkpoint(s, step)
+        ctrl_c.check()
         # The final evaluation goes to summary.json, not to the last step's record, so that a run cut short
         # and resumed logs exactly the steps an uninterrupted run logs. When the last step was evaluated already
         # (max_steps a multiple of eval_every), that result is the final one: the same policy, the same seed.
@@ -92,13 +97,15 @@ def _train(cfg: Config, rt) -> dict:
         # (Only on success: after an error on one rank, a barrier would hang the others.)
         barrier(rt)
         return summary
-    except TrainingAborted as e:
-        if logger:
-            logger.log_event("stopped", str(e), level=logging.ERROR)
-        raise
     except KeyboardInterrupt:
-        if logger:
-            logger.log_event("interrupted", "interrupted (Ctrl-C); the last checkpoint is kept")
+        _log_interrupt(logger, ctrl_c)
+        raise
+    except Exception as e:
+        if ctrl_c.pressed:  # raised because of the interrupt (torch's CheckpointException wraps it): report that
+            _log_interrupt(logger, ctrl_c)
+            raise KeyboardInterrupt from e
+        if isinstance(e, TrainingAborted) and logger:
+            logger.log_event("stopped", str(e), level=logging.ERROR)
         raise
     finally:
         if logger:
@@ -179,6 +186,12 @@ def checkpoint(s: Session, step: int) -> None:
 
     save_checkpoint(s.cfg.trainer.output_dir, step, save_model=save_model, save_shards=s.learner.save_optimizer,
                     state=s.state_dict(), config=s.cfg.to_dict(), keep_last=s.cfg.trainer.keep_last, runtime=s.rt)
+
+
+def _log_interrupt(logger: RunLogger | None, ctrl_c: CtrlC) -> None:
+    if logger:
+        during = "; it came while a checkpoint was written, which was finished first" if ctrl_c.deferred_press else ""
+        logger.log_event("interrupted", f"interrupted (Ctrl-C){during}; the last checkpoint is kept")
 
 
 def _phase(logger: RunLogger | None, name: str) -> None:
