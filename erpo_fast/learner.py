@@ -305,19 +305,14 @@ class Learner:
         fully_shard(root, mesh=mesh, mp_policy=mp)
         return root
 
-    def _autocast(self):
-        # Under FSDP2 the mixed-precision policy casts the gathered parameters; autocast is for 1 process.
+    def _autocast(self, enabled: bool = True):
+        """Autocast to the compute dtype (one process; under FSDP2 the mixed-precision policy casts the gathered
+        parameters). ``enabled=False`` is the outer context around an update's micro-batches: autocast caches its
+        casts of the weights until the outermost autocast context exits, so each weight is cast once per update
+        instead of once per micro-batch; only ``_hidden`` turns it on, and the numbers are unchanged."""
         if self.compute_dtype == torch.float32 or self.distributed:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
-
-    def _casts_kept(self):
-        """Keeps autocast's casts of the trained weights for a whole update: autocast caches them until the
-        outermost autocast context exits, so this outer (disabled) one makes each weight cast once per update
-        instead of once per micro-batch. Only ``_hidden`` runs with autocast on; the numbers are unchanged."""
-        if self.compute_dtype == torch.float32 or self.distributed:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
 
     @property
     def vocab_size(self) -> int:
@@ -509,7 +504,7 @@ class Learner:
                                           sum(1 for s in sequences if s.response_ids)])
         (num_micro,) = all_reduce_floats([len(micro)], op="max")
         metrics = Metrics()
-        with self._casts_kept():  # each weight cast to the compute dtype once per update
+        with self._autocast(enabled=False):  # keeps each weight's cast for the update (see _autocast)
             for k in range(int(num_micro)):
                 idx = micro[k] if k < len(micro) else []
                 batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,

@@ -658,7 +658,9 @@ def test_bf16_casts_each_weight_once_per_update(tokenizer):
                                model_cfg=ModelConfig(dtype="bfloat16"))
         assert len(learner._micro_batches(seqs)) == 3
         if not kept:  # what the learner did before: every micro-batch's autocast cast the weights again
-            learner._casts_kept = contextlib.nullcontext
+            autocast = learner._autocast
+            learner._autocast = lambda enabled=True, autocast=autocast: (
+                autocast() if enabled else contextlib.nullcontext())
         counter = CountParameterCasts({p.untyped_storage().data_ptr() for p in model.parameters()})
         with counter:
             learner.loss_and_grads(seqs)
