@@ -24,7 +24,6 @@ weight slots (`erpo_fast.weight_transport`) and reads batches, probes and evalua
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -131,8 +130,12 @@ class AsyncRollout:
             # Read what it still sends: a process exits only once its queue's buffered messages are delivered.
             deadline = time.monotonic() + 30
             while proc.is_alive() and time.monotonic() < deadline:
-                with contextlib.suppress(queue.Empty):
+                try:
                     self._queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                except Exception:  # noqa: BLE001 - a read that Ctrl-C cut short left the pipe mid-message (seen:
+                    break  # EOFError); nothing more can be read from it, and the process is stopped below
         if proc.is_alive():
             proc.terminate()
             proc.join(timeout=10)

@@ -6,7 +6,8 @@ CheckpointException (a crash with a traceback instead of "interrupted"), and an 
 which drops it lets the run go on as if nothing happened. `CtrlC` keeps Python's behaviour and adds two things:
 
 - it remembers the press, so `check()` at each step boundary stops a run whose KeyboardInterrupt something
-  swallowed, and `pressed` lets the caller report a library's exception raised by the interrupt as the interrupt;
+  swallowed, and an exception that leaves the block after the press (a library's wrapping of the interrupt, a
+  clean-up failing on a pipe read the interrupt cut short) leaves it as KeyboardInterrupt;
 - inside `deferred()` (a checkpoint being written) the first press waits until the block ends, so the checkpoint
   lands whole before the run stops; a second press stops at once (the half-written checkpoint is discarded, as
   for any failed save).
@@ -33,10 +34,14 @@ class CtrlC:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        if self.pressed and isinstance(exc, Exception):
+            # Raised because of the interrupt (torch's CheckpointException wraps it; a pipe read it cut short
+            # fails in the clean-up): the run stops because of Ctrl-C, and says so.
+            raise KeyboardInterrupt from exc
 
     def _on_sigint(self, signum, frame) -> None:
         if self._deferring and not self.pressed:

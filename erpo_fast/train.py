@@ -97,14 +97,10 @@ def _train(cfg: Config, rt, ctrl_c: CtrlC) -> dict:
         # (Only on success: after an error on one rank, a barrier would hang the others.)
         barrier(rt)
         return summary
-    except KeyboardInterrupt:
-        _log_interrupt(logger, ctrl_c)
-        raise
-    except Exception as e:
-        if ctrl_c.pressed:  # raised because of the interrupt (torch's CheckpointException wraps it): report that
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or ctrl_c.pressed:  # CtrlC reports the latter as the interrupt too
             _log_interrupt(logger, ctrl_c)
-            raise KeyboardInterrupt from e
-        if isinstance(e, TrainingAborted) and logger:
+        elif isinstance(e, TrainingAborted) and logger:
             logger.log_event("stopped", str(e), level=logging.ERROR)
         raise
     finally:

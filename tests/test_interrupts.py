@@ -4,6 +4,7 @@ Each integration test fails without `CtrlC`: the checkpoint being written is los
 run finish with exit 0 (seen in CI: async, the interrupt landing in a checkpoint save), a library's wrapped
 interrupt ends as a crash."""
 
+import contextlib
 import json
 import os
 import signal
@@ -50,29 +51,25 @@ def test_ctrl_c_raises_at_once_outside_deferred_blocks_and_restores_the_handler(
 
 def test_one_ctrl_c_inside_deferred_finishes_the_block_then_raises():
     done = []
-    with CtrlC() as ctrl_c, pytest.raises(KeyboardInterrupt):
-        with ctrl_c.deferred():
-            _ctrl_c()
-            done.append("rest of the block")
+    with CtrlC() as ctrl_c, pytest.raises(KeyboardInterrupt), ctrl_c.deferred():
+        _ctrl_c()
+        done.append("rest of the block")
     assert done == ["rest of the block"] and ctrl_c.deferred_press
 
 
 def test_a_second_ctrl_c_inside_deferred_raises_at_once():
     done = []
-    with CtrlC() as ctrl_c, pytest.raises(KeyboardInterrupt):
-        with ctrl_c.deferred():
-            _ctrl_c()
-            _ctrl_c()
-            done.append("not reached")
+    with CtrlC() as ctrl_c, pytest.raises(KeyboardInterrupt), ctrl_c.deferred():
+        _ctrl_c()
+        _ctrl_c()
+        done.append("not reached")
     assert done == []
 
 
 def test_check_raises_for_a_swallowed_ctrl_c():
     with CtrlC() as ctrl_c:
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # what a library that drops it does
             _ctrl_c()
-        except KeyboardInterrupt:
-            pass  # what a library that drops it does
         with pytest.raises(KeyboardInterrupt):
             ctrl_c.check()
 
@@ -101,10 +98,8 @@ def test_a_swallowed_ctrl_c_stops_the_run_at_the_next_step(tmp_path, monkeypatch
 
     def swallowing(s, step, logger):
         if step == 3:
-            try:
+            with contextlib.suppress(KeyboardInterrupt):  # a library that drops the interrupt
                 _ctrl_c()
-            except KeyboardInterrupt:
-                pass  # a library that drops the interrupt
         return train_step(s, step, logger)
 
     monkeypatch.setattr(train_module, "train_step", swallowing)
@@ -129,3 +124,34 @@ def test_a_library_error_caused_by_ctrl_c_is_reported_as_the_interrupt(tmp_path,
     out = tmp_path / "run"
     assert _run(out) == 130
     assert len(_events(out, "interrupted")) == 1 and not _events(out, "stopped")
+
+
+def test_async_ctrl_c_with_an_unreadable_results_pipe_still_stops_the_rollout_process(tmp_path, monkeypatch):
+    """Seen in 1 of ~130 async Ctrl-Cs: the interrupt cut the learner's read of a message short, and the drain in
+    close() then failed on the rest of it (EOFError), skipping the rollout process's shutdown."""
+    from erpo_fast.async_rollout import AsyncRollout
+
+    collect, seen = AsyncRollout.collect, {}
+
+    class CutShort:  # the results queue after a read was cut mid-message: every further read fails
+        def get(self, *args, **kwargs):
+            raise EOFError("Ran out of input")
+
+        def cancel_join_thread(self):
+            pass
+
+        def close(self):
+            pass
+
+    def cut_at_step_3(self, step):
+        if step == 3:
+            seen["process"], self._queue = self._proc, CutShort()
+            _ctrl_c()
+        return collect(self, step)
+
+    monkeypatch.setattr(AsyncRollout, "collect", cut_at_step_3)
+    out = tmp_path / "run"
+    assert train_module.main([*TINY, "--output-dir", str(out), "--max-steps", "6", "--trainer.eval_every", "0",
+                              "--trainer.async_steps", "1"]) == 130
+    assert not seen["process"].is_alive()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
