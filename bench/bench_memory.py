@@ -11,8 +11,8 @@ tokens + 6 x V x H x trained tokens + causal attention) over the time of ``Learn
 clipping and the AdamW step), against a plain fp32 matmul of the model's MLP size ([tokens, H] x [H, I]) timed
 in the same subprocess on the same threads.
 
-Run: ``python -m bench.bench_memory [--models C D] [--budgets 512 1024] [--steps 2]`` (results:
-``bench/results/memory_plan_<models>-cpu.json``).
+Run: ``python -m bench.bench_memory [--models C D] [--budgets 512 1024] [--steps 2] [--tag T]`` (results:
+``bench/results/memory_plan_<models>[_<dtypes>][_<tag>]-cpu.json``).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--no-copy-run", action="store_true", help="skip the rollout.share_weights=false run")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="model.dtype runs (bfloat16 on CPU: autocast learner, bf16 engine copy)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (keeps an earlier run's file)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=0, help=argparse.SUPPRESS)
@@ -145,7 +146,7 @@ def main() -> None:
     print_table(rows, ["model", "dtype", "micro_batch_tokens", "share_weights", "peak_rss_gb", "plan_peak_gb",
                        "plan_over_measured", "learner_gflops", "matmul_gflops", "flops_fraction"],
                 title="memory plan vs measured peak RSS; learner FLOP/s vs a same-run fp32 matmul")
-    tag = "" if args.dtypes == ["float32"] else "_" + "_".join(args.dtypes)
+    tag = ("" if args.dtypes == ["float32"] else "_" + "_".join(args.dtypes)) + (f"_{args.tag}" if args.tag else "")
     write_results("memory_plan_" + "".join(args.models) + tag, {
         "threads": args.threads, "steps_per_run": args.steps,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "new_tokens": args.new_tokens,
