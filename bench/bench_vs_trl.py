@@ -35,8 +35,8 @@ same PEFT config (``peft.LoraConfig(r=R, lora_alpha=2R, target_modules="all-line
 with the learner (``rollout.lora_sync`` auto). ``bench/bench_lora.py sync`` times the weight sync itself.
 
 Run: ``python -m bench.bench_vs_trl [--models A B] [--prompts var16-40 fixed15] [--checkpointing off]
-[--rounds 2] [--steps 2] [--warmup 1]`` from the repository root (results:
-``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>-cpu.json``); needs the ``bench`` extra (``pip install trl
+[--rounds 2] [--steps 2] [--warmup 1] [--tag T]`` from the repository root (results:
+``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>[_<dtype>][_lora<r>][_<tag>]-cpu.json``); needs the ``bench`` extra (``pip install trl
 --no-deps`` plus its light dependencies).
 """
 
@@ -385,6 +385,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--lora", type=int, default=0,
                         help="LoRA rank R: contenders erpo-fast (full), erpo-fast-lora and trl-lora (same PEFT config)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (keeps an earlier run's file)")
     parser.add_argument("--worker", choices=("erpo-fast", "trl", "erpo-fast-lora", "trl-lora"), help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -437,7 +438,7 @@ def main() -> None:
                                   + "; ".join(f"{pair}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items())
                                               for pair, r in ratios[key].items()) + ")")
     dtype_tag = "" if args.dtype == "float32" else f"_{args.dtype}"
-    tags = dtype_tag + (f"_lora{args.lora}" if args.lora else "")
+    tags = dtype_tag + (f"_lora{args.lora}" if args.lora else "") + (f"_{args.tag}" if args.tag else "")
     write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}{tags}", {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
