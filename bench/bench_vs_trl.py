@@ -36,8 +36,8 @@ with the learner (``rollout.lora_sync`` auto). ``bench/bench_lora.py sync`` time
 
 Run: ``python -m bench.bench_vs_trl [--models A B] [--prompts var16-40 fixed15] [--checkpointing off]
 [--rounds 2] [--steps 2] [--warmup 1] [--tag T]`` from the repository root (results:
-``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>[_<dtype>][_lora<r>][_<tag>]-cpu.json``); needs the ``bench`` extra (``pip install trl
---no-deps`` plus its light dependencies).
+``bench/results/vs_trl_<models>_<prompts>_ckpt-<on|off>[_<dtype>][_lora<r>][_<tag>]-cpu.json``); needs the
+``bench`` extra (``pip install trl --no-deps`` plus its light dependencies).
 """
 
 from __future__ import annotations
