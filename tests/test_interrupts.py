@@ -1,8 +1,8 @@
 """Ctrl-C during a run (erpo_fast/interrupts.py): SIGINT sent to this very process at chosen points of a real run.
 
-Each integration test fails without `CtrlC`: the checkpoint being written is lost, a swallowed interrupt lets the
-run finish with exit 0 (seen in CI: async, the interrupt landing in a checkpoint save), a library's wrapped
-interrupt ends as a crash."""
+Each run test fails on the code before it: the checkpoint being written was lost, a swallowed interrupt let the run
+finish with exit 0 (CI once saw an async Ctrl-C end with 0), a library's wrapped interrupt ended as a crash, and an
+async clean-up failing on a cut pipe left the rollout process running."""
 
 import contextlib
 import json
@@ -25,7 +25,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _ctrl_c():
-    os.kill(os.getpid(), signal.SIGINT)  # delivered to this thread before kill() returns (POSIX, unblocked)
+    os.kill(os.getpid(), signal.SIGINT)  # CPython's os.kill runs the Python handler before it returns
 
 
 def _run(out):
