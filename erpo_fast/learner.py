@@ -48,6 +48,7 @@ from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .distributed import all_reduce_floats
+from .lean_layers import apply_lean_layers
 from .metrics import Metrics
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
@@ -268,12 +269,13 @@ class Learner:
         _disable_dropout(model)
         # sdpa on a packed row would attend through a dense [T, T] block-diagonal mask: O(T^2) per micro-batch.
         enable_packed_attention(model)
-        if self.model_cfg.liger_kernels:
-            if self.device.type == "cuda":
-                _apply_liger(model)
-            elif trainable:
-                warnings.warn("model.liger_kernels is CUDA-only; ignored on CPU", stacklevel=3)
-        if trainable:
+        liger = self.model_cfg.liger_kernels and self.device.type == "cuda"
+        if liger:
+            _apply_liger(model)
+        elif self.model_cfg.liger_kernels and trainable:
+            warnings.warn("model.liger_kernels is CUDA-only; ignored on CPU", stacklevel=3)
+        if trainable and not liger:  # Liger's norm and SwiGLU kernels keep as little for backward
+            apply_lean_layers(model)
             if self.model_cfg.gradient_checkpointing:
                 kwargs = {"use_reentrant": False}
                 if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name

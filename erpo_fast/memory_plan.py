@@ -35,6 +35,7 @@ import torch
 
 from erpo_fast.batch import RolloutSequence, micro_batches, packed_length
 from erpo_fast.config import Config, ConfigError
+from erpo_fast.lean_layers import has_lean_layers
 from erpo_fast.packed_attention import shares_prompt_attention
 
 log = logging.getLogger("erpo_fast")
@@ -58,6 +59,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     tied: bool = False  # input and output embeddings share one weight
+    lean: bool = False  # the learner gives its norms and SwiGLU the lean backward (erpo_fast.lean_layers)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -71,7 +73,7 @@ class ModelShape:
         return cls(params=params, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                    intermediate=config.intermediate_size, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), lean=has_lean_layers(config))
 
     @property
     def kv_width(self) -> int:
@@ -133,10 +135,13 @@ def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autoc
     activation and product (4 x intermediate); packed attention keeps the gathered q block, the sdpa output and a
     log-sum-exp per head for each query slot, and the gathered k and v blocks for each key slot (padding
     included: see ``PackedLayout.query_slots``). Under autocast each linear also keeps the bf16 cast of its fp32
-    input (the two norm outputs).
+    input (the two norm outputs). With ``shape.lean`` (erpo_fast.lean_layers) a norm does not keep the normalised
+    value and the MLP not the activation.
     """
     h, i = shape.hidden, shape.intermediate
-    dense = 6 * h * res_bytes + h * act_bytes + 4 * i * act_bytes + (2 * h * act_bytes if autocast else 0)
+    norm_values, mlp_values = (4, 3) if shape.lean else (6, 4)
+    dense = norm_values * h * res_bytes + h * act_bytes + mlp_values * i * act_bytes + (
+        2 * h * act_bytes if autocast else 0)
     return dense, 2 * h * act_bytes + shape.heads * 4, 2 * shape.kv_width * act_bytes
 
 
@@ -149,7 +154,8 @@ def saved_activation_bytes(shape: ModelShape, *, packed: int, queries: int, keys
     process): every linear also keeps the cast copy of its weight until its backward, so the decoder's weights
     are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory)."""
     dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
-    final = packed * 2 * shape.hidden * 4 + trained * shape.hidden * act_bytes  # final norm; the loss's hidden rows
+    final_norm = packed * (1 if shape.lean else 2) * shape.hidden * 4
+    final = final_norm + trained * shape.hidden * act_bytes  # the final norm; the loss's hidden rows
     casts = shape.decoder_params * act_bytes if autocast else 0
     if checkpointing:
         return int(packed * shape.hidden * 4 * shape.layers + final)

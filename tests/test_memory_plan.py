@@ -4,6 +4,7 @@ activation bytes from autograd's real saved tensors, the KV cache from the engin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -58,9 +59,12 @@ def _saved_bytes(learner, batch, params):
     return sum(storages.values()), hidden
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])  # erpo_fast.lean_layers on / off
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: autocast over fp32 master weights
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_saved_activations_match_autograds_saved_tensors(ckpt, dtype):
+def test_saved_activations_match_autograds_saved_tensors(ckpt, dtype, lean, monkeypatch):
+    if not lean:
+        monkeypatch.setattr("erpo_fast.learner.apply_lean_layers", lambda model: 0)
     model = qwen2()
     learner = Learner(model, AlgorithmConfig(), TrainerConfig(micro_batch_size=1000),
                       ModelConfig(gradient_checkpointing=ckpt, dtype=dtype), device="cpu", max_len=64)
@@ -71,7 +75,7 @@ def test_saved_activations_match_autograds_saved_tensors(ckpt, dtype):
     params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
     measured, hidden = _saved_bytes(learner, batch, params)
     measured += hidden.numel() * hidden.element_size()  # the [N, H] rows the fused loss saves
-    shape = ModelShape.from_config(model.config)
+    shape = dataclasses.replace(ModelShape.from_config(model.config), lean=lean)
     packed = batch.input_ids.shape[1]
     layout = batch.layout()
     assert layout.suffix_blocks  # the groups' prompts run their attention once

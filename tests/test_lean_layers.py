@@ -1,0 +1,129 @@
+"""The lean norm / SwiGLU backward (erpo_fast.lean_layers) against independent references: transformers' own
+modules (the forward bit for bit, the gradients to fp32 rounding; SwiGLU's bit for bit), float64 autograd of the
+plain expressions, and autograd's saved tensors (what each swap saves)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from erpo_fast.lean_layers import (
+    LEAN_MODEL_TYPES,
+    RMSNormFunction,
+    SiluMulFunction,
+    apply_lean_layers,
+    has_lean_layers,
+)
+
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny(model_type: str, **over):
+    config = AutoConfig.for_model(model_type, **{**TINY, **over})
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        for name, p in model.named_parameters():  # norms away from 1, so a wrong weight gradient shows
+            if "norm" in name:
+                p.data.uniform_(0.5, 1.5)
+    return model
+
+
+def _loss_and_grads(model, ids, weights, autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits.float()
+    loss = (logits * weights).sum()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("model_type", sorted(LEAN_MODEL_TYPES))
+def test_same_forward_and_gradients_as_transformers(model_type, autocast):
+    reference = tiny(model_type)
+    lean = copy.deepcopy(reference)
+    layers = reference.config.num_hidden_layers
+    norms = layers * 2 + 1 + (layers * 2 if model_type == "qwen3" else 0)  # qwen3: q_norm and k_norm too
+    assert apply_lean_layers(lean) == norms + layers
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 24), generator=g)
+    weights = torch.randn(2, 24, 97, generator=g)
+    ref_logits, ref_grads = _loss_and_grads(reference, ids, weights, autocast)
+    logits, grads = _loss_and_grads(lean, ids, weights, autocast)
+    assert torch.equal(logits, ref_logits)  # the forward is transformers' expression, bit for bit
+    for (name, _), a, b in zip(reference.named_parameters(), grads, ref_grads):
+        scale = b.abs().max().item() + 1e-12
+        # fp32: rounding of the norm's closed form only; bf16: those fp32 differences reach the bf16 matmuls
+        tol = 2e-2 if autocast else 1e-5
+        assert (a - b).abs().max().item() <= tol * scale, name
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 16), (1, 5, 4, 8)])  # [B, T, H]; qwen3's per-head [B, T, heads, D]
+def test_rms_norm_backward_is_exact_in_float64(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.empty(shape[-1], dtype=torch.float64).uniform_(0.5, 1.5, generator=g).requires_grad_()
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64)
+    eps = 1e-6
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))  # float64 all the way
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, w), grad_out)
+    out = RMSNormFunction.apply(x, w, eps)
+    gx, gw = torch.autograd.grad(out, (x, w), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_silu_mul_backward_is_autograds(dtype):
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(6, 40, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(6, 40, generator=g).to(dtype).requires_grad_()
+    grad_out = torch.randn(6, 40, generator=g).to(dtype)
+    ref_grads = torch.autograd.grad(F.silu(gate) * up, (gate, up), grad_out)
+    grads = torch.autograd.grad(SiluMulFunction.apply(gate, up), (gate, up), grad_out)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)  # the same ops autograd runs, so the same bits
+
+
+def _saved_bytes(module, x):
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.data_ptr() != x.untyped_storage().data_ptr():
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def test_each_swap_keeps_one_tensor_less():
+    model = tiny("qwen2")
+    norm, mlp = copy.deepcopy(model.model.norm), copy.deepcopy(model.model.layers[0].mlp)
+    x = torch.randn(1, 30, 48, requires_grad=True)
+    before = _saved_bytes(norm, x), _saved_bytes(mlp, x)
+    apply_lean_layers(model)
+    norm.forward, mlp.forward = model.model.norm.forward.__func__.__get__(norm), \
+        model.model.layers[0].mlp.forward.__func__.__get__(mlp)
+    after = _saved_bytes(norm, x), _saved_bytes(mlp, x)
+    assert before[0] - after[0] == 30 * 48 * 4  # the normalised value (the input is the caller's, not counted)
+    assert before[1] - after[1] == 30 * 80 * 4  # silu(gate)
+
+
+def test_other_models_are_left_alone():
+    gelu = tiny("llama", hidden_act="gelu")
+    assert not has_lean_layers(gelu.config) and apply_lean_layers(gelu) == 0
+    assert "forward" not in vars(gelu.model.norm)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,
+                                                                 vocab_size=50))
+    assert apply_lean_layers(gpt2) == 0
