@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run by path: make `bench` and `erpo_fast` impor
 import torch  # noqa: E402
 
 from bench.common import peak_memory, print_table, time_fn, write_results  # noqa: E402
-from erpo_fast.kernels.fused_linear import linear_grpo_loss, linear_logprobs  # noqa: E402
+from erpo_fast.kernels.fused_linear import chunked, linear_grpo_loss, linear_logprobs  # noqa: E402
 
 VOCAB = 151936
 CPU_SHAPES = [(2048, 896, VOCAB), (512, 896, VOCAB)]
@@ -71,8 +71,20 @@ def _drop_grads(p: dict) -> None:
     p["weight"].grad = None
 
 
-def ours(p: dict, backend: str):
+def ours(p: dict, backend: str, chunk_rows: int | None = None):
+    """``chunk_rows``: the torch backend's row chunk forced to that many rows (``chunked.MAX_CHUNK_ROWS``)."""
     def step():
+        if chunk_rows is None:
+            return call()
+        saved = chunked.MAX_CHUNK_ROWS, chunked.ROW_CHUNK_BYTES
+        chunked.MAX_CHUNK_ROWS = chunk_rows
+        chunked.ROW_CHUNK_BYTES = max(saved[1], chunk_rows * p["weight"].shape[0] * 4)
+        try:
+            return call()
+        finally:
+            chunked.MAX_CHUNK_ROWS, chunked.ROW_CHUNK_BYTES = saved
+
+    def call():
         loss, _ = linear_grpo_loss(p["hidden"], p["weight"], p["labels"], p["temperature"], p["advantages"],
                                    p["mask"], old_logprobs=p["old"], ref_logprobs=p["ref"], kl_beta=BETA,
                                    kl_estimator="k3", eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_agg="token_mean",
@@ -116,9 +128,11 @@ def measure(step, device: str, iters: int) -> dict:
                 cpu_s_per_call=cpu_per_call, iters=iters, loss=float(losses[-1]))
 
 
-def run_shape(n: int, h: int, v: int, dtype: torch.dtype, device: str, iters: int, skip: set[str]) -> list[dict]:
+def run_shape(n: int, h: int, v: int, dtype: torch.dtype, device: str, iters: int, skip: set[str],
+              chunk_rows: list[int]) -> list[dict]:
     p = make_problem(n, h, v, dtype, device)
     contenders = {"naive": ours(p, "reference"), "ours-torch": ours(p, "torch")}
+    contenders.update({f"ours-torch@{r}rows": ours(p, "torch", r) for r in chunk_rows})
     if device == "cuda":
         contenders["ours-triton"] = ours(p, "triton")
     try:
@@ -155,7 +169,12 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated contenders to leave out")
     parser.add_argument("--shapes", default="", help="override the shape set, e.g. 512x896x151936,1024x896x32000")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--chunk-rows", type=int, nargs="*", default=[],
+                        help="also time the torch backend with its row chunk forced to each of these row counts")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (keeps an earlier run's file)")
     args = parser.parse_args()
+    if any(r < 1 for r in args.chunk_rows):
+        parser.exit(2, "bench_linear_loss: --chunk-rows must be >= 1\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     use_gpu = args.gpu or (torch.cuda.is_available() and not args.quick)
@@ -169,7 +188,7 @@ def main() -> None:
     rows = []
     for n, h, v in shapes:
         print(f"N={n} H={h} V={v} {dtype}", flush=True)
-        rows += run_shape(n, h, v, dtype, device, iters, skip)
+        rows += run_shape(n, h, v, dtype, device, iters, skip, args.chunk_rows)
         if use_gpu:
             torch.cuda.empty_cache()
 
@@ -196,7 +215,7 @@ def main() -> None:
         payload["load_average"] = list(os.getloadavg())
     if args.note:
         payload["note"] = args.note
-    write_results("linear_loss", payload, device=device)
+    write_results("linear_loss" + args.tag, payload, device=device)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ architecture on the meta device). Terms, in bytes:
 - **activations**: what autograd saves for one micro-batch (counted from the saved tensors of transformers'
   Llama-family decoder under our packed attention, see ``_saved_per_token``), plus the backward's transients.
   Packed tokens come from simulating :func:`erpo_fast.batch.micro_batches` on full-length sequences.
-- **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``ROW_CHUNK_BYTES``) and, with a tied
+- **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``chunk_rows`` rows) and, with a tied
   embedding, its ``[V, H]`` weight gradient, which autograd holds through the backward until the embedding's
   share joins it.
 - **engine weights**: 0 when the native engine reads the learner's parameters (same dtype and device), else one
@@ -206,7 +206,7 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     """The plan for ``cfg`` on ``device``. ``prompt_tokens``: the longest prompt (default
     ``data.max_prompt_length``); ``runtime_bytes``: what the process holds before the model (default a constant
     per device type); ``budget``: the memory to fit in (None: no verdict)."""
-    from erpo_fast.kernels.fused_linear.chunked import ROW_CHUNK_BYTES
+    from erpo_fast.kernels.fused_linear.chunked import ROW_CHUNK_BYTES, chunk_rows
     from erpo_fast.models import resolve_dtype
 
     compute = resolve_dtype(cfg.model.dtype, device)
@@ -251,7 +251,8 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     backward = packed * (3 * shape.intermediate + 2 * shape.hidden) * act_bytes  # one layer's gradient transients
     activations = saved + recompute + backward
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
-    rows = max(1, ROW_CHUNK_BYTES // (shape.vocab * act_bytes))
+    rows = chunk_rows(shape.vocab, compute) if device.type == "cpu" else max(1, ROW_CHUNK_BYTES // (
+        shape.vocab * act_bytes))
     workspace = min(trained_tokens, rows) * shape.vocab * act_bytes * 2
     if shape.tied and not adapters:  # the loss's [V, H] weight gradient waits through the backward for the embedding's
         workspace += shape.vocab * shape.hidden * 4

@@ -142,6 +142,14 @@ def test_auto_backend_is_torch_on_cpu(small_chunks):
     assert torch.equal(a, b)
 
 
+def test_row_chunks_are_bounded_by_bytes_and_rows():
+    # the byte budget binds for a large vocabulary, the row cap for a small one; bf16 computes in fp32
+    assert chunked.chunk_rows(10**6, torch.float32) == chunked.ROW_CHUNK_BYTES // (4 * 10**6) < chunked.MAX_CHUNK_ROWS
+    assert chunked.chunk_rows(1000, torch.float32) == chunked.MAX_CHUNK_ROWS == 256
+    assert chunked.chunk_rows(151936, torch.bfloat16) == chunked.chunk_rows(151936, torch.float32) == 256
+    assert chunked._Workspace(4096, 1000, torch.float32, torch.device("cpu")).buf.numel() == 256 * 1000
+
+
 # --------------------------------------------------------------------------------------------------------------
 # linear_grpo_loss
 # --------------------------------------------------------------------------------------------------------------
