@@ -247,7 +247,8 @@ def learner_flops(session, sequences) -> dict:
                           else sum((p + r) ** 2 for r in responses))
     attention *= 6 * hidden * layers
     total = 6 * decoder_params * packed + 6 * vocab * hidden * trained + attention
-    return {"total": total, "packed_tokens": packed, "trained_tokens": trained, "decoder_params": decoder_params}
+    return {"total": total, "attention": attention, "packed_tokens": packed, "trained_tokens": trained,
+            "decoder_params": decoder_params}
 
 
 def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
