@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from bench.bench_vs_trl import MODELS  # noqa: E402
 from bench.common import print_table, write_results  # noqa: E402
+from erpo_fast.cpu_heap import set_cpu_heap  # noqa: E402
 from erpo_fast.lean_layers import apply_lean_layers  # noqa: E402
 
 GROUPS, N, RESPONSE, PROMPTS, MICRO_BATCH = 4, 8, 64, (60, 200), 8
@@ -115,6 +116,7 @@ def main() -> None:
     if args.rounds < 1 or args.threads < 1:
         parser.exit(2, "bench_lean_layers: --rounds and --threads must be >= 1\n")
     torch.set_num_threads(args.threads)
+    set_cpu_heap("release")  # freed activation blocks unmapped, as bench_vs_trl runs the trainer (else RSS balloons)
     rows = [case(m, d, args.rounds) for m in args.models for d in args.dtypes]
     print_table(rows, ["model", "dtype", "micro_batch_tokens", "saved_gb_transformers", "saved_gb_lean",
                        "saved_ratio", "transformers_s", "lean_s", "time_ratio"],
