@@ -403,20 +403,35 @@ def test_too_little_shared_memory_for_the_slots_is_a_usage_error(tmp_path, monke
 @pytest.mark.slow
 def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_path, monkeypatch):
     """The golden file is what commit a6af403 (the synchronous loop before this feature) logged for this exact
-    command on this project's CPU machine; async_steps 0 must reproduce it to the bit. (Another CPU model may
-    round differently: regenerate the file by running a6af403 there, never from the code under test.)
+    command on this project's CPU machine (an AMD EPYC); async_steps 0 must reproduce it to the bit, except the
+    ``mismatch_*`` metrics: they measure the rounding difference between the engine's and the learner's log-probs
+    (~1e-7), which another CPU model rounds differently (an Intel Xeon with AMX ran this loop to the same bits
+    otherwise, a6af403 included), so there they must only stay at rounding level. (Should a CPU round any other
+    metric differently, regenerate the file by running a6af403 there, never from the code under test.)
 
     a6af403 recomputed a shared prompt's attention per sample; attending it once (later) sums in another order, so
-    the learner's attention is pinned to a6af403's per-sample blocks here: what this test checks is the loop."""
+    the learner's attention is pinned to a6af403's per-sample blocks here, its norms and MLPs to transformers'
+    autograd (lean_layers' norm backward rounds differently) and the fused loss to a6af403's row chunks (as many
+    rows as the byte budget allows; a 256-row chunk sums the LM head's gradient in another order): what this test
+    checks is the loop."""
     from erpo_fast import packed_attention
+    from erpo_fast.kernels.fused_linear import chunked
 
     monkeypatch.setattr(packed_attention, "shares_prompt_attention", lambda *args: False)
+    monkeypatch.setattr("erpo_fast.learner.apply_lean_layers", lambda model: 0)
+    monkeypatch.setattr(chunked, "MAX_CHUNK_ROWS", 1 << 30)
     golden = json.loads((Path(__file__).parent / "golden" / "sync_tiny_a6af403.json").read_text())
     out = tmp_path / "run"
     assert main([*golden["args"], "--trainer.async_steps", "0", "--output-dir", str(out)]) == 0
     # sync_bytes was added to every step's record after a6af403 (what the weight sync copied): not in the file
-    assert [{k: v for k, v in r.items() if k != "sync_bytes"} for r in _comparable(read_metrics(out))] == \
-        golden["metrics"]
+    records = [{k: v for k, v in r.items() if k != "sync_bytes"} for r in _comparable(read_metrics(out))]
+    assert len(records) == len(golden["metrics"])
+    for got, want in zip(records, golden["metrics"]):
+        rounding = {k for k in want if k.startswith("mismatch_")}
+        assert rounding and got.keys() == want.keys()
+        assert all(got[k] < 1e-5 and want[k] < 1e-5 for k in rounding)
+        assert {k: v for k, v in got.items() if k not in rounding} == \
+            {k: v for k, v in want.items() if k not in rounding}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_before"] == golden["heldout_before"]
     assert summary["heldout_after"] == golden["heldout_after"]
