@@ -35,7 +35,16 @@ def device_name(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores" + (f" ({_cpu_model()})" if _cpu_model() else "")
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name: this project's CPU machines are not all the same model (AMD EPYC, Intel Xeon)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def device_slug(device: torch.device | str | None = None) -> str:

@@ -8,7 +8,8 @@ architecture on the meta device). Terms, in bytes:
   (``model.lora_rank``): the frozen base in the compute dtype (fp32 under FSDP2, sharded), and gradients and AdamW
   state of the adapters only (:func:`lora_params`); no reference copy for the KL term (the base is the reference).
 - **activations**: what autograd saves for one micro-batch (counted from the saved tensors of transformers'
-  Llama-family decoder under our packed attention, see ``_saved_per_token``), plus the backward's transients.
+  Llama-family decoder under our packed attention and, for the model types it covers, ``lean_layers``; see
+  ``_saved_per_token``), plus the backward's transients.
   Packed tokens come from simulating :func:`erpo_fast.batch.micro_batches` on full-length sequences.
 - **loss workspace**: the fused loss's ``[rows, V]`` logits chunk (CPU: ``chunk_rows`` rows) and, with a tied
   embedding, its ``[V, H]`` weight gradient, which autograd holds through the backward until the embedding's
