@@ -126,8 +126,8 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autocast: bool = False
-                     ) -> tuple[float, float, float]:
+def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autocast: bool = False,
+                     fold_down: bool = False) -> tuple[float, float, float]:
     """(bytes per packed token, per attention query, per attention key) saved by one decoder layer for backward.
 
     Counted from autograd's saved tensors of transformers' Llama-family layer (tests/test_memory_plan.py checks
@@ -137,24 +137,28 @@ def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autoc
     log-sum-exp per head for each query slot, and the gathered k and v blocks for each key slot (padding
     included: see ``PackedLayout.query_slots``). Under autocast each linear also keeps the bf16 cast of its fp32
     input (the two norm outputs). With ``shape.lean`` (erpo_fast.lean_layers) a norm does not keep the normalised
-    value and the MLP not the activation.
+    value and the MLP not the activation, nor (``fold_down``: ``folds_down_projection``) the down projection's input.
     """
     h, i = shape.hidden, shape.intermediate
-    norm_values, mlp_values = (4, 3) if shape.lean else (6, 4)
+    norm_values, mlp_values = (4, 2 if fold_down else 3) if shape.lean else (6, 4)
     dense = norm_values * h * res_bytes + h * act_bytes + mlp_values * i * act_bytes + (
         2 * h * act_bytes if autocast else 0)
     return dense, 2 * h * act_bytes + shape.heads * 4, 2 * shape.kv_width * act_bytes
 
 
 def saved_activation_bytes(shape: ModelShape, *, packed: int, queries: int, keys: int, trained: int,
-                           act_bytes: int, checkpointing: bool, autocast: bool = False) -> int:
+                           act_bytes: int, checkpointing: bool, autocast: bool = False,
+                           fold_down: bool | None = None) -> int:
     """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``queries`` and ``keys``
     attention slots (``PackedLayout.query_slots``/``key_slots``; without packed attention both are the sum of
     prompt + response over the sequences), ``trained`` response tokens. With checkpointing each layer keeps
     only its input (fp32 residual stream). ``autocast`` (a compute dtype below the fp32 master weights, one
     process): every linear also keeps the cast copy of its weight until its backward, so the decoder's weights
-    are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory)."""
-    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
+    are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory).
+    ``fold_down``: whether lean_layers folds the MLP's down projection (default: lean and no autocast)."""
+    fold_down = shape.lean and not autocast if fold_down is None else fold_down
+    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast,
+                                                 fold_down=fold_down)
     final_norm = packed * (1 if shape.lean else 2) * shape.hidden * 4
     final = final_norm + trained * shape.hidden * act_bytes  # the final norm; the loss's hidden rows
     casts = shape.decoder_params * act_bytes if autocast else 0
@@ -244,9 +248,13 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     packed, queries, keys, trained_tokens = _largest_micro_batch(cfg, prompt_tokens, share, device.type == "cpu")
     # FSDP2 casts through its mixed-precision policy; a LoRA base is in the compute dtype already (no cast copies).
     autocast = compute != torch.float32 and distributed_world <= 1 and not adapters
+    # lean_layers folds the down projection where the learner runs no autocast and LoRA leaves that projection alone
+    fold_down = shape.lean and not (compute != torch.float32 and distributed_world <= 1) and not (
+        adapters and "down_proj" in _lora_targets(cfg))
     saved = saved_activation_bytes(shape, packed=packed, queries=queries, keys=keys, trained=trained_tokens,
-                                   act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast)
-    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast)
+                                   act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast, fold_down=fold_down)
+    dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast,
+                                                 fold_down=fold_down)
     casts = shape.decoder_params * act_bytes / shape.layers if autocast else 0  # one layer's weights, cast
     recompute = (packed * dense + queries * per_query + keys * per_key + casts) if ckpt else 0  # one layer re-runs
     backward = packed * (3 * shape.intermediate + 2 * shape.hidden) * act_bytes  # one layer's gradient transients

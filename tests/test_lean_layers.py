@@ -15,7 +15,9 @@ from erpo_fast.lean_layers import (
     LEAN_MODEL_TYPES,
     RMSNormFunction,
     SiluMulFunction,
+    SwiGLUDownFunction,
     apply_lean_layers,
+    folds_down_projection,
     has_lean_layers,
 )
 
@@ -107,17 +109,46 @@ def _saved_bytes(module, x):
     return sum(storages.values())
 
 
-def test_each_swap_keeps_one_tensor_less():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_what_each_swap_no_longer_keeps(autocast):
     model = tiny("qwen2")
-    norm, mlp = copy.deepcopy(model.model.norm), copy.deepcopy(model.model.layers[0].mlp)
+    lean = copy.deepcopy(model)
+    apply_lean_layers(lean)
     x = torch.randn(1, 30, 48, requires_grad=True)
-    before = _saved_bytes(norm, x), _saved_bytes(mlp, x)
-    apply_lean_layers(model)
-    norm.forward, mlp.forward = model.model.norm.forward.__func__.__get__(norm), \
-        model.model.layers[0].mlp.forward.__func__.__get__(mlp)
-    after = _saved_bytes(norm, x), _saved_bytes(mlp, x)
-    assert before[0] - after[0] == 30 * 48 * 4  # the normalised value (the input is the caller's, not counted)
-    assert before[1] - after[1] == 30 * 80 * 4  # silu(gate)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        norm = _saved_bytes(model.model.norm, x) - _saved_bytes(lean.model.norm, x)
+        mlp = _saved_bytes(model.model.layers[0].mlp, x) - _saved_bytes(lean.model.layers[0].mlp, x)
+    assert norm == 30 * 48 * 4  # the normalised value, fp32 (the input is the caller's, not counted)
+    # fp32: silu(gate) and the down projection's input; under autocast silu(gate) in bf16 (the projection
+    # stays a module there: autocast's cached weight cast is out of a custom backward's reach)
+    assert mlp == (30 * 80 * 2 if autocast else 2 * 30 * 80 * 4)
+
+
+@pytest.mark.parametrize("bias, frozen", [(False, False), (True, False), (False, True)])
+def test_swiglu_down_backward_is_exact_in_float64(bias, frozen):
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(2, 9, 40, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(24, 40, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    b = torch.randn(24, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    grad_out = torch.randn(2, 9, 24, generator=g, dtype=torch.float64)
+    inputs = [t for t in (gate, up, weight, b) if t is not None and t.requires_grad]
+    ref = F.linear(F.silu(gate) * up, weight, b)
+    out = SwiGLUDownFunction.apply(gate, up, weight, b)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, r in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_down_projection_folds_only_where_its_backward_can_be_exact():
+    from erpo_fast.config import ModelConfig
+    from erpo_fast.lora import add_adapters
+
+    model = tiny("qwen2")
+    assert folds_down_projection(model.model.layers[0].mlp.down_proj, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not folds_down_projection(model.model.layers[0].mlp.down_proj, "cpu")
+    add_adapters(model, ModelConfig(lora_rank=4, lora_targets="down_proj"))
+    assert not folds_down_projection(model.model.layers[0].mlp.down_proj, "cpu")  # peft's adapted linear
 
 
 def test_other_models_are_left_alone():
