@@ -10,8 +10,9 @@ the expression happens to name:
 The autograd functions below keep only what their backward cannot cheaply recompute: the norm's input and its
 ``[T, 1]`` reciprocal RMS (the normalised value is one multiply away), and the MLP's gate and up projections
 (``silu(gate)`` and the product are recomputed; the down projection's weight gradient takes the recomputed
-product). That is one ``[T, H]`` per norm and two ``[T, I]`` per MLP less per layer, a third of a layer's saved
-activations at SmolLM2-135M's and Qwen2.5-0.5B's shapes (``erpo_fast.memory_plan`` counts them). Under autocast
+product). That is one ``[T, H]`` per norm and two ``[T, I]`` per MLP less per layer: a learner micro-batch saved
+0.65x (SmolLM2-135M's shape) and 0.59x (Qwen2.5-0.5B's) the bytes in fp32 (bench/NOTES.md;
+``erpo_fast.memory_plan`` counts them). Under autocast
 the down projection stays a module (autocast's cast of its weight lives in a cache its backward cannot reach), so
 there the MLP keeps the product: one ``[T, I]`` less. With LoRA on ``down_proj`` likewise. Liger's RMSNorm and
 SwiGLU kernels keep what the autocast case keeps.
