@@ -26,8 +26,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.bench_vs_trl import MODELS  # noqa: E402
-from bench.common import print_table, write_results  # noqa: E402
+from bench.bench_vs_trl import MODELS, random_model  # noqa: E402
+from bench.common import print_table, saved_tensor_bytes, write_results  # noqa: E402
 from erpo_fast.cpu_heap import set_cpu_heap  # noqa: E402
 from erpo_fast.lean_layers import apply_lean_layers  # noqa: E402
 
@@ -41,34 +41,17 @@ def _transformers_modules(model) -> None:
 
 def _saved_bytes(learner, batch) -> int:
     params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden, _ = learner._hidden(learner._policy, batch)
-    return sum(storages.values()) + hidden.numel() * hidden.element_size()
+    saved, hidden = saved_tensor_bytes(lambda: learner._hidden(learner._policy, batch)[0], exclude=params)
+    return saved + hidden.numel() * hidden.element_size()  # + the [N, H] rows the fused loss saves
 
 
 def case(model: str, dtype: str, rounds: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     from erpo_fast.batch import RolloutSequence, micro_batches, pack_sequences
     from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from erpo_fast.learner import Learner
 
-    spec = {k: v for k, v in MODELS[model].items() if k not in ("new_tokens", "arch")}
-    llama = MODELS[model].get("arch") == "llama"
-    config = (LlamaConfig if llama else Qwen2Config)(**spec, tie_word_embeddings=True, max_position_embeddings=2048)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    lm = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config)
-    learner = Learner(lm, AlgorithmConfig(), TrainerConfig(micro_batch_size=MICRO_BATCH), ModelConfig(dtype=dtype),
-                      device="cpu", max_len=2048)
+    learner = Learner(random_model(model), AlgorithmConfig(), TrainerConfig(micro_batch_size=MICRO_BATCH),
+                      ModelConfig(dtype=dtype), device="cpu", max_len=2048)
 
     def step(seed):
         rng = random.Random(seed)

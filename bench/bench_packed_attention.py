@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.bench_vs_trl import MODELS  # noqa: E402
+from bench.bench_vs_trl import MODELS, random_model  # noqa: E402
 from bench.common import print_table, write_results  # noqa: E402
 from erpo_fast import packed_attention  # noqa: E402
 from erpo_fast.packed_attention import PackedLayout, packed_sdpa_attention, shares_prompt_attention  # noqa: E402
@@ -110,20 +110,12 @@ def learner_case(model: str, dtype: str, prompts: tuple[int, int], response: int
     and off, alternated per round on fresh batches (prompt lengths drawn from ``prompts``)."""
     import random
 
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     from erpo_fast.batch import PackedBatch, RolloutSequence
     from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from erpo_fast.learner import Learner
 
-    spec = {k: v for k, v in MODELS[model].items() if k not in ("new_tokens", "arch")}
-    llama = MODELS[model].get("arch") == "llama"
-    config = (LlamaConfig if llama else Qwen2Config)(**spec, tie_word_embeddings=True, max_position_embeddings=2048)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    lm = (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config)
-    learner = Learner(lm, AlgorithmConfig(), TrainerConfig(micro_batch_size=8), ModelConfig(dtype=dtype),
-                      device="cpu", max_len=2048)
+    learner = Learner(random_model(model), AlgorithmConfig(), TrainerConfig(micro_batch_size=8),
+                      ModelConfig(dtype=dtype), device="cpu", max_len=2048)
 
     def batch(seed):
         rng = random.Random(seed)

@@ -89,6 +89,20 @@ def parity_reward(response: str, answer: str) -> float:
     return float(zlib.crc32(response.encode()) & 1)
 
 
+def random_model(name: str):
+    """Model ``name`` with random weights (seed 0) under sdpa attention, in memory: what the learner-only benches
+    (bench_packed_attention --learner, bench_lean_layers) run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = {k: v for k, v in MODELS[name].items() if k not in ("new_tokens", "arch")}
+    llama = MODELS[name].get("arch") == "llama"
+    config = (LlamaConfig if llama else Qwen2Config)(**spec, tie_word_embeddings=True, max_position_embeddings=2048)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config)
+
+
 def build_assets(name: str, root: Path, prompts: str = "var16-40", new_tokens: int | None = None) -> dict:
     """Save the model + tokenizer folder and the prompt set for model ``name`` under ``root``."""
     import torch

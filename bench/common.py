@@ -47,6 +47,22 @@ def _cpu_model() -> str:
         return ""
 
 
+def saved_tensor_bytes(run: Callable[[], object], exclude: set[int] = frozenset()) -> tuple[int, object]:
+    """(bytes of the distinct storages autograd saves for backward while ``run()`` executes, its result).
+    ``exclude``: storage data pointers not to count (the parameters')."""
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(storages.values()), out
+
+
 def device_slug(device: torch.device | str | None = None) -> str:
     """Short file-name-safe device tag, e.g. `cpu` or `nvidia-h100-80gb-hbm3`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

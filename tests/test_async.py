@@ -405,9 +405,10 @@ def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_pat
     """The golden file is what commit a6af403 (the synchronous loop before this feature) logged for this exact
     command on this project's CPU machine (an AMD EPYC); async_steps 0 must reproduce it to the bit, except the
     ``mismatch_*`` metrics: they measure the rounding difference between the engine's and the learner's log-probs
-    (~1e-7), which another CPU model rounds differently (an Intel Xeon with AMX ran this loop to the same bits
-    otherwise, a6af403 included), so there they must only stay at rounding level. (Should a CPU round any other
-    metric differently, regenerate the file by running a6af403 there, never from the code under test.)
+    (~1e-7), which another CPU model rounds differently (on an Intel Xeon with AMX the code of 2026-12-07, before
+    and after lean_layers, matched every other metric to the bit), so there they must only stay at rounding
+    level. (Should a CPU round any other metric differently, regenerate the file by running a6af403 there, never
+    from the code under test.)
 
     a6af403 recomputed a shared prompt's attention per sample; attending it once (later) sums in another order, so
     the learner's attention is pinned to a6af403's per-sample blocks here, its norms and MLPs to transformers'

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from bench.common import saved_tensor_bytes
 from erpo_fast.batch import RolloutSequence, micro_batches, pack_sequences, packed_length
 from erpo_fast.config import AlgorithmConfig, Config, ConfigError, ModelConfig, TrainerConfig, build_config
 from erpo_fast.engines.native import RaggedKVCache
@@ -45,18 +46,7 @@ def test_parameter_count_matches_the_model_and_the_closed_form(tied):
 
 
 def _saved_bytes(learner, batch, params):
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hidden, _ = learner._hidden(learner._policy, batch)
-        hidden.sum()  # the loss kernel saves the trained rows' hidden states
-    return sum(storages.values()), hidden
+    return saved_tensor_bytes(lambda: learner._hidden(learner._policy, batch)[0], exclude=params)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "transformers"])  # erpo_fast.lean_layers on / off

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor
 
 ROW_CHUNK_BYTES = 192 << 20  # one row chunk's [rows, V] logits in the compute dtype
-# ... and at most this many rows: on one CPU core [256, H] x [H, V] ran as fast as or faster than 512 or 331 rows at
-# SmolLM2-135M's and Qwen2.5-0.5B's heads (0.87 vs 0.91 s, 4.10 vs 4.64 s per 512-row forward + backward), so
-# a larger chunk only costs memory.
+# ... and at most this many rows: on one CPU core 256-row chunks ran as fast as or faster than the byte-sized ones
+# at SmolLM2-135M's and Qwen2.5-0.5B's heads (0.70 vs 0.78 s at 512 rows, 3.25 vs 3.28 s at 331, per 512-row
+# forward + backward; bench/results/linear_loss_chunk_rows-cpu.json), so a larger chunk only costs memory.
 MAX_CHUNK_ROWS = 256
 VOCAB_TILE = 8192  # columns per elementwise tile (and per upcast weight tile for bf16/fp16)
 EXP2_FLOOR = -100.0
