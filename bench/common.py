@@ -35,7 +35,8 @@ def device_name(device: torch.device | str | None = None) -> str:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores" + (f" ({_cpu_model()})" if _cpu_model() else "")
+    model = _cpu_model()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores" + (f" ({model})" if model else "")
 
 
 def _cpu_model() -> str:

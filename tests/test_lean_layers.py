@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from bench.common import saved_tensor_bytes
 from erpo_fast.lean_layers import (
     LEAN_MODEL_TYPES,
     RMSNormFunction,
@@ -95,18 +96,8 @@ def test_silu_mul_backward_is_autograds(dtype):
 
 
 def _saved_bytes(module, x):
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() != x.untyped_storage().data_ptr():
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(storages.values())
+    exclude = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    return saved_tensor_bytes(lambda: module(x), exclude=exclude)[0]
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
