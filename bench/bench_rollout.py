@@ -6,7 +6,8 @@ same count; its start-up, sleep/wake and weight-sync times are recorded too (`vl
 Same random-weight Qwen2 (about 10M parameters, config below), same prompts, same thread count, T=1,
 no top-k/top-p, in one run. Workloads:
 
-- ``32x1``: 32 distinct ragged prompts (16..48 tokens), 1 sample each, 64 new tokens, no early stop.
+- ``32x1``: 32 distinct ragged prompts (16..48 tokens unless ``--prompt-tokens``), 1 sample each, 64 new
+  tokens, no early stop.
 - ``4x8``: 4 prompts x 8 samples (a GRPO group shape); HF uses ``num_return_sequences=8``.
 - ``32x1-stop``: like 32x1 but a stop set of 1/32 of the vocabulary ends rows at staggered steps
   (HF gets the same ids as ``eos_token_id``); NativeEngine compacting its batch when half the rows are
@@ -15,11 +16,14 @@ no top-k/top-p, in one run. Workloads:
 NativeEngine runs with one seed for the call (one batched sampler call per step) and, as the trainer
 calls it, with one seed per prompt (batch-independent samples; one batched sampler call per step with per-row seeds).
 
-Tokens/s counts generated tokens (up to and including a stop token). Besides wall time (bench.common's
-``time_fn``) each run records its process CPU time: with one thread that is the compute the engine
-needed, which other jobs on a shared machine do not inflate; both speedups are reported. Two model shapes, both ~10M
-parameters: a 16k vocabulary (LM head + sampling are ~40% of the FLOPs) and the project's 58-token
-character vocabulary (all FLOPs in the decoder body).
+``native-unpacked`` is the trainer's call with the fused backend's matmuls on the weights in place (``F.linear``)
+instead of oneDNN's packed copies (engines/onednn_weights.py).
+
+The contenders are alternated run by run (one warm-up each first). Tokens/s counts generated tokens (up to and
+including a stop token). Besides wall time each run records its process CPU time: with one thread that is the
+compute the engine needed, which other jobs on a shared machine do not inflate; both speedups are reported. Two
+model shapes, both ~10M parameters: a 16k vocabulary (LM head + sampling are ~40% of the FLOPs) and the project's
+58-token character vocabulary (all FLOPs in the decoder body).
 
 Run: ``python -m bench.bench_rollout [--threads 1] [--iters 3]`` from the repository root (with vLLM:
 ``.venv-vllm/bin/python -m bench.bench_rollout``, after ``bash scripts/vllm_env.sh``).
@@ -40,7 +44,7 @@ if __package__ in (None, ""):  # run by path: make `bench` and `erpo_fast` impor
 import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from bench.common import peak_memory, print_table, time_fn, write_results  # noqa: E402
+from bench.common import peak_memory, print_table, write_results  # noqa: E402
 from erpo_fast.engines import NativeEngine  # noqa: E402
 
 MODELS = {
@@ -70,9 +74,9 @@ def build_model(shape: dict):
         return (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).eval()
 
 
-def make_prompts(num: int, vocab: int, seed: int = 1) -> list[list[int]]:
+def make_prompts(num: int, vocab: int, seed: int = 1, lengths: tuple[int, int] = (16, 48)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(16, 49, (num,), generator=g).tolist()
+    lengths = torch.randint(lengths[0], lengths[1] + 1, (num,), generator=g).tolist()
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -102,13 +106,17 @@ def hf_runner(model, prompts, n: int, stops: list[int] | None):
 
 
 def native_runner(engine, prompts, n: int, stops: list[int] | None, compact_below: float | None,
-                  per_prompt_seeds: bool = False):
-    """Any engine's generate; ``compact_below`` (NativeEngine only) is set before each run, None leaves it."""
+                  per_prompt_seeds: bool = False, pack_weights: bool | None = None, share_prompt_kv: bool = True):
+    """Any engine's generate; ``compact_below``, ``pack_weights`` and ``share_prompt_kv`` (NativeEngine only; the
+    first two of its fused backend) are set before each run, None leaves them."""
     seed = list(range(len(prompts))) if per_prompt_seeds else 0
 
     def run() -> int:
         if compact_below is not None:
             engine.compact_below = compact_below
+            engine.share_prompt_kv = share_prompt_kv
+        if pack_weights is not None:
+            engine.runner.pack_weights = pack_weights
         out = engine.generate(prompts, [1.0] * len(prompts), n=n, max_new_tokens=NEW_TOKENS,
                               stop_token_ids=stops or [], seed=seed)
         return sum(len(s.token_ids) for group in out for s in group)
@@ -145,24 +153,29 @@ def vllm_engine(model, threads: int, workdir: Path, dtype: str = "float32") -> t
     return engine, times
 
 
-def measure(name: str, run, iters: int, with_memory: bool) -> dict:
-    tokens = run()  # warm-up, and the token count of this workload (seeded: the same in every run)
-    cpu_times = []
-
-    def timed_run():
-        # Process CPU time besides wall time: on a shared machine other jobs inflate wall time, while
-        # the CPU seconds this process burns (one thread) barely move.
-        start = time.process_time()
-        run()
-        cpu_times.append(time.process_time() - start)
-
-    timing = time_fn(timed_run, warmup=0, iters=iters)
-    cpu_s = statistics.median(cpu_times)
-    row = {"engine": name, "median_s": timing["median_s"], "min_s": timing["min_s"], "cpu_s": cpu_s,
-           "new_tokens": tokens, "tok_per_s": tokens / timing["median_s"], "tok_per_cpu_s": tokens / cpu_s}
-    if with_memory:
-        row["extra_peak_mib"] = peak_memory(run) / 2**20
-    return row
+def measure(contenders: list, iters: int, with_memory: bool) -> list[dict]:
+    """Each contender's median over ``iters`` timed runs, the contenders alternated run by run (so drift in the
+    machine's speed reaches all of them alike), after one warm-up each."""
+    tokens = [run() for _, run in contenders]  # warm-up, and each workload's token count (seeded: fixed per run)
+    wall = [[] for _ in contenders]
+    cpu = [[] for _ in contenders]
+    for _ in range(iters):
+        for i, (_, run) in enumerate(contenders):
+            # Process CPU time besides wall time: on a shared machine other jobs inflate wall time, while
+            # the CPU seconds this process burns (one thread) barely move.
+            start_cpu, start = time.process_time(), time.perf_counter()
+            run()
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    rows = []
+    for (name, run), n_tokens, walls, cpus in zip(contenders, tokens, wall, cpu):
+        median_s, cpu_s = statistics.median(walls), statistics.median(cpus)
+        row = {"engine": name, "median_s": median_s, "min_s": min(walls), "cpu_s": cpu_s, "new_tokens": n_tokens,
+               "tok_per_s": n_tokens / median_s, "tok_per_cpu_s": n_tokens / cpu_s}
+        if with_memory:
+            row["extra_peak_mib"] = peak_memory(run) / 2**20
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -175,6 +188,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute of every engine (bfloat16: oneDNN's AVX512-BF16 kernels on CPU)")
+    parser.add_argument("--prompt-tokens", nargs=2, type=int, default=[16, 48], metavar=("MIN", "MAX"),
+                        help="prompt lengths, drawn uniformly in [MIN, MAX]")
     parser.add_argument("--short", action="store_true",
                         help="only HF generate, NativeEngine as the trainer calls it, and vLLM (real-size models)")
     args = parser.parse_args()
@@ -200,8 +215,10 @@ def main() -> None:
 
             vllm, vllm_protocol[model_name] = vllm_engine(model, args.threads, Path(tempfile.mkdtemp()), args.dtype)
             print(f"vLLM on {model_name}: " + ", ".join(f"{k} {v:.3g}" for k, v in vllm_protocol[model_name].items()))
-        workloads = [("32x1", make_prompts(32, vocab), 1, None), ("4x8", make_prompts(4, vocab), 8, None),
-                     ("32x1-stop", make_prompts(32, vocab), 1, stops)]
+        lengths = tuple(args.prompt_tokens)
+        workloads = [("32x1", make_prompts(32, vocab, lengths=lengths), 1, None),
+                     ("4x8", make_prompts(4, vocab, lengths=lengths), 8, None),
+                     ("32x1-stop", make_prompts(32, vocab, lengths=lengths), 1, stops)]
         for workload, prompts, n, stop in workloads:
             if workload not in args.workloads:
                 continue
@@ -209,12 +226,18 @@ def main() -> None:
             for engine_name, (engine, compact_below) in ({} if args.short else engines).items():
                 if "compact" in engine_name and stop is None:
                     continue  # identical to "native" without stops
-                contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below)))
+                pack = True if engine is fused else None
+                contenders.append((engine_name, native_runner(engine, prompts, n, stop, compact_below, False, pack)))
             # What the trainer uses: one seed per prompt (one batched sampler call per step with per-row seeds).
-            contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True)))
+            contenders.append(("native-per-prompt-seeds", native_runner(fused, prompts, n, stop, 0.5, True, True)))
+            # The same with F.linear on the weights in place of oneDNN's packed copies (engines/onednn_weights.py),
+            # and with each row holding and reading its own copy of its prompt's k/v (engines/prompt_kv.py).
+            contenders.append(("native-unpacked", native_runner(fused, prompts, n, stop, 0.5, True, False)))
+            if n > 1:
+                contenders.append(("native-per-row-kv", native_runner(fused, prompts, n, stop, 0.5, True, True, False)))
             if vllm is not None:  # as the trainer calls it: per-prompt seeds
                 contenders.append(("vllm-per-prompt-seeds", native_runner(vllm, prompts, n, stop, None, True)))
-            results = [measure(name, run, args.iters, with_memory=workload == "32x1") for name, run in contenders]
+            results = measure(contenders, args.iters, with_memory=workload == "32x1")
             hf = results[0]
             for r in results:
                 r.update(model=model_name, params=params, workload=workload, rows=len(prompts) * n,
@@ -230,10 +253,12 @@ def main() -> None:
 
     default = args.models == [m for m in MODELS if m not in ("C", "D")] and not args.short
     name = "rollout" if default else "rollout_" + "".join(args.models)
+    if args.prompt_tokens != [16, 48]:
+        name += "_prompts{}-{}".format(*args.prompt_tokens)
     write_results(name + ("" if args.dtype == "float32" else f"_{args.dtype}"), {
         "threads": args.threads, "dtype": args.dtype,
         "iters": args.iters,
-        "new_tokens_per_row": NEW_TOKENS,
+        "new_tokens_per_row": NEW_TOKENS, "prompt_tokens": args.prompt_tokens,
         "load_average_at_end": os.getloadavg(),
         "models": {name: {**MODELS[name], "tie_word_embeddings": True} for name in args.models},
         "workloads": args.workloads, "contenders": "short" if args.short else "all",

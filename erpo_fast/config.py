@@ -123,6 +123,10 @@ class RolloutConfig:
     share_weights: bool = knob(True, "Native engine: read the learner's own parameters when both run in the same "
                                      "dtype on the same device (one copy of the weights; the weight sync is then a "
                                      "no-op). False: the engine keeps its own copy, synced every step.")
+    pack_weights: bool = knob(True, "Native engine on CPU (Llama-family models, fp32/bf16): run the decode's matmuls "
+                                    "through oneDNN on copies of the weights packed at the start of each rollout "
+                                    "and freed at its end (one more copy of the linear weights while sampling; "
+                                    "bench/NOTES.md). False: F.linear on the weights in place.")
     sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
                                      "(0: never).", ge=0)
     sync_check_atol: float = knob(2e-2, "Tolerance of that check on probe log-probs.", gt=0)

@@ -16,7 +16,10 @@ architecture on the meta device). Terms, in bytes:
   share joins it.
 - **engine weights**: 0 when the native engine reads the learner's parameters (same dtype and device), else one
   more copy in the engine's dtype; vLLM: inside its ``gpu_memory_utilization`` share.
-- **KV cache**: the native engine's static cache, every row at the longest prompt plus ``max_new_tokens``.
+- **KV cache**: the native engine's static cache, every row at the longest prompt plus ``max_new_tokens``; on CPU
+  (Llama family, n > 1) each prompt's part once for its n rows (``engines/prompt_kv``).
+- **engine packed weights**: on CPU the native engine samples through oneDNN copies of its linear weights
+  (``rollout.pack_weights``), which exist only while it samples.
 
 The peak is the resident part plus the larger of the two phases: rollout (engine KV cache and decode workspace)
 and learning (gradients, activations, loss workspace). Where the peak exceeds the memory available the plan says
@@ -61,10 +64,13 @@ class ModelShape:
     vocab: int
     tied: bool = False  # input and output embeddings share one weight
     lean: bool = False  # the learner gives its norms and SwiGLU the lean backward (erpo_fast.lean_layers)
+    fused_engine: bool = False  # the native engine's fused backend runs this model type (Llama family)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
         from transformers import AutoModelForCausalLM
+
+        from erpo_fast.engines.native import FUSED_MODEL_TYPES
 
         with torch.device("meta"):  # exact parameter count of any architecture, no memory
             model = AutoModelForCausalLM.from_config(config)
@@ -74,11 +80,18 @@ class ModelShape:
         return cls(params=params, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=heads,
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                    intermediate=config.intermediate_size, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)), lean=has_lean_layers(config))
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), lean=has_lean_layers(config),
+                   fused_engine=getattr(config, "model_type", "") in FUSED_MODEL_TYPES)
 
     @property
     def kv_width(self) -> int:
         return self.kv_heads * self.head_dim
+
+    @property
+    def linear_weights(self) -> int:
+        """Elements of every linear's weight matrix (q/k/v, o, gate/up, down per layer, and the LM head)."""
+        h, q = self.hidden, self.heads * self.head_dim
+        return self.layers * (h * (q + 2 * self.kv_width) + q * h + 3 * h * self.intermediate) + self.vocab * h
 
     @property
     def decoder_params(self) -> int:
@@ -280,14 +293,23 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
         if not shares_weights:
             notes.append("the native engine keeps its own copy of the weights: "
                          + _own_copy_reason(cfg, engine_dtype, distributed_world))
-        kv = 2 * shape.layers * rows_total * shape.kv_width * (prompt_tokens + new) * act_bytes
         terms["engine weights"] = engine_weights
-        terms[f"engine KV cache ({rows_total} rows x {prompt_tokens + new} tokens)"] = kv
+        if _shares_prompt_kv(cfg, shape, device):  # a prompt's k/v once for its n rows (engines/prompt_kv)
+            prompts_total = rows_total // cfg.rollout.n
+            kv = 2 * shape.layers * shape.kv_width * (prompts_total * prompt_tokens + rows_total * new) * act_bytes
+            terms[f"engine KV cache ({prompts_total} prompts x {prompt_tokens}, {rows_total} rows x {new} tokens)"] = kv
+        else:
+            kv = 2 * shape.layers * rows_total * shape.kv_width * (prompt_tokens + new) * act_bytes
+            terms[f"engine KV cache ({rows_total} rows x {prompt_tokens + new} tokens)"] = kv
         # Decode: [rows, V] logits and the sampler's row-wise temporaries; prefill: one prompt's MLP activations.
         workspace = 3 * rows_total * shape.vocab * 4 + cfg.trainer.prompts_per_step * prompt_tokens * (
             2 * shape.intermediate + 4 * shape.hidden) * act_bytes
         terms["engine decode workspace"] = workspace
         rollout_transient = kv + workspace
+        if _packs_engine_weights(cfg, shape, device, engine_dtype):
+            packed_bytes = shape.linear_weights * act_bytes
+            terms["engine packed weights (oneDNN, while sampling)"] = packed_bytes
+            rollout_transient += packed_bytes
     else:
         share_bytes = 0
         if budget is not None:
@@ -310,6 +332,19 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     return MemoryPlan(device=str(device), compute_dtype=compute, engine=cfg.rollout.engine,
                       shares_weights=native and shares_weights, checkpointing=ckpt, micro_batch_tokens=packed,
                       terms=terms, phases=phases, budget=budget, notes=notes)
+
+
+def _shares_prompt_kv(cfg: Config, shape: ModelShape, device: torch.device) -> bool:
+    """Whether the native engine keeps each prompt's k/v once for its samples (its fused backend on CPU, n > 1)."""
+    return shape.fused_engine and device.type == "cpu" and cfg.rollout.n > 1
+
+
+def _packs_engine_weights(cfg: Config, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the native engine packs its linear weights for oneDNN while it samples (engines/onednn_weights)."""
+    from erpo_fast.engines.onednn_weights import onednn_available
+
+    return (cfg.rollout.pack_weights and shape.fused_engine and device.type == "cpu"
+            and onednn_available(dtype))
 
 
 def _async_phases(cfg: Config, terms: dict, device: torch.device, slot_bytes: int, learner: int, rollout: int,

@@ -252,4 +252,4 @@ def make_rollout_engine(cfg: Config, model, model_dir: Path, device: torch.devic
     # rollout.share_weights off), and every step exercises the weight sync.
     engine_model = model if share or give_model else copy.deepcopy(model)
     return make_engine("native", engine_model, device=device, dtype=resolve_dtype(cfg.model.dtype, device),
-                       **({"backend": "fused"} if share else {}))
+                       pack_weights=cfg.rollout.pack_weights, **({"backend": "fused"} if share else {}))

@@ -19,6 +19,7 @@ from bench.common import saved_tensor_bytes
 from erpo_fast.batch import RolloutSequence, micro_batches, pack_sequences, packed_length
 from erpo_fast.config import AlgorithmConfig, Config, ConfigError, ModelConfig, TrainerConfig, build_config
 from erpo_fast.engines.native import RaggedKVCache
+from erpo_fast.engines.prompt_kv import SharedPromptKVCache
 from erpo_fast.learner import Learner
 from erpo_fast.memory_plan import GB, ModelShape, fit, plan_memory, saved_activation_bytes
 
@@ -106,8 +107,14 @@ def test_kv_cache_term_is_the_engines_cache():
     shape = ModelShape.from_config(model.config)
     plan = plan_memory(cfg, shape, device=torch.device("cpu"), runtime_bytes=0)
     kv = next(v for k, v in plan.terms.items() if k.startswith("engine KV cache"))
-    cache = RaggedKVCache(2, 12, 2, 24 + 16, 16, torch.float32, torch.device("cpu"))
-    assert kv == sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    # On CPU the fused backend keeps each prompt's k/v once for its n rows.
+    shared = SharedPromptKVCache(2, 3, 4, 2, torch.full((3,), 24), 16, 16, torch.float32, torch.device("cpu"))
+    assert kv == sum(t.numel() * t.element_size() for t in shared.prompt_keys + shared.prompt_values
+                     + shared.response_keys + shared.response_values)
+    cuda = plan_memory(cfg, shape, device=torch.device("cuda"), runtime_bytes=0)  # per-row copies there (bf16)
+    cache = RaggedKVCache(2, 12, 2, 24 + 16, 16, torch.bfloat16, torch.device("cpu"))
+    assert next(v for k, v in cuda.terms.items() if k.startswith("engine KV cache")) == sum(
+        t.numel() * t.element_size() for t in cache.keys + cache.values)
     assert plan.terms["engine weights"] == 0 and plan.shares_weights  # fp32 engine on CPU: one copy
     p = shape.params
     assert plan.terms["weights (fp32 master)"] == 4 * p and plan.terms["optimizer state (AdamW, fp32)"] == 8 * p

@@ -13,6 +13,10 @@ It drives any Hugging Face causal LM with its own batched decode loop:
   rows of its samples. Only the last real position of each prompt reaches the LM head.
 - **Finished rows stop costing compute.** When enough rows have stopped, the batch is compacted:
   the cache and the per-row state keep only the live rows (``compact_below``).
+- **A prompt's k/v once on CPU.** With n > 1 the fused backend stores each prompt's k/v once for its samples and
+  scores all of them against it in one matmul per step (``prompt_kv``); elsewhere each row holds a copy.
+- **Packed weights on CPU.** The fused backend's matmuls run through oneDNN on copies of the weights reordered
+  into its blocked layout at the start of each call and dropped at its end (``onednn_weights``).
 - **Sampling** goes through ``erpo_fast.kernels.sampling.sample_tokens`` with a per-row temperature tensor
   (temperature, then top-k, then top-p); it returns the processed log-prob of each sampled token.
 
@@ -42,6 +46,9 @@ from erpo_fast.kernels.sampling import derive_seeds, sample_tokens
 from erpo_fast.packed_attention import length_buckets
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
+from .onednn_weights import linear as _dense
+from .onednn_weights import onednn_available, pack
+from .prompt_kv import SharedPromptKVCache
 
 FUSED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # Transformers prefixes that name the same parameter: torch.compile wrappers and DDP/FSDP1 containers.
@@ -140,12 +147,17 @@ def _lora_delta(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * module.scaling[name]
 
 
-def _linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A linear layer's output, LoRA included (the base matmul of a LoRA layer plus its adapter)."""
-    if not _is_lora(module):
-        return module(x)
-    out = F.linear(x, module.base_layer.weight, module.base_layer.bias)
-    return out if module.disable_adapters else out + _lora_delta(module, x)
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain linear under a LoRA layer (the module itself otherwise)."""
+    return module.base_layer if _is_lora(module) else module
+
+
+def _linear(module: torch.nn.Module, x: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer's output, LoRA included (the base matmul of a LoRA layer plus its adapter); ``packed``: the
+    base weight's oneDNN copy (onednn_weights), when the engine packed one for this call."""
+    base = _base(module)
+    out = _dense(x, base.weight, base.bias, packed)
+    return out if not _is_lora(module) or module.disable_adapters else out + _lora_delta(module, x)
 
 
 def _add_lora(out: torch.Tensor, x: torch.Tensor, adapted: list) -> torch.Tensor:
@@ -178,6 +190,7 @@ class _FusedLayer:
         self.intermediate = mlp.gate_proj.out_features
         self.qkv_lora = _adapted_slices(self._qkv_linears)
         self.gate_up_lora = _adapted_slices(self._gate_up_linears)
+        self.packed: dict[str, torch.Tensor] = {}  # oneDNN copies of the weights, during a generate call only
         self.fuse()
 
     def fuse(self) -> None:
@@ -188,6 +201,10 @@ class _FusedLayer:
     def is_fused(self) -> bool:
         """False once something (``model.to``, ``param.data = ...``) broke the parameter/buffer aliasing."""
         return all(p.data_ptr() == ptr for p, ptr in self._aliases) and self.w_qkv.device == self.o_proj.weight.device
+
+    def pack(self) -> None:
+        self.packed = {"qkv": pack(self.w_qkv), "gate_up": pack(self.w_gate_up),
+                       "o": pack(_base(self.o_proj).weight), "down": pack(_base(self.down_proj).weight)}
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -207,7 +224,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 class FusedLlamaRunner:
     """Prefill and one-token decode over a Llama-family model's weights (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, pack_weights: bool = True) -> None:
         config = model.config
         base = model.model
         self.model = model
@@ -219,6 +236,8 @@ class FusedLlamaRunner:
         self.num_layers = config.num_hidden_layers
         self.layers = [_FusedLayer(layer) for layer in base.layers[: self.num_layers]]
         self._rope_len = 0
+        self.pack_weights = pack_weights
+        self.lm_head_packed: torch.Tensor | None = None
 
     def ensure_ready(self, max_len: int) -> None:
         if not all(layer.is_fused() for layer in self.layers):
@@ -240,6 +259,23 @@ class FusedLlamaRunner:
     def release(self) -> None:
         self.cos = self.sin_signed = None
         self._rope_len = 0
+        self.unpack()
+
+    def pack(self) -> None:
+        """oneDNN copies of every linear's weight for one generate call (CPU; see onednn_weights)."""
+        weight = _base(self.lm_head).weight
+        if not (self.pack_weights and weight.device.type == "cpu" and onednn_available(weight.dtype)):
+            return
+        for layer in self.layers:
+            if not layer.is_fused():
+                layer.fuse()
+            layer.pack()
+        self.lm_head_packed = pack(_base(self.lm_head).weight)
+
+    def unpack(self) -> None:
+        for layer in self.layers:
+            layer.packed = {}
+        self.lm_head_packed = None
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
         """ids ``[P, L]`` right-padded; returns the logits at each prompt's last real token, ``[P, V]``."""
@@ -249,7 +285,7 @@ class FusedLlamaRunner:
         cos, sin = self.cos[:length, None], self.sin_signed[:length, None]  # broadcast over heads
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1.weight, layer.ln1_eps)
-            qkv = _add_lora(F.linear(h, layer.w_qkv, layer.b_qkv), h, layer.qkv_lora)
+            qkv = _add_lora(_dense(h, layer.w_qkv, layer.b_qkv, layer.packed.get("qkv")), h, layer.qkv_lora)
             q = qkv[..., : hq * d].unflatten(-1, (hq, d))
             k = qkv[..., hq * d: (hq + hkv) * d].unflatten(-1, (hkv, d))
             v = qkv[..., (hq + hkv) * d:].unflatten(-1, (hkv, d)).transpose(1, 2)
@@ -260,24 +296,29 @@ class FusedLlamaRunner:
             k = _rope(k, cos, sin).transpose(1, 2)
             cache.write_prefill(i, k, v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=hq != hkv)
-            x = x + _linear(layer.o_proj, o.transpose(1, 2).flatten(2))
+            x = x + _linear(layer.o_proj, o.transpose(1, 2).flatten(2), layer.packed.get("o"))
             x = x + self._mlp(layer, x)
         last = x[torch.arange(prompts, device=x.device), lengths - 1]
-        return _linear(self.lm_head, _rms_norm(last, self.final_norm.weight, _norm_eps(self.final_norm)))
+        return self._lm_head(last)
 
-    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.lm_head, _rms_norm(x, self.final_norm.weight, _norm_eps(self.final_norm)),
+                       self.lm_head_packed)
+
+    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache | SharedPromptKVCache) -> torch.Tensor:
         """One token per row at ``cache.positions``; returns ``[rows, V]`` logits."""
         rows = tokens.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         positions = cache.positions
         cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]
-        live = torch.arange(cache.kv_len, device=tokens.device)
-        allowed = live[None] <= positions[:, None]  # [rows, kv_len]
-        attend = self._decode_attention_fn(allowed, rows, hq // hkv)
+        if isinstance(cache, RaggedKVCache):
+            attend = self._ragged_attention(cache, rows, hq // hkv)
+        else:  # SharedPromptKVCache
+            attend = cache.decode_attention(self.scaling, hq // hkv)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1.weight, layer.ln1_eps)
-            qkv = _add_lora(F.linear(h, layer.w_qkv, layer.b_qkv), h, layer.qkv_lora)
+            qkv = _add_lora(_dense(h, layer.w_qkv, layer.b_qkv, layer.packed.get("qkv")), h, layer.qkv_lora)
             v = qkv[:, (hq + hkv) * d:].view(rows, hkv, d)
             if layer.q_norm is None:  # q and k share one RoPE call
                 qk = _rope(qkv[:, : (hq + hkv) * d].view(rows, hq + hkv, d), cos, sin)
@@ -285,43 +326,52 @@ class FusedLlamaRunner:
             else:
                 q = _rope(layer.q_norm(qkv[:, : hq * d].view(rows, hq, d)), cos, sin)
                 k = _rope(layer.k_norm(qkv[:, hq * d: (hq + hkv) * d].view(rows, hkv, d)), cos, sin)
-            keys, values = cache.write_decode(i, k, v)
             # GQA without repeating k/v: the G query heads of one kv head act as G queries.
-            o = attend(q.reshape(rows, hkv, hq // hkv, d), keys, values)
-            x = x + _linear(layer.o_proj, o.reshape(rows, hq * d))
+            o = attend(i, q.reshape(rows, hkv, hq // hkv, d), k, v)
+            x = x + _linear(layer.o_proj, o.reshape(rows, hq * d), layer.packed.get("o"))
             x = x + self._mlp(layer, x)
-        return _linear(self.lm_head, _rms_norm(x, self.final_norm.weight, _norm_eps(self.final_norm)))
+        return self._lm_head(x)
 
-    def _decode_attention_fn(self, allowed: torch.Tensor, rows: int, groups: int):
-        """Attention of one query token per row over its live cache slots.
+    def _ragged_attention(self, cache: RaggedKVCache, rows: int, groups: int):
+        """``attend(layer, q, k, v)``: writes the step's k, v into the row's own cache, then attention of one query
+        token per row over its live cache slots.
 
         CUDA: SDPA with a boolean mask. CPU: two batched matmuls with the scale and an additive mask folded
         into one baddbmm; SDPA's CPU kernel costs more per (row, head) than the math at these sizes.
         """
+        live = torch.arange(cache.kv_len, device=cache.positions.device)
+        allowed = live[None] <= cache.positions[:, None]  # [rows, kv_len]
         if allowed.device.type != "cpu":
             mask = allowed[:, None, None]
-            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+
+            def attend_sdpa(layer, q, k, v):
+                keys, values = cache.write_decode(layer, k, v)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+
+            return attend_sdpa
         hkv, kv_len = self.num_kv_heads, allowed.shape[1]
         bias = torch.zeros(allowed.shape, dtype=self.cos.dtype, device=allowed.device)
         bias.masked_fill_(~allowed, float("-inf"))
         # [rows * kv_heads, G, kv_len], built once per step and shared by every layer.
         bias = bias[:, None, None].expand(rows, hkv, groups, kv_len).reshape(rows * hkv, groups, kv_len)
 
-        def attend(q, k, v):
+        def attend(layer, q, k, v):
+            keys, values = cache.write_decode(layer, k, v)
             d = q.shape[-1]
             # [rows, kv_heads, L, d] slices of the cache merge into [rows * kv_heads, L, d] views (no copy).
-            scores = torch.baddbmm(bias, q.reshape(rows * hkv, groups, d), k.reshape(rows * hkv, kv_len, d).mT,
+            scores = torch.baddbmm(bias, q.reshape(rows * hkv, groups, d), keys.reshape(rows * hkv, kv_len, d).mT,
                                    alpha=self.scaling)
-            return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(rows * hkv, kv_len, d))
+            return torch.bmm(torch.softmax(scores, dim=-1), values.reshape(rows * hkv, kv_len, d))
 
         return attend
 
     @staticmethod
     def _mlp(layer: _FusedLayer, x: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(x, layer.ln2.weight, layer.ln2_eps)
-        gate_up = _add_lora(F.linear(h, layer.w_gate_up, layer.b_gate_up), h, layer.gate_up_lora)
+        gate_up = _add_lora(_dense(h, layer.w_gate_up, layer.b_gate_up, layer.packed.get("gate_up")), h,
+                            layer.gate_up_lora)
         gate, up = gate_up.split(layer.intermediate, dim=-1)
-        return _linear(layer.down_proj, layer.act(gate) * up)
+        return _linear(layer.down_proj, layer.act(gate) * up, layer.packed.get("down"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +440,12 @@ class HFModuleRunner:
     def release(self) -> None:
         pass
 
+    def pack(self) -> None:  # the model's own modules run their own matmuls
+        pass
+
+    def unpack(self) -> None:
+        pass
+
     def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.attn_impl == "sdpa":
             return allowed
@@ -412,7 +468,7 @@ class HFModuleRunner:
         hidden = self._forward(ids, self._mask(causal, dtype), positions, adapter)
         return self.lm_head(hidden[torch.arange(prompts, device=device), lengths - 1])
 
-    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache | SharedPromptKVCache) -> torch.Tensor:
         adapter = _HFCacheAdapter(cache)
         adapter.prefilling = False
         live = torch.arange(cache.kv_len, device=tokens.device)
@@ -440,6 +496,10 @@ class NativeEngine:
         max_batch_rows: cap on rows (prompts x n) decoded together; prompts are processed in chunks.
         sampling_backend: passed to ``sample_tokens`` (``"auto"``: Triton on CUDA; on CPU the C++ op when it
             builds, else plain torch).
+        pack_weights: the fused backend on CPU (fp32, bf16) runs its matmuls through oneDNN on copies of the
+            weights packed at the start of each ``generate`` and dropped when it returns (``onednn_weights``).
+        share_prompt_kv: the fused backend on CPU keeps a prompt's k/v once for its n samples and attends to it
+            once per step (``prompt_kv``); else every sample row holds and reads its own copy.
 
     The engine keeps no KV cache between calls: each ``generate`` allocates a static cache sized for that
     call and frees it on return.
@@ -447,7 +507,8 @@ class NativeEngine:
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, backend: str = "auto", compact_below: float = 0.5,
-                 max_batch_rows: int | None = None, sampling_backend: str = "auto") -> None:
+                 max_batch_rows: int | None = None, sampling_backend: str = "auto", pack_weights: bool = True,
+                 share_prompt_kv: bool = True) -> None:
         if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
             raise ValueError("NativeEngine needs a transformers causal-LM model (with .config)")
         if backend not in ("auto", "fused", "hf"):
@@ -471,8 +532,9 @@ class NativeEngine:
                              "use backend='hf'")
         self.backend = backend
         with torch.no_grad():
-            self.runner = FusedLlamaRunner(model) if backend == "fused" else HFModuleRunner(model)
+            self.runner = FusedLlamaRunner(model, pack_weights) if backend == "fused" else HFModuleRunner(model)
         self.compact_below = compact_below
+        self.share_prompt_kv = share_prompt_kv
         self.max_batch_rows = max_batch_rows
         self.sampling_backend = sampling_backend
         generation_config = getattr(model, "generation_config", None)
@@ -513,12 +575,16 @@ class NativeEngine:
         chunk = len(prompts) if self.max_batch_rows is None else max(1, self.max_batch_rows // n)
         results: list[list[Sample]] = []
         with torch.inference_mode():
-            for start in range(0, len(prompts), chunk):
-                end = start + chunk
-                results.extend(self._generate_chunk(
-                    prompts[start:end], temps[start:end], n, max_new_tokens, stops,
-                    None if top_ks is None else top_ks[start:end], None if top_ps is None else top_ps[start:end],
-                    generator, None if prompt_seeds is None else prompt_seeds[start:end], first_index=start))
+            try:
+                self.runner.pack()  # per call: the weights change between calls, the packed copies never go stale
+                for start in range(0, len(prompts), chunk):
+                    end = start + chunk
+                    results.extend(self._generate_chunk(
+                        prompts[start:end], temps[start:end], n, max_new_tokens, stops,
+                        None if top_ks is None else top_ks[start:end], None if top_ps is None else top_ps[start:end],
+                        generator, None if prompt_seeds is None else prompt_seeds[start:end], first_index=start))
+            finally:
+                self.runner.unpack()
         return results
 
     def _check_context_length(self, prompts, max_new_tokens: int) -> None:
@@ -541,9 +607,15 @@ class NativeEngine:
         max_len = longest + max_new_tokens
 
         self.runner.ensure_ready(max_len)
-        cache = RaggedKVCache(self.runner.num_layers, rows, self.runner.num_kv_heads, max_len,
-                              self.runner.head_dim, self.dtype, device)
-        cache.num_prompts = num_prompts
+        runner = self.runner
+        if n > 1 and self.share_prompt_kv and self.backend == "fused" and device.type == "cpu":
+            cache = SharedPromptKVCache(runner.num_layers, num_prompts, n, runner.num_kv_heads,
+                                        torch.as_tensor(lengths_list), max_new_tokens, runner.head_dim, self.dtype,
+                                        device)
+        else:
+            cache = RaggedKVCache(runner.num_layers, rows, runner.num_kv_heads, max_len, runner.head_dim, self.dtype,
+                                  device)
+            cache.num_prompts = num_prompts
         sampling = _RowSampling(temps, top_ks, top_ps, n, device, generator, prompt_seeds, self.sampling_backend)
 
         logits = self._prefill(prompts, lengths_list, cache)
