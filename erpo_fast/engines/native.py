@@ -270,14 +270,15 @@ class FusedLlamaRunner:
             if not layer.is_fused():
                 layer.fuse()
             layer.pack()
-        self.lm_head_packed = pack(_base(self.lm_head).weight)
+        self.lm_head_packed = pack(weight)
 
     def unpack(self) -> None:
         for layer in self.layers:
             layer.packed = {}
         self.lm_head_packed = None
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor,
+                cache: RaggedKVCache | SharedPromptKVCache) -> torch.Tensor:
         """ids ``[P, L]`` right-padded; returns the logits at each prompt's last real token, ``[P, V]``."""
         prompts, length = ids.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -468,7 +469,7 @@ class HFModuleRunner:
         hidden = self._forward(ids, self._mask(causal, dtype), positions, adapter)
         return self.lm_head(hidden[torch.arange(prompts, device=device), lengths - 1])
 
-    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache | SharedPromptKVCache) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: RaggedKVCache) -> torch.Tensor:
         adapter = _HFCacheAdapter(cache)
         adapter.prefilling = False
         live = torch.arange(cache.kv_len, device=tokens.device)
