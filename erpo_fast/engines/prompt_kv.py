@@ -33,7 +33,6 @@ class SharedPromptKVCache:
         self.response_keys = [torch.empty(response_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.response_values = [torch.empty(response_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_prompts, self.n, self.longest = num_prompts, n, longest
-        self.max_len = longest + max_new_tokens
         # [prompts, longest]: 0 where a prompt has a token, -inf past its end (added to the prompt part's scores)
         beyond = torch.arange(longest, device=device)[None] >= prompt_lengths.to(device)[:, None]
         self.prompt_bias = torch.zeros(beyond.shape, dtype=dtype, device=device).masked_fill_(beyond, float("-inf"))
