@@ -74,9 +74,9 @@ def build_model(shape: dict):
         return (LlamaForCausalLM if llama else Qwen2ForCausalLM)(config).eval()
 
 
-def make_prompts(num: int, vocab: int, seed: int = 1, lengths: tuple[int, int] = (16, 48)) -> list[list[int]]:
+def make_prompts(num: int, vocab: int, seed: int = 1, length_range: tuple[int, int] = (16, 48)) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(lengths[0], lengths[1] + 1, (num,), generator=g).tolist()
+    lengths = torch.randint(length_range[0], length_range[1] + 1, (num,), generator=g).tolist()
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
@@ -107,8 +107,8 @@ def hf_runner(model, prompts, n: int, stops: list[int] | None):
 
 def native_runner(engine, prompts, n: int, stops: list[int] | None, compact_below: float | None,
                   per_prompt_seeds: bool = False, pack_weights: bool | None = None, share_prompt_kv: bool = True):
-    """Any engine's generate; ``compact_below``, ``pack_weights`` and ``share_prompt_kv`` (NativeEngine only; the
-    first two of its fused backend) are set before each run, None leaves them."""
+    """Any engine's generate. NativeEngine only: ``compact_below`` (with it ``share_prompt_kv``) and ``pack_weights``
+    (its fused backend) are set before each run; None leaves them (and ``share_prompt_kv``) alone."""
     seed = list(range(len(prompts))) if per_prompt_seeds else 0
 
     def run() -> int:
@@ -216,9 +216,9 @@ def main() -> None:
             vllm, vllm_protocol[model_name] = vllm_engine(model, args.threads, Path(tempfile.mkdtemp()), args.dtype)
             print(f"vLLM on {model_name}: " + ", ".join(f"{k} {v:.3g}" for k, v in vllm_protocol[model_name].items()))
         lengths = tuple(args.prompt_tokens)
-        workloads = [("32x1", make_prompts(32, vocab, lengths=lengths), 1, None),
-                     ("4x8", make_prompts(4, vocab, lengths=lengths), 8, None),
-                     ("32x1-stop", make_prompts(32, vocab, lengths=lengths), 1, stops)]
+        workloads = [("32x1", make_prompts(32, vocab, length_range=lengths), 1, None),
+                     ("4x8", make_prompts(4, vocab, length_range=lengths), 8, None),
+                     ("32x1-stop", make_prompts(32, vocab, length_range=lengths), 1, stops)]
         for workload, prompts, n, stop in workloads:
             if workload not in args.workloads:
                 continue
