@@ -79,3 +79,44 @@ def save_tiny_model(directory, *, seed: int = 1):
     build_tiny_qwen2(tok, cfg, seed=seed).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+# Tiny Llama-family (and one non-fused) models for the engine tests. Large-ish init so the next-token distributions
+# are far from uniform (the chi-square controls need it).
+TINY_VOCAB = 96
+TINY_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
+
+
+def tiny_causal_lm(kind: str, attn: str = "sdpa", seed: int = 0):
+    """llama (untied, q/k/v biases), qwen2-tied, qwen3 (per-head q/k norms, tied), mistral, or gemma (not a fused
+    architecture: (1 + w) norms, scaled embeddings, GeGLU), random weights from ``seed``, in eval mode."""
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, attention_bias=True))
+        elif kind == "qwen2-tied":
+            model = Qwen2ForCausalLM(Qwen2Config(**TINY_COMMON, tie_word_embeddings=True))
+        elif kind == "qwen3":
+            model = Qwen3ForCausalLM(Qwen3Config(**TINY_COMMON, head_dim=16, tie_word_embeddings=True))
+        elif kind == "mistral":
+            model = MistralForCausalLM(MistralConfig(**TINY_COMMON))
+        elif kind == "gemma":
+            model = GemmaForCausalLM(GemmaConfig(**TINY_COMMON, head_dim=16))
+        else:
+            raise ValueError(kind)
+    model.config._attn_implementation = attn
+    return model.eval()

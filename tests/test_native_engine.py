@@ -9,44 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from conftest import TINY_VOCAB as VOCAB
+from conftest import tiny_causal_lm as _build
 
 from erpo_fast.engines import NativeEngine, Sample
-
-VOCAB = 96
-# Large-ish init so the next-token distributions are far from uniform (the chi-square control needs it).
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-
-
-def _build(kind: str, attn: str = "sdpa", seed: int = 0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if kind == "llama":
-            model = LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=False, attention_bias=True))
-        elif kind == "qwen2-tied":
-            model = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True))
-        elif kind == "qwen3":  # per-head q/k RMSNorm before RoPE
-            model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=True))
-        elif kind == "mistral":
-            model = MistralForCausalLM(MistralConfig(**COMMON))
-        elif kind == "gemma":  # not a fused architecture: (1 + w) norms, scaled embeddings, GeGLU
-            model = GemmaForCausalLM(GemmaConfig(**COMMON, head_dim=16))
-        else:
-            raise ValueError(kind)
-    model.config._attn_implementation = attn
-    return model.eval()
 
 
 def _prompts(lengths=(5, 1, 9, 3, 10, 8, 4), seed: int = 1) -> list[list[int]]:

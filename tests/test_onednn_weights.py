@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_causal_lm
 
 from erpo_fast.engines import NativeEngine
 from erpo_fast.engines import native as native_engine
@@ -71,21 +72,6 @@ def test_availability_is_per_dtype_and_the_fallback_is_f_linear():
 # ---- the native engine ---------------------------------------------------------------------------
 
 
-def _model(kind: str, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if kind == "llama":  # untied, with q/k/v biases
-            model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True))
-        else:  # tied, per-head q/k norms
-            model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
 PROMPTS = [[5, 9, 17, 33, 2], [40, 41], [7, 7, 8, 90, 12, 3, 4]]
 
 
@@ -102,8 +88,8 @@ def test_engine_samples_as_with_f_linear_and_packs_only_during_a_call(kind, monk
         return pack(weight)
 
     monkeypatch.setattr(native_engine, "pack", counting_pack)
-    packed = NativeEngine(_model(kind))
-    plain = NativeEngine(_model(kind), pack_weights=False)
+    packed = NativeEngine(tiny_causal_lm(kind))
+    plain = NativeEngine(tiny_causal_lm(kind), pack_weights=False)
     got, want = _sample(packed), _sample(plain)
     model = packed.model
     layers = model.config.num_hidden_layers
@@ -122,7 +108,7 @@ def test_engine_samples_as_with_f_linear_and_packs_only_during_a_call(kind, monk
 
 def test_engine_sees_in_place_weight_updates_between_calls():
     # The learner's optimizer updates shared parameters in place; the next call must sample from the new weights.
-    model, reference = _model("qwen3"), _model("qwen3")
+    model, reference = tiny_causal_lm("qwen3"), tiny_causal_lm("qwen3")
     engine = NativeEngine(model)
     before = _sample(engine)
     with torch.no_grad():
@@ -142,7 +128,7 @@ def test_memory_plan_counts_the_packed_weights_the_engine_packs(monkeypatch):
     from erpo_fast.config import Config
     from erpo_fast.memory_plan import ModelShape, plan_memory
 
-    model = _model("qwen3")
+    model = tiny_causal_lm("qwen3")
     packed_bytes = []
     monkeypatch.setattr(native_engine, "pack", lambda w: packed_bytes.append(w.numel() * w.element_size()) or pack(w))
     NativeEngine(model).generate([[1, 2, 3]], [1.0], n=1, max_new_tokens=2, stop_token_ids=[])

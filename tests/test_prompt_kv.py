@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_causal_lm
 
 from erpo_fast.engines import NativeEngine
 from erpo_fast.engines.prompt_kv import SharedPromptKVCache
@@ -57,21 +58,6 @@ def test_decode_attention_matches_float64_reference_per_row(compact):
 # ---- the engine ----------------------------------------------------------------------------------
 
 
-def _model(kind: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if kind == "llama":
-            model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True))
-        else:
-            model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
 PROMPTS = [[5, 9, 17, 33, 2, 60, 61, 62, 63], [40, 41], [7, 7, 8, 90, 12, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
@@ -81,7 +67,7 @@ def test_engine_with_shared_prompt_kv_samples_as_with_per_row_copies(kind, compa
     stops = list(range(3, 96, 7))  # rows stop at staggered steps, so compaction runs
     out = {}
     for share in (True, False):
-        engine = NativeEngine(_model(kind), compact_below=compact_below, max_batch_rows=max_batch_rows,
+        engine = NativeEngine(tiny_causal_lm(kind), compact_below=compact_below, max_batch_rows=max_batch_rows,
                               share_prompt_kv=share)
         out[share] = engine.generate(PROMPTS, [1.0, 0.8, 1.2, 1.0], n=4, max_new_tokens=12, stop_token_ids=stops,
                                      seed=[3, 4, 5, 6])
@@ -104,11 +90,11 @@ def test_engine_uses_the_shared_cache_only_where_it_shares(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(native, "SharedPromptKVCache", recording)
-    engine = NativeEngine(_model("llama"))
+    engine = NativeEngine(tiny_causal_lm("llama"))
     engine.generate(PROMPTS[:2], [1.0, 1.0], n=1, max_new_tokens=3, stop_token_ids=[], seed=0)
     assert made == []  # one sample per prompt: nothing to share
     engine.generate(PROMPTS[:2], [1.0, 1.0], n=3, max_new_tokens=3, stop_token_ids=[], seed=0)
     assert len(made) == 1
-    NativeEngine(_model("llama"), backend="hf").generate(PROMPTS[:2], [1.0, 1.0], n=3, max_new_tokens=3,
+    NativeEngine(tiny_causal_lm("llama"), backend="hf").generate(PROMPTS[:2], [1.0, 1.0], n=3, max_new_tokens=3,
                                                          stop_token_ids=[], seed=0)
     assert len(made) == 1  # transformers' modules read the per-row cache
