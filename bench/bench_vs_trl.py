@@ -29,6 +29,14 @@ contenders alternate (ours, TRL, TRL, ours, ...) over ``--rounds`` rounds. A sub
 rounds. "generation" is the time inside the engine (ours) or ``model.generate`` (TRL); "score" the verifier
 calls; "learning" the rest of the step (advantages, learner, weight sync, TRL's bookkeeping).
 
+Where the time goes (``--profile``): each timed step runs under ``torch.profiler`` (CPU operators, no shapes
+or stacks), and the JSON gets, per contender and phase (generation: inside the engine / ``model.generate``;
+learning: the rest), the self time of the dense matrix products (``aten::mm``/``addmm``/``bmm``/``baddbmm``,
+oneDNN's ``_linear_pointwise``) and of the fused attention kernels (``scaled_dot_product_*``). The profiler's
+own overhead is in those steps' times, so a profiled run's s/step is not the timing run's. Our learner's model
+FLOPs over its matrix-product time is the rate its GEMMs run at; the matrix-product time alone is what a step
+would cost with every other operator free.
+
 LoRA (``--lora R``): the contenders become erpo-fast full fine-tuning, erpo-fast with LoRA rank R and TRL with the
 same PEFT config (``peft.LoraConfig(r=R, lora_alpha=2R, target_modules="all-linear")``, GRPOTrainer's
 ``peft_config``); ours: ``model.lora_rank R``, ``model.lora_alpha 2R``, the engine applying the adapters it shares
@@ -164,6 +172,38 @@ def _peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+GENERATE_RANGE = "bench/generate"
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                        "mkldnn::_linear_pointwise"})
+
+
+def profiled(enabled: bool):
+    """A CPU ``torch.profiler`` context (or a no-op one) for one timed step."""
+    import contextlib
+
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def op_seconds(prof) -> dict:
+    """Self seconds of the matrix products and of the fused attention kernels, split by phase: generation (under
+    a ``GENERATE_RANGE`` range) and learning (everything else in the step)."""
+    out = {phase: {"matmul_s": 0.0, "attention_s": 0.0} for phase in ("generation", "learning")}
+    for event in prof.events():
+        kind = ("matmul_s" if event.name in MATMUL_OPS
+                else "attention_s" if "scaled_dot_product" in event.name else None)
+        if kind is None:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name != GENERATE_RANGE:
+            parent = parent.cpu_parent
+        out["generation" if parent is not None else "learning"][kind] += event.self_cpu_time_total / 1e6
+    return out
+
+
 def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     import torch
 
@@ -209,15 +249,18 @@ def run_ours(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 
     def full_length(*args, **kwargs):  # forced full-length completions: no stop token
         kwargs["stop_token_ids"] = []
-        return generate(*args, **kwargs)
+        with torch.profiler.record_function(GENERATE_RANGE):
+            return generate(*args, **kwargs)
 
     session.rollout.engine.generate = full_length
     rows = []
     try:
         for step in range(1, warmup + steps + 1):
-            m = train_step(session, step, None)
+            with profiled(assets.get("profile") and step > warmup) as prof:
+                m = train_step(session, step, None)
             learn_s, seqs = learn_batches[-1]
-            rows.append({"step_s": m["time_step_s"], "generation_s": m["time_rollout_s"], "score_s": m["time_score_s"],
+            rows.append({**({"ops": op_seconds(prof)} if prof is not None else {}),
+                         "step_s": m["time_step_s"], "generation_s": m["time_rollout_s"], "score_s": m["time_score_s"],
                          "learner_s": m["time_learn_s"], "sync_s": m["time_sync_s"], "train_on_s": learn_s,
                          "tokens": round(m["tokens_per_s"] * m["time_step_s"]), "sequences": m["sequences_trained"],
                          "learner_flops": learner_flops(session, seqs),
@@ -314,7 +357,8 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
     def timed_generate(*a, **k):
         t0 = time.perf_counter()
         try:
-            return generate(*a, **k)
+            with torch.profiler.record_function(GENERATE_RANGE):
+                return generate(*a, **k)
         finally:
             gen_time[0] += time.perf_counter() - t0
 
@@ -323,14 +367,18 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            self.prof = profiled(assets.get("profile") and state.global_step >= warmup)
+            self.prof.__enter__()
             self.t0 = time.perf_counter()
             gen_time[0] = score_time[0] = 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
-            rows.append({"step_s": time.perf_counter() - self.t0, "generation_s": gen_time[0],
-                         "score_s": score_time[0],
-                         "tokens": prompts * GROUP * new_tokens,
-                         "sequences": prompts * GROUP})
+            step_s = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            rows.append({"step_s": step_s, "generation_s": gen_time[0], "score_s": score_time[0],
+                         "tokens": prompts * GROUP * new_tokens, "sequences": prompts * GROUP,
+                         **({"ops": op_seconds(self.prof)} if assets.get("profile") and state.global_step > warmup
+                            else {})})
 
     trainer.add_callback(StepTimer())
     trainer.train()
@@ -370,11 +418,20 @@ def summarise(name: str, contender: str, runs: list[dict]) -> dict:
     score_s = statistics.median(s["score_s"] for s in steps)
     learn_s = statistics.median(s["step_s"] - s["generation_s"] - s["score_s"] for s in steps)
     tokens = steps[0]["tokens"]
-    return {"model": name, "contender": contender, "s_per_step": step_s, "generation_s": gen_s, "score_s": score_s,
-            "learning_s": learn_s,
-            "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-            "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9,
-            "step_times": [s["step_s"] for s in steps], "timed_steps": len(steps)}
+    row = {"model": name, "contender": contender, "s_per_step": step_s, "generation_s": gen_s, "score_s": score_s,
+           "learning_s": learn_s,
+           "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+           "peak_rss_gb": max(r["peak_rss_bytes"] for r in runs) / 1e9,
+           "step_times": [s["step_s"] for s in steps], "timed_steps": len(steps)}
+    if "ops" in steps[0]:  # --profile: medians of the per-phase matmul and attention self times
+        for phase in ("generation", "learning"):
+            for kind in ("matmul_s", "attention_s"):
+                row[f"{phase}_{kind}"] = statistics.median(s["ops"][phase][kind] for s in steps)
+        row["matmul_s"] = row["generation_matmul_s"] + row["learning_matmul_s"]
+    if "ops" in steps[0] and "learner_flops" in steps[0]:  # the rate our learner's matrix products run at
+        row["learner_matmul_gflop_s"] = statistics.median(
+            s["learner_flops"]["total"] / s["ops"]["learning"]["matmul_s"] / 1e9 for s in steps)
+    return row
 
 
 def _ratios(a: dict, b: dict) -> dict:
@@ -400,6 +457,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--lora", type=int, default=0,
                         help="LoRA rank R: contenders erpo-fast (full), erpo-fast-lora and trl-lora (same PEFT config)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the timed steps: matmul and attention self time per phase (adds overhead)")
     parser.add_argument("--tag", default="", help="suffix of the results file name (keeps an earlier run's file)")
     parser.add_argument("--worker", choices=("erpo-fast", "trl", "erpo-fast-lora", "trl-lora"), help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
@@ -427,7 +486,7 @@ def main() -> None:
             for regime in args.prompts:
                 assets = dict(build_assets(name, Path(tmp), regime, new_tokens=args.new_tokens or None),
                               checkpointing=args.checkpointing == "on", prompts_per_step=args.prompts_per_step,
-                              micro_batch=args.micro_batch, dtype=args.dtype, lora=args.lora)
+                              micro_batch=args.micro_batch, dtype=args.dtype, lora=args.lora, profile=args.profile)
                 key = f"{name}/{regime}"
                 contenders = ["erpo-fast", "erpo-fast-lora", "trl-lora"] if args.lora else ["erpo-fast", "trl"]
                 runs = {c: [] for c in contenders}
@@ -452,14 +511,21 @@ def main() -> None:
                                   f"checkpointing {args.checkpointing}, {args.dtype} (ratios: "
                                   + "; ".join(f"{pair}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items())
                                               for pair, r in ratios[key].items()) + ")")
+                if args.profile:
+                    print_table(list(summary.values()), ["contender", "generation_s", "generation_matmul_s",
+                                                         "generation_attention_s", "learning_s", "learning_matmul_s",
+                                                         "learning_attention_s", "learner_matmul_gflop_s"],
+                                title=f"model {name}, prompts {regime}: self seconds of the matrix products and the "
+                                      "fused attention kernels, per phase (profiled steps)")
     dtype_tag = "" if args.dtype == "float32" else f"_{args.dtype}"
-    tags = dtype_tag + (f"_lora{args.lora}" if args.lora else "") + (f"_{args.tag}" if args.tag else "")
+    tags = (dtype_tag + (f"_lora{args.lora}" if args.lora else "") + ("_profile" if args.profile else "")
+            + (f"_{args.tag}" if args.tag else ""))
     write_results(f"vs_trl_{''.join(args.models)}_{'_'.join(args.prompts)}_ckpt-{args.checkpointing}{tags}", {
         "trl": trl.__version__, "threads": 1, "rounds": args.rounds, "timed_steps_per_run": args.steps,
         "warmup_steps_per_run": args.warmup,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "micro_batch": args.micro_batch,
                      "lr": LR, "loss": "DAPO token mean, eps 0.2/0.28", "kl": 0, "dtype": args.dtype,
-                     "checkpointing": args.checkpointing, "lora_rank": args.lora,
+                     "checkpointing": args.checkpointing, "lora_rank": args.lora, "profiled": args.profile,
                      "lora": "alpha 2R, all-linear, dropout 0; TRL: peft_config" if args.lora else None,
                      "prompt_regimes": {p: PROMPT_LENGTHS[p] for p in args.prompts},
                      "full_length": "TRL min_new_tokens=N; ours no stop tokens"},

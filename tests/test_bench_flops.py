@@ -61,3 +61,29 @@ def test_a_shared_prompt_is_counted_once():
     h, layers, p, r = 64, 2, 100, 16
     assert ours["attention"] == 6 * h * layers * (p * p + 8 * (2 * r * p + r * r))
     assert ours["packed_tokens"] == p + 8 * r
+
+
+def test_op_seconds_splits_the_matrix_products_by_phase():
+    """bench_vs_trl --profile: the matmul and attention self times it files under generation (inside the
+    generate range) and learning (the rest) add up to the profiler's own per-operator totals."""
+    from bench.bench_vs_trl import GENERATE_RANGE, MATMUL_OPS, op_seconds, profiled
+
+    a, b = torch.randn(64, 96), torch.randn(96, 80)
+    q = torch.randn(1, 2, 24, 16)
+    with profiled(True) as prof:
+        with torch.profiler.record_function(GENERATE_RANGE):
+            for _ in range(3):
+                torch.mm(a, b)
+        torch.nn.functional.linear(a, b.T, torch.zeros(80))  # addmm, in the learning phase
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    split = op_seconds(prof)
+    totals = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    matmul_total = sum(t for k, t in totals.items() if k in MATMUL_OPS)
+    attention_total = sum(t for k, t in totals.items() if "scaled_dot_product" in k)
+    assert split["generation"]["matmul_s"] > 0 and split["learning"]["matmul_s"] > 0
+    assert split["generation"]["attention_s"] == 0 and split["learning"]["attention_s"] > 0
+    assert split["generation"]["matmul_s"] == pytest.approx(totals["aten::mm"])
+    assert split["generation"]["matmul_s"] + split["learning"]["matmul_s"] == pytest.approx(matmul_total)
+    assert split["learning"]["attention_s"] == pytest.approx(attention_total)
+    with profiled(False) as nothing:
+        assert nothing is None
