@@ -149,3 +149,36 @@ def test_other_models_are_left_alone():
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2,
                                                                  vocab_size=50))
     assert apply_lean_layers(gpt2) == 0
+
+
+def _backward_nodes(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    return names
+
+
+def test_a_model_loaded_from_a_folder_keeps_its_lean_layers(tmp_path):
+    """The user's path: load_model (from_pretrained) -> Learner, then train/eval switches (evaluation). transformers
+    5.x kernelizes a from_pretrained model whenever ``train()``/``eval()`` changes its mode, which puts the class
+    forward back on hub-decorated layers (the RMSNorms) unless the load turned hub kernels off."""
+    from conftest import save_tiny_model
+
+    from erpo_fast.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from erpo_fast.learner import Learner
+    from erpo_fast.models import load_model
+
+    model, _ = load_model(save_tiny_model(tmp_path / "model"), dtype="float32", device="cpu")
+    learner = Learner(model, AlgorithmConfig(), TrainerConfig(), ModelConfig(), device="cpu", max_len=16)
+    layers = learner.model.config.num_hidden_layers
+    for mode in (True, False, True):
+        learner.model.train(mode)
+        hidden = learner.model.model(input_ids=torch.tensor([[3, 4, 5, 6]])).last_hidden_state
+        nodes = _backward_nodes(hidden)
+        assert nodes.count("RMSNormFunctionBackward") == 2 * layers + 1, mode
+        assert "PowBackward0" not in nodes
