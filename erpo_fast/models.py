@@ -105,9 +105,9 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", attn_impl
     except Exception as e:  # transformers raises many types; the caller needs one clear line
         raise ModelLoadError(f"cannot load the tokenizer from {p}: {first_line(e)}") from e
     try:
-        # use_kernels=False: transformers >= 5.x otherwise kernelizes with the Hub's `kernels` when installed, which
-        # fetches kernel code from the Hub at run time, and re-kernelizes at every train()/eval() switch, putting
-        # the class forward back on the RMSNorms (undoing lean_layers, the memory plan's count) on every model.
+        # use_kernels=False: with the Hub's `kernels` installed, transformers >= 5.x kernelizes by default (kernel
+        # code fetched from the Hub at run time) and again at every train()/eval() switch, which puts its own
+        # RMSNorm forward back over lean_layers' (the one the memory plan counts).
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch_dtype,
                                                      attn_implementation=attn, use_kernels=False)
     except Exception as e:
