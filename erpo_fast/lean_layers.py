@@ -140,6 +140,10 @@ def apply_lean_layers(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if not has_lean_layers(config):
         return 0
+    if getattr(model, "use_kernels", False):
+        # transformers' Hub kernelizing (on by default for from_pretrained with `kernels` installed) re-kernelizes at
+        # every train()/eval() switch, putting its own RMSNorm forward back over ours: turn it off (reverts first).
+        model.use_kernels = False
     prefix = LEAN_MODEL_TYPES[config.model_type]
     swapped = 0
     for module in model.modules():

@@ -182,3 +182,16 @@ def test_a_model_loaded_from_a_folder_keeps_its_lean_layers(tmp_path):
         nodes = _backward_nodes(hidden)
         assert nodes.count("RMSNormFunctionBackward") == 2 * layers + 1, mode
         assert "PowBackward0" not in nodes
+
+
+def test_lean_layers_survive_kernelizing_on_a_model_loaded_with_transformers_defaults(tmp_path):
+    """A model handed to apply_lean_layers straight from from_pretrained (kernelizing on, as a Python-API user's
+    would be): train/eval switches must keep the lean norms."""
+    from conftest import save_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path / "model"), local_files_only=True)
+    apply_lean_layers(model)
+    for mode in (True, False, True):
+        model.train(mode)
+        nodes = _backward_nodes(model.model(input_ids=torch.tensor([[3, 4, 5, 6]])).last_hidden_state)
+        assert nodes.count("RMSNormFunctionBackward") == 2 * model.config.num_hidden_layers + 1, mode
