@@ -226,6 +226,12 @@ class Learner:
         self.compute_dtype = resolve_dtype(model_cfg.dtype, self.device)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world_size = dist.get_world_size() if self.distributed else 1
+        # The CPU loss computes in fp32 whatever it is given (kernels/fused_linear/chunked.py: CPU has no bf16 GEMM
+        # with an fp32 result), so where the LM head is an fp32 master weight (one process, no LoRA base in the
+        # compute dtype) it goes in as it is, with fp32 hidden rows: no [V, H] bf16 copy held through the backward,
+        # no upcast of that copy in every row chunk, and the head's log-probs are the fp32 head's.
+        self.head_dtype = (torch.float32 if self.device.type == "cpu" and not self.distributed and not self.lora
+                           else self.compute_dtype)
         self.step = 0
 
         self.model = self._prepare(model, trainable=True)
@@ -330,10 +336,10 @@ class Learner:
     # ---- forward passes -----------------------------------------------------------------------------------
 
     def _hidden(self, root: nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
-        """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the compute dtype."""
+        """(hidden at the trained positions [N, H], LM-head weight [V, H]) in the loss's dtype (``head_dtype``)."""
         with self._autocast():
             hidden, weight = root(batch.input_ids, batch.position_ids, batch.layout() if self._packed else None)
-        return hidden[0, batch.label_index].to(self.compute_dtype), weight.to(self.compute_dtype)
+        return hidden[0, batch.label_index].to(self.head_dtype), weight.to(self.head_dtype)
 
     @torch.no_grad()
     def _batch_logprobs(self, root: nn.Module, batch: PackedBatch) -> Tensor:

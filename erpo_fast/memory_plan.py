@@ -161,19 +161,21 @@ def _saved_per_token(shape: ModelShape, *, act_bytes: int, res_bytes: int, autoc
 
 def saved_activation_bytes(shape: ModelShape, *, packed: int, queries: int, keys: int, trained: int,
                            act_bytes: int, checkpointing: bool, autocast: bool = False,
-                           fold_down: bool | None = None) -> int:
+                           fold_down: bool | None = None, head_bytes: int | None = None) -> int:
     """Bytes autograd holds after the forward of one micro-batch: ``packed`` row tokens, ``queries`` and ``keys``
     attention slots (``PackedLayout.query_slots``/``key_slots``; without packed attention both are the sum of
     prompt + response over the sequences), ``trained`` response tokens. With checkpointing each layer keeps
     only its input (fp32 residual stream). ``autocast`` (a compute dtype below the fp32 master weights, one
     process): every linear also keeps the cast copy of its weight until its backward, so the decoder's weights
     are held once more in the compute dtype (with checkpointing only while a layer re-runs: see plan_memory).
-    ``fold_down``: whether lean_layers folds the MLP's down projection (default: lean and no autocast)."""
+    ``fold_down``: whether lean_layers folds the MLP's down projection (default: lean and no autocast).
+    ``head_bytes``: bytes per element of the hidden rows the loss takes (``Learner.head_dtype``; default
+    ``act_bytes``)."""
     fold_down = shape.lean and not autocast if fold_down is None else fold_down
     dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast,
                                                  fold_down=fold_down)
     final_norm = packed * (1 if shape.lean else 2) * shape.hidden * 4
-    final = final_norm + trained * shape.hidden * act_bytes  # the final norm; the loss's hidden rows
+    final = final_norm + trained * shape.hidden * (head_bytes or act_bytes)  # the final norm; the loss's hidden rows
     casts = shape.decoder_params * act_bytes if autocast else 0
     if checkpointing:
         return int(packed * shape.hidden * 4 * shape.layers + final)
@@ -264,8 +266,11 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     # lean_layers folds the down projection where the learner runs no autocast and LoRA leaves that projection alone
     fold_down = shape.lean and not (compute != torch.float32 and distributed_world <= 1) and not (
         adapters and "down_proj" in _lora_targets(cfg))
+    # The loss takes the fp32 master head on CPU, one process, no LoRA (Learner.head_dtype): nothing cast for it.
+    fp32_head = device.type == "cpu" and shard == 1 and not adapters
     saved = saved_activation_bytes(shape, packed=packed, queries=queries, keys=keys, trained=trained_tokens,
-                                   act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast, fold_down=fold_down)
+                                   act_bytes=act_bytes, checkpointing=ckpt, autocast=autocast, fold_down=fold_down,
+                                   head_bytes=4 if fp32_head else act_bytes)
     dense, per_query, per_key = _saved_per_token(shape, act_bytes=act_bytes, res_bytes=4, autocast=autocast,
                                                  fold_down=fold_down)
     casts = shape.decoder_params * act_bytes / shape.layers if autocast else 0  # one layer's weights, cast
@@ -278,9 +283,10 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     workspace = min(trained_tokens, rows) * shape.vocab * act_bytes * 2
     if shape.tied and not adapters:  # the loss's [V, H] weight gradient waits through the backward for the embedding's
         workspace += shape.vocab * shape.hidden * 4
-    # The LM head's weight cast to the compute dtype, held by the loss until its backward (a LoRA base is in that
-    # dtype already); a LoRA-adapted head: its effective weight W + s B A, materialised for the fused loss.
-    if compute != torch.float32 and not (adapters and shard == 1):
+    # The LM head's weight cast to the compute dtype, held by the loss until its backward (not where the loss takes
+    # the fp32 master, and a LoRA base is in that dtype already); a LoRA-adapted head: its effective weight
+    # W + s B A, materialised for the fused loss.
+    if compute != torch.float32 and not fp32_head and not (adapters and shard == 1):
         workspace += shape.vocab * shape.hidden * act_bytes
     if adapters and "lm_head" in _lora_targets(cfg):
         workspace += shape.vocab * shape.hidden * act_bytes

@@ -666,11 +666,23 @@ def test_bf16_casts_each_weight_once_per_update(tokenizer):
             learner.loss_and_grads(seqs)
         linear_params = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head
                             for p in (m.weight, m.bias) if p is not None)
-        # + the LM head's weight, cast by the learner itself for the loss in each micro-batch
-        assert counter.casts == (linear_params + 3 if kept else 3 * linear_params + 3)
+        # The LM head's weight is not cast at all: the CPU loss takes the fp32 master (Learner.head_dtype).
+        assert counter.casts == (linear_params if kept else 3 * linear_params)
         grads[kept] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads[True], grads[False]):
         assert torch.equal(a, b)
+
+
+def test_bf16_on_cpu_hands_the_loss_the_fp32_master_head(tokenizer):
+    """Under bf16 autocast on CPU the loss gets the LM head's fp32 master weight itself, not a [V, H] bf16 copy
+    (the CPU loss computes in fp32 anyway), and fp32 hidden rows; the decoder still runs under autocast."""
+    model = tiny_model(tokenizer)
+    learner = make_learner(model, model_cfg=ModelConfig(dtype="bfloat16"))
+    batch = pack_sequences(make_sequences(4, seed=5), vocab_size=learner.vocab_size, share_prompts=True)
+    hidden, weight = learner._hidden(learner._policy, batch)
+    assert weight is lm_head_weight(learner.model) and weight.dtype == torch.float32
+    assert hidden.dtype == torch.float32 and hidden.shape == (batch.num_tokens, weight.shape[1])
+    assert learner._autocast().fast_dtype == torch.bfloat16
 
 
 def test_learner_input_validation(tokenizer):
