@@ -367,7 +367,8 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.prof = profiled(assets.get("profile") and state.global_step >= warmup)
+            self.profiling = bool(assets.get("profile")) and state.global_step >= warmup  # a timed step
+            self.prof = profiled(self.profiling)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
             gen_time[0] = score_time[0] = 0.0
@@ -377,8 +378,7 @@ def run_trl(assets: dict, steps: int, warmup: int, out_dir: Path) -> dict:
             self.prof.__exit__(None, None, None)
             rows.append({"step_s": step_s, "generation_s": gen_time[0], "score_s": score_time[0],
                          "tokens": prompts * GROUP * new_tokens, "sequences": prompts * GROUP,
-                         **({"ops": op_seconds(self.prof)} if assets.get("profile") and state.global_step > warmup
-                            else {})})
+                         **({"ops": op_seconds(self.prof)} if self.profiling else {})})
 
     trainer.add_callback(StepTimer())
     trainer.train()

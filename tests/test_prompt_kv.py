@@ -96,5 +96,5 @@ def test_engine_uses_the_shared_cache_only_where_it_shares(monkeypatch):
     engine.generate(PROMPTS[:2], [1.0, 1.0], n=3, max_new_tokens=3, stop_token_ids=[], seed=0)
     assert len(made) == 1
     NativeEngine(tiny_causal_lm("llama"), backend="hf").generate(PROMPTS[:2], [1.0, 1.0], n=3, max_new_tokens=3,
-                                                         stop_token_ids=[], seed=0)
+                                                                 stop_token_ids=[], seed=0)
     assert len(made) == 1  # transformers' modules read the per-row cache
