@@ -685,6 +685,27 @@ def test_bf16_on_cpu_hands_the_loss_the_fp32_master_head(tokenizer):
     assert learner._autocast().fast_dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_failed_sync_check_in_bf16_names_the_tolerance_knob(tokenizer, dtype):
+    """One token off by 2 nats on an 8-token probe is a mean of 0.25: the check stops the run either way, and in
+    bf16 (where single tokens differ that much from rounding) its message says which knob to raise."""
+    from erpo_fast.config import Config
+    from erpo_fast.errors import WeightSyncError
+    from erpo_fast.rollout import check_probe
+
+    learner = make_learner(tiny_model(tokenizer), model_cfg=ModelConfig(dtype=dtype))
+    probe = make_sequences(1, seed=3, max_response=1)[0]
+    probe.response_ids = [5, 9, 11, 7, 13, 17, 19, 23]
+    exact = learner.compute_logprobs([probe], temperature=1.0)[0]
+    probe.rollout_logprobs = (exact - torch.tensor([2.0] + [0.0] * 7)).tolist()
+    with pytest.raises(WeightSyncError, match="differ from the learner's by 0.25") as failed:
+        check_probe(learner, probe, Config(), step=10)
+    assert ("raise rollout.sync_check_atol" in str(failed.value)) == (dtype == "bfloat16")
+    cfg = Config()
+    cfg.rollout.sync_check_atol = 0.3
+    assert check_probe(learner, probe, cfg, step=10)["mean_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+
+
 def test_learner_input_validation(tokenizer):
     learner = make_learner(tiny_model(tokenizer))
     with pytest.raises(ValueError, match="at least one sequence"):
