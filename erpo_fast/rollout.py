@@ -70,8 +70,8 @@ def check_probe(learner, probe: RolloutSequence, cfg: Config, step: int) -> dict
         # (bench/NOTES.md: the bf16 default job's probe mean reached 0.23 with a median of 5e-5).
         dtype = str(learner.compute_dtype).removeprefix("torch.")
         raise WeightSyncError(f"{e}. In {dtype} single low-probability tokens can differ by several nats: if "
-                              f"the engine is synced, raise rollout.sync_check_atol (0.3 runs the {dtype} "
-                              f"default job through)") from None
+                              f"the engine is synced, raise rollout.sync_check_atol (0.3 ran the default job "
+                              f"through in bf16 on CPU)") from None
 
 
 def in_flight(state: dict, async_steps: int) -> dict:
