@@ -213,7 +213,7 @@ def test_sync_check_catches_an_engine_that_misses_an_adapter_update(tokenizer, m
             (sample,) = engine.generate([prompt], [1.0], 1, 8, stop_token_ids=[], seed=[1234 + step])[0]
             probe = RolloutSequence(prompt_ids=prompt, response_ids=list(sample.token_ids),
                                     rollout_logprobs=list(sample.logprobs), temperature=1.0, advantage=0.0, seq_key=0)
-            return check_probe(learner, probe, Config(), step)
+            return check_probe(learner, [probe], Config(), step)
 
     assert Probe.check(1)["max_abs_diff"] < 1e-4
     learner.train_on(make_sequences(6, seed=5))

@@ -88,3 +88,22 @@ def test_sync_check_still_catches_an_engine_that_misses_the_update(assets, tmp_p
             train_step(session, 2, None)
     finally:
         session.close()
+
+
+def test_the_sync_probe_is_the_first_32_training_prompts_each_with_a_seed_of_its_own(assets, tmp_path):
+    """The probe samples every training prompt up to 32 (here all 8), max_new_tokens (up to 16) tokens each, no
+    stop; a prompt's sample does not depend on the others in the probe; a synced engine passes the check on it."""
+    from erpo_fast.rollout import SYNC_PROBE_PROMPTS, check_probe
+
+    session = session_for(assets, tmp_path, False)
+    try:
+        rollout = session.rollout
+        probe = rollout.sample_probe(5)
+        assert SYNC_PROBE_PROMPTS == 32 and len(probe) == len(rollout.train) == 8
+        assert [seq.prompt_ids for seq in probe] == [list(p) for p in rollout.prompt_ids]
+        assert all(len(seq.response_ids) == len(seq.rollout_logprobs) == 6 for seq in probe)
+        assert rollout.sample_probe(5, num_prompts=1)[0].response_ids == probe[0].response_ids
+        assert rollout.sample_probe(6, num_prompts=1)[0].response_ids != probe[0].response_ids  # seeded by step
+        assert check_probe(session.learner, probe, session.cfg, step=5)["tokens"] == 48
+    finally:
+        session.close()

@@ -160,21 +160,33 @@ def strip_wrappers(name: str) -> str:
     return name.removeprefix("module.")
 
 
-def verify_sync(engine_logprobs, learner_logprobs, *, atol: float, what: str = "weight sync check") -> dict:
-    """The one weight-sync statistic: the mean |engine - learner| log-prob over a probe's tokens must be <= atol.
+SYNC_TRIM = 0.05  # the share of a probe's tokens, those that differ most, that the sync statistic leaves out
 
-    A mean, not a max, because bf16 kernels differ by a few hundredths on single tokens, while an engine that
-    still samples from stale weights differs everywhere. Returns ``{"mean_abs_diff", "max_abs_diff"}``; raises
-    WeightSyncError (a TrainingAborted) when the check fails.
+
+def verify_sync(engine_logprobs, learner_logprobs, *, atol: float, what: str = "weight sync check") -> dict:
+    """The one weight-sync statistic: the mean |engine - learner| log-prob over a probe's tokens, leaving out the
+    5% that differ most (none on a probe under 20 tokens), must be <= atol.
+
+    Trimmed, because in bf16 two synced code paths give a few low-probability tokens log-probs nats apart (up to
+    8.7 nats on one token in the bf16 default job, bench/NOTES.md), while an engine that samples from stale weights
+    differs on many tokens. Returns ``{"trimmed_mean_abs_diff", "mean_abs_diff", "max_abs_diff", "tokens"}``;
+    raises WeightSyncError (a TrainingAborted) when the check fails, or when a log-prob is not finite.
     """
     got = torch.as_tensor(engine_logprobs, dtype=torch.float32).flatten().cpu()
     want = torch.as_tensor(learner_logprobs, dtype=torch.float32).flatten().cpu()
     if got.shape != want.shape or got.numel() == 0:
         raise ValueError(f"{what}: {got.numel()} engine log-probs vs {want.numel()} learner log-probs")
-    diff = (got - want).abs()
-    stats = {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
-    if not stats["mean_abs_diff"] <= atol:
+    diff = (got - want).abs().sort().values
+    kept = diff[:diff.numel() - int(diff.numel() * SYNC_TRIM)]
+    stats = {"trimmed_mean_abs_diff": float(kept.mean()), "mean_abs_diff": float(diff.mean()),
+             "max_abs_diff": float(diff.max()), "tokens": diff.numel()}
+    if not torch.isfinite(diff).all():  # sorted last and so trimmed away: check them apart
+        raise WeightSyncError(f"{what} failed: {int((~torch.isfinite(diff)).sum())} of {diff.numel()} probe "
+                              f"log-probs are not finite (engine or learner)")
+    if not stats["trimmed_mean_abs_diff"] <= atol:
         raise WeightSyncError(f"{what} failed: the engine's log-probs differ from the learner's by "
-                              f"{stats['mean_abs_diff']:.4g} on average (> atol {atol}, max "
-                              f"{stats['max_abs_diff']:.4g}); the engine is not sampling from the synced weights")
+                              f"{stats['trimmed_mean_abs_diff']:.4g} on average over the {kept.numel()} of "
+                              f"{diff.numel()} probe tokens that differ least (> atol {atol}; all tokens: mean "
+                              f"{stats['mean_abs_diff']:.4g}, max {stats['max_abs_diff']:.4g}); the engine is not "
+                              f"sampling from the synced weights")
     return stats
