@@ -47,19 +47,22 @@ def probe_statistics(probe: list[list[list[float]]], k: int) -> dict:
     return {"trimmed_mean_abs_diff": stats["trimmed_mean_abs_diff"], "mean_abs_diff": stats["mean_abs_diff"]}
 
 
-def record(rollout, learner, engines: dict, step: int, num_prompts: int) -> dict:
-    """Each engine's probe at this step, scored by the learner: per prompt, the two log-prob lists."""
+def record(rollout, learner, engines: dict, step: int, num_prompts: int) -> tuple[dict, dict]:
+    """Each engine's probe at this step, scored by the learner: per prompt, the two log-prob lists; and the
+    seconds each engine's probe took (sampling + scoring: what one check costs)."""
     synced = rollout.engine
-    out = {}
+    out, seconds = {}, {}
     try:
         for name, engine in engines.items():
             rollout.engine = engine
+            t0 = time.perf_counter()
             probe = rollout.sample_probe(step, num_prompts)
             ours = learner.compute_logprobs(probe, temperature=1.0)
+            seconds[name] = time.perf_counter() - t0
             out[name] = [[list(seq.rollout_logprobs), lp.tolist()] for seq, lp in zip(probe, ours)]
     finally:
         rollout.engine = synced
-    return out
+    return out, seconds
 
 
 def summarize(checks: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -124,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             if step == args.stop_at:
                 engines[f"stopped_at_{step}"] = copy.deepcopy(s.rollout.engine)
             if step % args.every == 0:
-                probes = record(s.rollout, s.learner, engines, step, args.prompts)
+                probes, seconds = record(s.rollout, s.learner, engines, step, args.prompts)
                 stats = {name: {str(k): probe_statistics(p, k) for k in PROBE_SIZES if k <= len(p)}
                          for name, p in probes.items() if not name.endswith(f"_{step}")}
-                checks.append({"step": step, "stats": stats})
+                checks.append({"step": step, "stats": stats, "check_seconds": seconds["synced"]})
                 print(f"step {step}: the check's statistic, {args.prompts} prompts: " + ", ".join(
                     f"{name} {v[str(min(args.prompts, len(probes[name])))]['trimmed_mean_abs_diff']:.4f}"
                     for name, v in stats.items()) + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -144,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                 f"tokens per prompt, {len(checks)} checks")
     print_table(by_tolerance, ["prompts", "statistic", "atol"] + [
         f"{e}_{x}" for e in engines for x in ("fails", "first")], title="checks that fail, per tolerance")
+    check_seconds = float(torch.tensor([c["check_seconds"] for c in checks]).median())
+    print(f"one check (sample the {args.prompts}-prompt probe, score it): median {check_seconds:.2f} s "
+          f"on {torch.get_num_threads()} threads")
     write_results(f"sync_check_{dtype}" + (f"_{args.tag}" if args.tag else ""), {
         "train_flags": train_flags, "settings": vars(args), "max_steps": cfg.trainer.max_steps,
-        "probe_tokens_per_prompt": tokens, "engines": list(engines), "by_size": by_size,
+        "probe_tokens_per_prompt": tokens, "engines": list(engines), "threads": torch.get_num_threads(),
+        "check_seconds_median": check_seconds, "by_size": by_size,
         "by_tolerance": by_tolerance, "checks": checks})
     return 0
 
