@@ -40,11 +40,11 @@ TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 def probe_statistics(probe: list[list[list[float]]], k: int) -> dict:
     """The probe of the first k prompts: the check's own statistic (``verify_sync``: the mean |engine - learner|
-    over the tokens, the 5% that differ most left out) and the plain mean over every token."""
+    over the tokens, the 5% that differ most left out), the plain mean over every token, and the largest token."""
     engine = [x for seq in probe[:k] for x in seq[0]]
     learner = [x for seq in probe[:k] for x in seq[1]]
     stats = verify_sync(engine, learner, atol=math.inf)
-    return {"trimmed_mean_abs_diff": stats["trimmed_mean_abs_diff"], "mean_abs_diff": stats["mean_abs_diff"]}
+    return {key: stats[key] for key in ("trimmed_mean_abs_diff", "mean_abs_diff", "max_abs_diff")}
 
 
 def record(rollout, learner, engines: dict, step: int, num_prompts: int) -> tuple[dict, dict]:
@@ -80,6 +80,10 @@ def summarize(checks: list[dict]) -> tuple[list[dict], list[dict]]:
                 if name == "synced":
                     row["synced_max"] = max(values)
             by_size.append(row)
+    row = {"prompts": sizes[-1], "statistic": "max_abs_diff"}  # the largest single token, over every check
+    for name in checks[-1]["stats"]:
+        row[f"{name}_max"] = max(c["stats"][name][str(sizes[-1])]["max_abs_diff"] for c in checks if name in c["stats"])
+    by_size.append(row)
     k = str(sizes[-1])
     for stat in ("trimmed_mean_abs_diff", "mean_abs_diff"):
         for atol in TOLERANCES:
@@ -142,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     by_size, by_tolerance = summarize(checks)
     dtype = str(s.learner.compute_dtype).removeprefix("torch.")
     tokens = min(16, cfg.rollout.max_new_tokens)
-    print_table(by_size, ["prompts", "statistic", "synced_median", "synced_max"] + [
-        f"{e}_median" for e in engines if e != "synced"], title=f"sync statistics, {dtype} learner, up to {tokens} "
-                                                                f"tokens per prompt, {len(checks)} checks")
+    stale = [f"{e}_{x}" for e in engines if e != "synced" for x in ("median", "max")]
+    print_table(by_size, ["prompts", "statistic", "synced_median", "synced_max", *stale],
+                title=f"sync statistics, {dtype} learner, up to {tokens} tokens per prompt, {len(checks)} checks")
     print_table(by_tolerance, ["prompts", "statistic", "atol"] + [
         f"{e}_{x}" for e in engines for x in ("fails", "first")], title="checks that fail, per tolerance")
     check_seconds = float(torch.tensor([c["check_seconds"] for c in checks]).median())

@@ -31,7 +31,10 @@ def test_summary_counts_the_checks_each_tolerance_would_fail_and_the_first_step(
               {"step": 30, "stats": {"synced": stats(0.002), "never_synced": stats(0.3),
                                      "stopped_at_20": stats(0.015)}}]
     by_size, by_tolerance = summarize(checks)
-    assert [r["prompts"] for r in by_size] == [1, 1, 2, 2]
+    assert [(r["prompts"], r["statistic"]) for r in by_size] == [
+        (1, "trimmed_mean_abs_diff"), (1, "mean_abs_diff"), (2, "trimmed_mean_abs_diff"), (2, "mean_abs_diff"),
+        (2, "max_abs_diff")]
+    assert by_size[-1]["never_synced_max"] == pytest.approx(0.3, abs=1e-6)
     row = next(r for r in by_size if r["prompts"] == 2 and r["statistic"] == "trimmed_mean_abs_diff")
     assert row["synced_max"] == pytest.approx(0.003, abs=1e-6)
     assert row["never_synced_median"] == pytest.approx(0.03, abs=1e-6)
