@@ -31,7 +31,7 @@ from erpo_fast.distributed import Runtime, all_gather_objects, broadcast_object
 from erpo_fast.engines.base import verify_sync
 from erpo_fast.errors import NonFiniteLogitsError, RewardFunctionError, TrainingAborted
 from erpo_fast.evaluate import evaluate
-from erpo_fast.prompting import decode_response, encode_prompt, encode_prompts, stop_token_ids
+from erpo_fast.prompting import decode_response, encode_prompts, stop_token_ids
 from erpo_fast.rewards.pool import check_not_all_failed
 from erpo_fast.tracker import HistoryTracker
 
@@ -281,13 +281,11 @@ class Rollout:
         T=1 (a fixed seed per step and prompt), with the engine's log-probs as ``rollout_logprobs``. Up to 16
         tokens each, and 32 prompts: in bf16 a probe of one prompt's 8 tokens can be off by 0.2 on one rounding
         outlier (bench/NOTES.md, "The weight-sync check in bf16")."""
-        cfg = self.cfg
-        prompts = [encode_prompt(self.tokenizer, r.prompt, chat_template=cfg.data.chat_template)
-                   for r in self.train[:num_prompts]]
-        samples = self._generate(step, prompts, [1.0] * len(prompts), 1, min(16, cfg.rollout.max_new_tokens),
+        prompts = self.prompt_ids[:num_prompts]
+        samples = self._generate(step, prompts, [1.0] * len(prompts), 1, min(16, self.cfg.rollout.max_new_tokens),
                                  stop_token_ids=[], seed=[1234 + step + 7919 * i for i in range(len(prompts))])
-        return [RolloutSequence(prompt_ids=p, response_ids=list(g[0].token_ids), rollout_logprobs=list(g[0].logprobs),
-                                temperature=1.0, advantage=0.0, seq_key=i)
+        return [RolloutSequence(prompt_ids=list(p), response_ids=list(g[0].token_ids),
+                                rollout_logprobs=list(g[0].logprobs), temperature=1.0, advantage=0.0, seq_key=i)
                 for i, (p, g) in enumerate(zip(prompts, samples))]
 
     def evaluate(self, step: int) -> dict:

@@ -4,7 +4,7 @@ It holds the data side of training (prompt sampler, ERPO tracker, engine, verifi
 walks the weight versions in order. For each version v the learner publishes (`erpo_fast.weight_transport`):
 
 1. copy version v into the engine and acknowledge it (``("loaded", v)``; the learner may then reuse the slot);
-2. sample the sync-check probe when the sync check is due at step v (``("probe", v, sequence)``);
+2. sample the sync-check probe when the sync check is due at step v (``("probe", v, sequences)``);
 3. run the held-out evaluation when one is due at step v (``("eval", v, result)``);
 4. roll out, score and turn into learner sequences every batch whose behaviour policy is version v:
    batch b comes from version ``max(b - 1 - K, start_step)`` (``("batch", b, batch, state)``).
