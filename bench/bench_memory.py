@@ -150,7 +150,7 @@ def main() -> None:
     write_results("memory_plan_" + "".join(args.models) + tag, {
         "threads": args.threads, "steps_per_run": args.steps,
         "settings": {"prompts_per_step": args.prompts_per_step, "group": GROUP, "new_tokens": args.new_tokens,
-                     "prompt_tokens": "60-200 (uniform, one letter = one token)", "dtype": "float32",
+                     "prompt_tokens": "60-200 (uniform, one letter = one token)",
                      "full_length": "no stop tokens", "checkpointing": False, "dtypes": args.dtypes},
         "models": {name: MODELS[name] for name in args.models}, "rows": rows,
         "notes": f"shared 2-core machine; load average {load_start} at start, {os.getloadavg()} at end; each run in "

@@ -280,7 +280,10 @@ def plan_memory(cfg: Config, shape: ModelShape, *, device: torch.device, prompt_
     terms[f"activations ({packed} tokens per micro-batch)"] = int(activations)
     rows = chunk_rows(shape.vocab, compute) if device.type == "cpu" else max(1, ROW_CHUNK_BYTES // (
         shape.vocab * act_bytes))
-    workspace = min(trained_tokens, rows) * shape.vocab * act_bytes * 2
+    # The CPU loss computes in fp32 whatever the compute dtype (kernels/fused_linear/chunked.py): its chunk buffer
+    # and scratch tile are fp32 there.
+    loss_bytes = 4 if device.type == "cpu" else act_bytes
+    workspace = min(trained_tokens, rows) * shape.vocab * loss_bytes * 2
     if shape.tied and not adapters:  # the loss's [V, H] weight gradient waits through the backward for the embedding's
         workspace += shape.vocab * shape.hidden * 4
     # The LM head's weight cast to the compute dtype, held by the loss until its backward (not where the loss takes

@@ -157,6 +157,21 @@ def test_token_budget_bounds_the_activations():
     assert act[1] < act[0] / 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_loss_workspace_covers_the_chunked_loss_fp32_buffers(dtype):
+    """On CPU the fused loss computes in fp32 whatever the compute dtype: the plan's workspace term (untied head,
+    so no weight-gradient term) covers the chunk buffer and scratch tile the kernel itself allocates."""
+    from erpo_fast.kernels.fused_linear.chunked import _Workspace
+
+    cfg = build_config("none", overrides={"model.path": "x", "model.dtype": dtype, "rollout.max_new_tokens": 512,
+                                          "data.max_prompt_length": 128})
+    shape = ModelShape.from_config(Qwen2Config(**{**SHAPE, "vocab_size": 50_000}, tie_word_embeddings=False))
+    term = plan_memory(cfg, shape, device=torch.device("cpu")).terms["loss workspace (logits chunk, LM-head gradient)"]
+    ws = _Workspace(10_000, shape.vocab, getattr(torch, dtype), torch.device("cpu"))
+    allocated = sum(t.numel() * t.element_size() for t in (ws.buf, ws.scratch))
+    assert ws.buf.dtype == torch.float32 and allocated <= term <= 2 * allocated
+
+
 def test_fit_turns_checkpointing_on_or_names_the_knobs(caplog):
     cfg = build_config("none", overrides={"model.path": "x", "rollout.max_new_tokens": 256,
                                           "data.max_prompt_length": 64, "trainer.micro_batch_size": 64})
