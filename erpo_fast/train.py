@@ -124,7 +124,7 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
 
     _phase(logger, "sync")
     t_sync = time.perf_counter()
-    s.rollout.sync_weights(s.learner, step)  # every sync_check_every steps, also checks the engine sees them
+    checked = s.rollout.sync_weights(s.learner, step)  # and, every sync_check_every steps, the sync check
     time_sync = time.perf_counter() - t_sync
 
     step_time = time.perf_counter() - t0
@@ -137,6 +137,7 @@ def train_step(s: Session, step: int, logger: RunLogger | None) -> dict:
         "tokens_per_s": batch.global_response_tokens / step_time,  # sampled tokens, all ranks
         "time_learn_s": time_learn, "time_sync_s": time_sync, "time_step_s": step_time,
         "sync_bytes": s.rollout.last_sync_bytes,  # what the weight sync copied into the engine
+        **_prefixed(checked, "sync_check_"),  # the check's statistics, on the steps it ran (a failure raises)
     }
 
 

@@ -42,9 +42,12 @@ def _comparable(records):
 
 def test_metrics_contract_checkpoint_and_plots(tmp_path):
     assert _run(tmp_path, "--max-steps", "3", "--algorithm.ra", "true", "--algorithm.temperature_step",
-                "0.5") == 0
+                "0.5", "--rollout.sync_check_every", "2") == 0
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
+    # the sync check's statistics on the step it ran: 32 probe prompts x 6 tokens, fp32 engine = learner
+    assert [r.get("sync_check_tokens") for r in records] == [None, 32 * 6, None]
+    assert 0 <= records[1]["sync_check_trimmed_mean_abs_diff"] <= records[1]["sync_check_mean_abs_diff"] < 1e-4
     for r in records:
         missing = [k for k in REQUIRED if k not in r]
         assert not missing, missing
