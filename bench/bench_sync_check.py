@@ -8,9 +8,10 @@ job's own flags; the trainer's own check off) and every ``--every`` steps sample
 synced (a copy of the engine taken before step 1) and one whose sync stops at step ``--stop-at`` (a copy taken
 then). The learner scores each probe as the check does. For probes of the first k prompts it reports the check's
 statistic (``verify_sync``: the mean |d log p| with the 5% largest differences left out) and the plain mean: the
-synced engine's median and largest value and the stale engines' medians; and per tolerance, how many checks of
-each engine would fail and from which step (the synced engine must never fail, the stale ones as early as
-possible).
+synced engine's median and largest value and the stale engines' medians, and each engine's largest single token;
+and per tolerance, how many checks of each engine would fail and from which step (the synced engine must never
+fail, the stale ones as early as possible); and the seconds one check takes (the synced engine's probe, sampled
+and scored).
 
 Run: ``python -m bench.bench_sync_check [--prompts 32] [--every 10] [--stop-at 300] [--tag T] -- <train flags>``
 (e.g. ``-- --model.dtype bfloat16``; results: ``bench/results/sync_check_<dtype>[_<tag>]-cpu.json``).
