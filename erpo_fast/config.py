@@ -129,9 +129,10 @@ class RolloutConfig:
                                     "bench/NOTES.md). False: F.linear on the weights in place.")
     sync_check_every: int = knob(10, "Check every K steps that the engine samples from the synced weights "
                                      "(0: never).", ge=0)
-    sync_check_atol: float = knob(2e-2, "Tolerance of that check: the mean |engine - learner| log-prob over the "
-                                        "probe (the first 32 training prompts, up to 16 sampled tokens each), the "
-                                        "5% of tokens that differ most left out.", gt=0)
+    sync_check_atol: float = knob(2e-2, "Tolerance of that check: the mean absolute difference of the engine's "
+                                        "and the learner's log-probs over the probe (the first 32 training prompts, "
+                                        "up to 16 sampled tokens each), the 5% of tokens that differ most left "
+                                        "out.", gt=0)
     lora_sync: str = knob("auto", "LoRA: how the engine gets the policy. merged: the merged weights of the adapted "
                                   "layers are copied into the engine; adapters: the engine applies the adapters "
                                   "itself (native: in its forward, reading the learner's own tensors where it "
