@@ -36,6 +36,11 @@ from bench.common import print_table, write_results  # noqa: E402
 from erpo_fast.engines.base import verify_sync  # noqa: E402
 
 PROBE_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def probe_sizes(num_prompts: int) -> list[int]:
+    """The probe sizes reported for a probe of ``num_prompts`` prompts: the powers of two below it, and itself."""
+    return sorted({k for k in PROBE_SIZES if k < num_prompts} | {num_prompts})
 TOLERANCES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
@@ -70,7 +75,8 @@ def summarize(checks: list[dict]) -> tuple[list[dict], list[dict]]:
     """Per probe size and statistic, the synced engine's median and largest value and each stale engine's median;
     and at the largest probe, per tolerance, how many checks of each engine fail and the first step that fails.
     (A stale engine's check at the step its sync stopped is left out: it is still synced then.)"""
-    sizes = [k for k in PROBE_SIZES if all(str(k) in v for c in checks for v in c["stats"].values())]
+    sizes = sorted(set.intersection(*({int(k) for k in v} for c in checks for v in c["stats"].values())))
+    largest = str(sizes[-1])
     by_size, by_tolerance = [], []
     for k in sizes:
         for stat in ("trimmed_mean_abs_diff", "mean_abs_diff"):
@@ -83,14 +89,13 @@ def summarize(checks: list[dict]) -> tuple[list[dict], list[dict]]:
             by_size.append(row)
     row = {"prompts": sizes[-1], "statistic": "max_abs_diff"}  # the largest single token, over every check
     for name in checks[-1]["stats"]:
-        row[f"{name}_max"] = max(c["stats"][name][str(sizes[-1])]["max_abs_diff"] for c in checks if name in c["stats"])
+        row[f"{name}_max"] = max(c["stats"][name][largest]["max_abs_diff"] for c in checks if name in c["stats"])
     by_size.append(row)
-    k = str(sizes[-1])
     for stat in ("trimmed_mean_abs_diff", "mean_abs_diff"):
         for atol in TOLERANCES:
-            row = {"prompts": int(k), "statistic": stat, "atol": atol}
+            row = {"prompts": sizes[-1], "statistic": stat, "atol": atol}
             for name in checks[-1]["stats"]:
-                fails = [c["step"] for c in checks if name in c["stats"] and c["stats"][name][k][stat] > atol]
+                fails = [c["step"] for c in checks if name in c["stats"] and c["stats"][name][largest][stat] > atol]
                 row[f"{name}_fails"] = f"{len(fails)}/{sum(name in c['stats'] for c in checks)}"
                 row[f"{name}_first"] = fails[0] if fails else None
             by_tolerance.append(row)
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 engines[f"stopped_at_{step}"] = copy.deepcopy(s.rollout.engine)
             if step % args.every == 0:
                 probes, seconds = record(s.rollout, s.learner, engines, step, args.prompts)
-                stats = {name: {str(k): probe_statistics(p, k) for k in PROBE_SIZES if k <= len(p)}
+                stats = {name: {str(k): probe_statistics(p, k) for k in probe_sizes(len(p))}
                          for name, p in probes.items() if not name.endswith(f"_{step}")}
                 checks.append({"step": step, "stats": stats, "check_seconds": seconds["synced"]})
                 print(f"step {step}: the check's statistic, {args.prompts} prompts: " + ", ".join(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_sync_check import probe_statistics, summarize
+from bench.bench_sync_check import probe_sizes, probe_statistics, summarize
 
 
 def _probe(offsets_per_prompt):
@@ -20,6 +20,12 @@ def test_probe_statistics_are_the_checks_trimmed_mean_and_the_plain_mean():
     assert stats["trimmed_mean_abs_diff"] == pytest.approx(19 * 0.01 / 38, abs=1e-6)
     first = probe_statistics(probe, 1)  # 20 tokens: 1 left out, the outlier
     assert (first["trimmed_mean_abs_diff"], first["mean_abs_diff"]) == pytest.approx((0.0, 4.0 / 20), abs=1e-6)
+
+
+def test_probe_sizes_end_at_the_probe_itself():
+    assert probe_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert probe_sizes(10) == [1, 2, 4, 8, 10]  # a --prompts that is no power of two is reported too
+    assert probe_sizes(1) == [1]
 
 
 def test_summary_counts_the_checks_each_tolerance_would_fail_and_the_first_step():
