@@ -1,4 +1,5 @@
-"""Synchronous vs asynchronous training (trainer.async_steps), whole runs side by side, alternated per seed.
+"""Whole training runs side by side, alternated per seed: synchronous vs asynchronous (trainer.async_steps), and
+the learner's other whole-run switches.
 
 Each contender is a real ``python -m erpo_fast.train`` command (what a user runs), one after the other, the
 order swapped every seed so that drift in the machine's speed falls on both:
@@ -9,14 +10,17 @@ order swapped every seed so that drift in the machine's speed falls on both:
 - ``async-2t``: async_steps 1, two learner threads beside the rollout process's one (3 threads on 2 cores);
 - ``sync-release``, ``async-release``: ``sync`` and ``async`` with ``trainer.cpu_heap release`` (freed activation
   blocks unmapped, as before that knob existed; the other arms take its ``auto``);
-- ``async-unpinned``: ``async`` with ``rollout.pin_cpus false`` (the scheduler places both processes).
+- ``async-unpinned``: ``async`` with ``rollout.pin_cpus false`` (the scheduler places both processes);
+- ``sync-every-sequence``: ``sync`` with ``trainer.skip_zero_advantage false`` (the learner runs the sequences of
+  uniform groups too, as before that knob existed; the other arms leave them out).
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
 tokens, random weights and the parity reward; no evaluation). Per run: wall time of the command, the training
-loop's steps/s (steps over the summed step times; evaluations excluded), the held-out mean@4 gain, and the peak
-RSS of the whole process tree (learner + rollout process + helpers, sampled every 0.1 s). Writes
-``bench/results/async_<job>[_<steps>steps]-cpu.json``.
+loop's steps/s (steps over the summed step times; evaluations excluded), the learner's summed time, the share of
+sequences it left out (advantage exactly 0), the held-out mean@4 gain, and the peak RSS of the whole process tree
+(learner + rollout process + helpers, sampled every 0.1 s).
+Writes ``bench/results/async_<job>[_<steps>steps]-cpu.json``.
 
     python bench/bench_async.py --job default --seeds 0 1 2
     python bench/bench_async.py --job B --steps 30
@@ -51,7 +55,9 @@ ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0
                           "trainer.cpu_heap": "release"},
         # the two processes left to the scheduler (the arms above pin them: rollout.pin_cpus, on by default)
         "async-unpinned": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
-                           "rollout.pin_cpus": "false"}}
+                           "rollout.pin_cpus": "false"},
+        # every sequence through the learner, zero-advantage ones too (the arms above leave those out)
+        "sync-every-sequence": {"trainer.async_steps": 0, "trainer.skip_zero_advantage": "false"}}
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -96,6 +102,10 @@ def run(args: list[str], out: Path) -> dict:
            "step_s_median": statistics.median(r["time_step_s"] for r in records),
            "rollout_s_median": statistics.median(r["time_rollout_s"] for r in records),
            "learn_s_median": statistics.median(r["time_learn_s"] for r in records),
+           "learn_s_total": sum(r["time_learn_s"] for r in records),
+           # the sequences the learner left out (advantage exactly 0) over those in the batches
+           "zero_adv_skipped_frac": (sum(r.get("zero_adv_skipped", 0) for r in records)
+                                     / max(1, sum(r.get("sequences_trained", 0) for r in records))),
            "wait_s_median": statistics.median(r.get("time_wait_rollout_s", 0.0) for r in records),
            "peak_rss_bytes": peak[0]}
     key = next((k for k in after if k.startswith("mean_at_")), None)
@@ -156,6 +166,8 @@ def main() -> None:
                  "speedup_loop_vs_sync": statistics.median(speed) if speed else None,
                  "speedup_wall_vs_sync": statistics.median(wall) if wall else None,
                  "wall_s": statistics.median(r["wall_s"] for r in mine),
+                 "learn_s_total": statistics.median(r["learn_s_total"] for r in mine),
+                 "zero_adv_skipped_frac": statistics.median(r["zero_adv_skipped_frac"] for r in mine),
                  "peak_rss_gb": statistics.median(r["peak_rss_bytes"] for r in mine) / 1e9}
         if gain:
             entry["heldout_gain_mean"], entry["heldout_gain_se"] = mean_se(gain)

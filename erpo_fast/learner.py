@@ -5,14 +5,16 @@ One :meth:`Learner.train_on` call is one training step on this rank's rollout se
 1. optional no-grad pre-pass (fused ``linear_logprobs``): old log-probs when ``updates_per_step > 1`` (and
    row-temperature log-probs for the mismatch metrics when the loss runs at T=1). IS weights (truncated and/or
    masked) need no pass: ``linear_grpo_loss`` takes them from the rollout log-probs and the learner side it has;
-2. for each of the ``updates_per_step`` mini-batches: micro-batches of at most ``micro_batch_size`` sequences
-   and (``micro_batch_tokens > 0``) at most that many packed tokens (:func:`micro_batches`) are packed into ONE row
-   without padding (``position_ids`` restart at 0 per sequence; under sdpa, attention runs per sequence through
-   :mod:`erpo_fast.packed_attention`, so its cost is linear in the number of sequences instead of quadratic in the
-   packed length), run to the last hidden state, and scored by ``linear_grpo_loss`` with the LM-head weight; each
-   micro-batch loss is scaled by its share of the GLOBAL normaliser (all micro-batches, all ranks), so gradient
-   accumulation gives exactly the full-batch gradient; then grad clipping and an AdamW step (fused where torch
-   has it for the device; skipped when the loss or the gradient norm is not finite);
+2. for each of the ``updates_per_step`` mini-batches: the sequences whose advantage is exactly 0 are left out
+   (``trainer.skip_zero_advantage``, no KL term: their gradient is exactly 0; the normaliser still counts them);
+   micro-batches of the others, at most ``micro_batch_size`` sequences and (``micro_batch_tokens > 0``) at most
+   that many packed tokens (:func:`micro_batches`), are packed into ONE row without padding (``position_ids``
+   restart at 0 per sequence; under sdpa, attention runs per sequence through :mod:`erpo_fast.packed_attention`,
+   so its cost is linear in the number of sequences instead of quadratic in the packed length), run to the last
+   hidden state, and scored by ``linear_grpo_loss`` with the LM-head weight; each micro-batch loss is scaled by
+   its share of the GLOBAL normaliser (all micro-batches, all ranks), so gradient accumulation gives exactly the
+   full-batch gradient; then grad clipping and an AdamW step (fused where torch has it for the device; skipped
+   when the loss or the gradient norm is not finite);
 3. one LR-scheduler step.
 
 Precision: parameters and AdamW state stay float32 ("master weights"): at RL learning rates (~1e-6) a bf16
@@ -233,6 +235,9 @@ class Learner:
         self.head_dtype = (torch.float32 if self.device.type == "cpu" and not self.distributed and not self.lora
                            else self.compute_dtype)
         self.step = 0
+        # A sequence with advantage exactly 0 adds exactly 0 to the gradient when every loss term is A times
+        # something (no KL term): the learner leaves it out of its passes (see _runs).
+        self._skip_zero_adv = trainer.skip_zero_advantage and algo.kl_beta == 0
 
         self.model = self._prepare(model, trainable=True)
         self._policy = self._wrap(self.model)
@@ -358,6 +363,11 @@ class Learner:
         return micro_batches(sequences, max_sequences=self.trainer.micro_batch_size,
                              max_tokens=self.trainer.micro_batch_tokens, share_prompts=self._packed)
 
+    def _runs(self, seq: RolloutSequence) -> bool:
+        """Whether the learner runs ``seq`` through its passes: not when its advantage is exactly 0 and
+        ``_skip_zero_adv`` holds; its gradient is then exactly 0, and it still counts in the loss's normaliser."""
+        return not (self._skip_zero_adv and seq.advantage == 0.0)
+
     def _loss_temperature(self) -> str | float:
         return "row" if self.algo.logprob_temperature == "row" else 1.0
 
@@ -399,7 +409,10 @@ class Learner:
         loss), ``grad_norm`` (pre-clip) and the loss's token means ``clip_frac`` (= ``clip_frac_low`` +
         ``clip_frac_high``), ``ratio_mean``, ``dual_clip_frac`` (when dual clip is on), ``kl`` (0 without a
         reference) and ``entropy``; ``ratio_max``, the largest ratio of any update (see `algorithms.policy_loss`).
-        Totals: ``num_tokens`` and ``num_sequences`` (trained, global). Token means over the whole batch:
+        Totals: ``num_tokens`` and ``num_sequences`` (trained, global: the normaliser's counts) and
+        ``zero_adv_skipped`` (of those sequences, the ones left out of the passes: advantage exactly 0, see
+        ``_runs``; the token means above and below but ``loss`` then cover the sequences that ran, and are absent
+        when none ran). Token means over the whole batch:
         ``is_weight_mean`` (when IS is on), ``is_mask_frac`` (tokens rejected by masked IS) and the rollout/learner
         mismatch (``mismatch_logp_abs_mean``/``_max``, ``mismatch_kl_k3``, ``mismatch_ratio_outside_frac``; see
         `algorithms.mismatch_metrics`), both sides at each row's own temperature and before any update. Then
@@ -413,13 +426,20 @@ class Learner:
         if not sequences and not self.distributed:
             raise ValueError("the learner needs at least one sequence")
         lr = self.optimizer.param_groups[0]["lr"]
-        # No-grad pre-pass: old log-probs for off-policy updates (and row-temperature ones for the metrics).
-        pre = self._pre_pass(sequences, need_old=self.trainer.updates_per_step > 1)
+        # No-grad pre-pass: old log-probs for off-policy updates (and row-temperature ones for the metrics), of the
+        # sequences the updates will run; a left-out one's old log-probs are never read (NaN).
+        ran = [i for i, s in enumerate(sequences) if self._runs(s)]
+        pre = self._pre_pass([sequences[i] for i in ran], need_old=self.trainer.updates_per_step > 1)
+        old = None
+        if pre["old"] is not None:
+            old = [torch.full((len(s.response_ids),), math.nan) for s in sequences]
+            for i, lp in zip(ran, pre["old"]):
+                old[i] = lp
         step = Metrics()
         skipped = False
+        # The mini-batches split every sequence, left out or not: each update's normaliser counts them all.
         for mini in _split_even(list(range(len(sequences))), self.trainer.updates_per_step):
-            update = self._loss_and_grads([sequences[i] for i in mini],
-                                          None if pre["old"] is None else [pre["old"][i] for i in mini])
+            update = self._loss_and_grads([sequences[i] for i in mini], None if old is None else [old[i] for i in mini])
             grad_norm = self._clip_grad_norm()
             if math.isfinite(update.result().get("loss", 0.0)) and math.isfinite(grad_norm):
                 self.optimizer.step()
@@ -434,7 +454,7 @@ class Learner:
             self.scheduler.step()
         self.step += 1
         if pre["row"] is not None:  # the loss ran at T=1: measure the mismatch at the rows' temperatures
-            step.update(self._row_mismatch(sequences, pre["row"]))
+            step.update(self._row_mismatch([sequences[i] for i in ran], pre["row"]))
         return {**step.result(), "lr": lr, "skipped_nonfinite": skipped}
 
     def _row_mismatch(self, sequences: Sequence[RolloutSequence], row_logprobs: list[Tensor]) -> Metrics:
@@ -507,10 +527,17 @@ class Learner:
         from erpo_fast.kernels.fused_linear import linear_grpo_loss
 
         temperature = self._loss_temperature()
-        micro = self._micro_batches(sequences)
-        tokens, seqs = all_reduce_floats([sum(len(s.response_ids) for s in sequences),
-                                          sum(1 for s in sequences if s.response_ids)])
-        (num_micro,) = all_reduce_floats([len(micro)], op="max")
+        # Micro-batches of the sequences that run (see _runs); the normaliser counts the left-out ones as well.
+        ran = [i for i, s in enumerate(sequences) if self._runs(s)]
+        micro = [[ran[j] for j in idx] for idx in self._micro_batches([sequences[i] for i in ran])]
+        left_out = [s for i, s in enumerate(sequences) if not self._runs(s)]
+        left_tokens, left_seqs = sum(len(s.response_ids) for s in left_out), sum(1 for s in left_out if s.response_ids)
+        tokens, seqs, ran_tokens, num_left = all_reduce_floats([
+            sum(len(s.response_ids) for s in sequences), sum(1 for s in sequences if s.response_ids),
+            sum(len(sequences[i].response_ids) for i in ran), len(left_out)])
+        # At least one pass: with every sequence left out, the placeholder's zero gradient gives AdamW the step
+        # (momentum, weight decay) it would take on the computed zero gradient of those sequences.
+        (num_micro,) = all_reduce_floats([max(1, len(micro))], op="max")
         metrics = Metrics()
         with self._autocast(enabled=False):  # keeps each weight's cast for the update (see _autocast)
             for k in range(int(num_micro)):
@@ -539,10 +566,15 @@ class Learner:
                 share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
                 (loss * (share * self.world_size)).backward()
                 metrics.mean("loss", float(loss.detach()), weight=share)
-                _add_loss_metrics(metrics, m, update_share=n / tokens, tokens=n, with_mismatch=temperature == "row")
+                _add_loss_metrics(metrics, m, update_share=n / ran_tokens, tokens=n,
+                                  with_mismatch=temperature == "row")
+        if left_tokens:  # their loss is exactly 0; the other loss metrics cover the sequences that ran
+            left_share = left_tokens / tokens if self.loss_spec.loss_agg == "token_mean" else left_seqs / max(seqs, 1.0)
+            metrics.mean("loss", 0.0, weight=left_share)
         metrics = metrics.all_reduce()
         metrics.total("num_tokens", int(tokens))
         metrics.total("num_sequences", int(seqs))
+        metrics.total("zero_adv_skipped", int(num_left))
         return metrics
 
     def _clip_grad_norm(self) -> float:

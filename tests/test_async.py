@@ -160,7 +160,8 @@ def test_async_run_is_reproducible_and_logs_its_policy_versions(tmp_path):
     assert _comparable(ra) == _comparable(rb)
     assert [r["policy_version"] for r in ra] == [0, 0, 1, 2]
     assert [r["staleness"] for r in ra] == [0, 1, 1, 1]
-    assert all("is_weight_mean" in r for r in ra)  # the truncated IS correction is on by default
+    # the truncated IS correction is on by default (measured on the sequences the learner ran)
+    assert all("is_weight_mean" in r for r in ra if r["zero_adv_skipped"] < r["sequences_trained"])
     assert "heldout_mean_at_2" in ra[1]
     summary = json.loads((a / "summary.json").read_text())
     assert summary["heldout_after"] == json.loads((b / "summary.json").read_text())["heldout_after"]
@@ -235,10 +236,12 @@ def test_importance_ratio_is_to_the_stale_rollout_policy(tmp_path, monkeypatch):
         under_current = torch.cat([_logprobs64(model, current, s) for s in seqs])
         torch.testing.assert_close(rollout, under_stale, rtol=0, atol=2e-4)
         assert (rollout - under_current).abs().max() > 1e-2, "the planted staleness must be visible"
-        weights = torch.exp(under_current - rollout).clamp(max=1.05)
-        assert metrics["is_weight_mean"] == pytest.approx(weights.mean().item(), abs=2e-4)
-        assert metrics["mismatch_logp_abs_mean"] == pytest.approx((under_current - rollout).abs().mean().item(),
-                                                                  abs=2e-4)
+        # the metrics cover the sequences the learner ran (trainer.skip_zero_advantage): a non-zero advantage
+        ran = torch.cat([torch.full((len(s.response_ids),), s.advantage != 0.0) for s in seqs])
+        assert ran.any()
+        d = (under_current - rollout)[ran]
+        assert metrics["is_weight_mean"] == pytest.approx(torch.exp(d).clamp(max=1.05).mean().item(), abs=2e-4)
+        assert metrics["mismatch_logp_abs_mean"] == pytest.approx(d.abs().mean().item(), abs=2e-4)
 
 
 @pytest.mark.slow
@@ -424,11 +427,15 @@ def test_async_steps_0_is_bit_identical_to_the_loop_before_async_existed(tmp_pat
     monkeypatch.setattr(chunked, "MAX_CHUNK_ROWS", 1 << 30)
     golden = json.loads((Path(__file__).parent / "golden" / "sync_tiny_a6af403.json").read_text())
     out = tmp_path / "run"
-    assert main([*golden["args"], "--trainer.async_steps", "0", "--output-dir", str(out)]) == 0
-    # Added to the records after a6af403, so not in the file: sync_bytes (what the weight sync copied) and the sync
+    # a6af403 ran every sequence through the learner; leaving the zero-advantage ones out (later) gives the same
+    # gradient summed in another order, and its loss metrics cover the sequences that ran
+    assert main([*golden["args"], "--trainer.async_steps", "0", "--trainer.skip_zero_advantage", "false",
+                 "--output-dir", str(out)]) == 0
+    # Added to the records after a6af403, so not in the file: sync_bytes (what the weight sync copied), the sync
     # check's statistics (its probe grew from 1 to 32 prompts since; it samples with its own seeds, so the run is
-    # the same)
-    records = [{k: v for k, v in r.items() if k != "sync_bytes" and not k.startswith("sync_check_")}
+    # the same) and zero_adv_skipped
+    later = {"sync_bytes", "zero_adv_skipped"}
+    records = [{k: v for k, v in r.items() if k not in later and not k.startswith("sync_check_")}
                for r in _comparable(read_metrics(out))]
     assert len(records) == len(golden["metrics"])
     for got, want in zip(records, golden["metrics"]):

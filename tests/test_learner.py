@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -418,6 +419,71 @@ def test_token_budget_micro_batches_give_the_full_batch_gradient(tokenizer, loss
             torch.testing.assert_close(grads[k][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("loss_agg, updates", [("token_mean", 1), ("seq_mean_token_mean", 2)])
+def test_zero_advantage_sequences_are_left_out_and_the_gradient_is_the_full_batch_one(tokenizer, monkeypatch,
+                                                                                        loss_agg, updates):
+    from erpo_fast.kernels import fused_linear
+
+    seqs = make_sequences(8, seed=4)
+    for s in seqs[2:5]:  # a uniform group: advantage exactly 0
+        s.advantage = 0.0
+    scored = []  # the response tokens of every loss call
+
+    def spy(hidden, weight, labels, *args, **kw):
+        scored.extend(labels.tolist())
+        return loss(hidden, weight, labels, *args, **kw)
+
+    loss = fused_linear.linear_grpo_loss
+    monkeypatch.setattr(fused_linear, "linear_grpo_loss", spy)
+    model = tiny_model(tokenizer)
+    model64 = copy.deepcopy(model).double()
+    algo = AlgorithmConfig(loss_agg=loss_agg)
+    learner = make_learner(model, algo, TrainerConfig(micro_batch_size=2))
+    metrics = learner.loss_and_grads(seqs)
+    ref_loss, *_ = reference_loss(model64, seqs, algo)  # every sequence, the zero-advantage ones too
+    assert scored == [t for s in seqs if s.advantage != 0.0 for t in s.response_ids]
+    assert metrics["zero_adv_skipped"] == 3
+    assert metrics["num_tokens"] == sum(len(s.response_ids) for s in seqs) and metrics["num_sequences"] == 8
+    assert metrics["loss"] == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-7)
+    assert_grads_close(learner.model, model64)
+    # A whole step (updates_per_step mini-batches, the old log-probs' pre-pass) moves the weights as the learner that
+    # runs every sequence does; Adam turns rounding-level gradient differences into lr-sized ones where a gradient
+    # is near zero, hence the tolerance.
+    scored.clear()
+    trainer = TrainerConfig(micro_batch_size=2, updates_per_step=updates, lr=1e-3)
+    every = make_learner(tiny_model(tokenizer), algo, dataclasses.replace(trainer, skip_zero_advantage=False))
+    skipping = make_learner(tiny_model(tokenizer), algo, trainer)
+    assert every.train_on(seqs)["zero_adv_skipped"] == 0
+    assert len(scored) == sum(len(s.response_ids) for s in seqs)
+    scored.clear()
+    assert skipping.train_on(seqs)["zero_adv_skipped"] == 3
+    assert len(scored) == sum(len(s.response_ids) for s in seqs if s.advantage != 0.0)
+    for (name, a), b in zip(every.model.named_parameters(), skipping.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-5, msg=name)
+
+
+def test_a_step_whose_sequences_all_have_zero_advantage_still_takes_adamws_step(tokenizer):
+    """Momentum and weight decay move the weights on a zero gradient; leaving every sequence out must not skip
+    that step (AdamW skips a parameter whose .grad is None)."""
+    signal, uniform = make_sequences(4, seed=12), make_sequences(4, seed=13)
+    for s in uniform:
+        s.advantage = 0.0
+    models, results = [], []
+    for skip in (False, True):
+        trainer = TrainerConfig(lr=1e-2, weight_decay=0.1, skip_zero_advantage=skip)
+        learner = make_learner(tiny_model(tokenizer), trainer=trainer)
+        learner.train_on(signal)  # no zero advantage: the same passes either way
+        before = [p.detach().clone() for p in learner.model.parameters()]
+        results.append(learner.train_on(uniform))
+        assert all(not torch.equal(a, p) for a, p in zip(before, learner.model.parameters()))
+        models.append(learner.model)
+    assert results[1]["zero_adv_skipped"] == 4 and results[0]["zero_adv_skipped"] == 0
+    assert results[0]["grad_norm"] == results[1]["grad_norm"] == 0.0 and results[1]["loss"] == 0.0
+    assert "entropy" in results[0] and "entropy" not in results[1]  # nothing ran: no token to measure
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_adamw_implementations_take_the_same_step(tokenizer, impl):
     seqs = make_sequences(6, seed=7)
@@ -513,7 +579,9 @@ def test_kl_path_with_reference_model(tokenizer, kl):
     algo = AlgorithmConfig(kl_beta=0.3, kl_estimator=kl)
     learner = make_learner(model, algo, TrainerConfig(micro_batch_size=2), ref_model=ref_model)
     seqs = make_sequences(5, seed=8)
+    seqs[1].advantage = 0.0  # its KL term has a gradient: it must run
     metrics = learner.loss_and_grads(seqs)
+    assert metrics["zero_adv_skipped"] == 0
     ref_loss, _, _, ref_lp, lp = reference_loss(model64, seqs, algo, ref_model64=ref64)
     d = lp - ref_lp
     expected_kl = (torch.expm1(-d) + d) if kl == "k3" else 0.5 * d.square()
