@@ -172,7 +172,7 @@ def main() -> None:
         if gain:
             entry["heldout_gain_mean"], entry["heldout_gain_se"] = mean_se(gain)
         table.append(entry)
-    print_table(table, list(table[0]), title=f"sync vs async ({args.job} job, seeds {args.seeds})")
+    print_table(table, list(table[0]), title=f"whole runs ({args.job} job, seeds {args.seeds})")
     path = write_results(f"async_{args.job}" + (f"_{args.steps}steps" if args.steps else "") + args.tag, {
         "job": args.job, "seeds": args.seeds, "steps": args.steps, "arms": {a: ARMS[a] for a in args.arms},
         "commit": git_commit(), "device": device_name("cpu"), "cpu_count": os.cpu_count(), "summary": table,
