@@ -11,8 +11,9 @@ order swapped every seed so that drift in the machine's speed falls on both:
 - ``sync-release``, ``async-release``: ``sync`` and ``async`` with ``trainer.cpu_heap release`` (freed activation
   blocks unmapped, as before that knob existed; the other arms take its ``auto``);
 - ``async-unpinned``: ``async`` with ``rollout.pin_cpus false`` (the scheduler places both processes);
-- ``sync-every-sequence``: ``sync`` with ``trainer.skip_zero_advantage false`` (the learner runs the sequences of
-  uniform groups too, as before that knob existed; the other arms leave them out).
+- ``sync-every-sequence``, ``async-every-sequence``: ``sync`` and ``async`` with ``trainer.skip_zero_advantage
+  false`` (the learner runs the sequences of uniform groups too, as before that knob existed; the other arms leave
+  them out).
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
@@ -57,7 +58,9 @@ ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0
         "async-unpinned": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
                            "rollout.pin_cpus": "false"},
         # every sequence through the learner, zero-advantage ones too (the arms above leave those out)
-        "sync-every-sequence": {"trainer.async_steps": 0, "trainer.skip_zero_advantage": "false"}}
+        "sync-every-sequence": {"trainer.async_steps": 0, "trainer.skip_zero_advantage": "false"},
+        "async-every-sequence": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
+                                 "trainer.skip_zero_advantage": "false"}}
 
 
 def tree_rss_bytes(pid: int) -> int:
