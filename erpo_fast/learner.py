@@ -528,9 +528,10 @@ class Learner:
 
         temperature = self._loss_temperature()
         # Micro-batches of the sequences that run (see _runs); the normaliser counts the left-out ones as well.
-        ran = [i for i, s in enumerate(sequences) if self._runs(s)]
+        runs = [self._runs(s) for s in sequences]
+        ran = [i for i, r in enumerate(runs) if r]
         micro = [[ran[j] for j in idx] for idx in self._micro_batches([sequences[i] for i in ran])]
-        left_out = [s for i, s in enumerate(sequences) if not self._runs(s)]
+        left_out = [s for s, r in zip(sequences, runs) if not r]
         left_tokens, left_seqs = sum(len(s.response_ids) for s in left_out), sum(1 for s in left_out if s.response_ids)
         tokens, seqs, ran_tokens, num_left = all_reduce_floats([
             sum(len(s.response_ids) for s in sequences), sum(1 for s in sequences if s.response_ids),
@@ -554,7 +555,8 @@ class Learner:
                     hidden, weight = self._hidden(self._policy, batch)
                 n = batch.num_tokens
                 if n == 0:
-                    # Nothing to train, but FSDP needs the backward (and its reduce-scatters) on every rank.
+                    # Nothing to train, but the backward runs: FSDP needs its reduce-scatters on every rank, and
+                    # AdamW a (zero) gradient when every sequence was left out.
                     (hidden.sum() * 0.0 + weight.sum() * 0.0).backward()
                     continue
                 loss, m = linear_grpo_loss(
