@@ -211,10 +211,11 @@ class TrainerConfig:
                                    "the synchronous colocated loop).", ge=0)
     updates_per_step: int = knob(1, "Optimizer steps per rollout batch (mini-batches; >1 makes the ratio leave 1).",
                                  ge=1)
-    skip_zero_advantage: bool = knob(True, "Leave sequences whose advantage is exactly 0 (uniform groups) out of the "
-                                           "learner's passes: they add nothing to the gradient, which stays the same "
-                                           "(the loss's normaliser still counts them); the loss's token metrics but "
-                                           "loss then cover the sequences that ran. No effect with kl_beta > 0.")
+    skip_zero_advantage: bool = knob(True, "Leave sequences whose advantage is exactly 0 (uniform groups without RA) "
+                                           "out of the learner's passes: they add nothing to the gradient, which stays "
+                                           "the same (the loss's normaliser still counts them); the loss's token "
+                                           "metrics other than loss then cover the sequences that ran. No effect with "
+                                           "algorithm.kl_beta > 0.")
     lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
     lr_schedule: str = knob("constant", "Schedule after warm-up.", choices=C.LR_SCHEDULES)
     warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)

@@ -153,15 +153,18 @@ def test_memory_plan_counts_the_rollout_process_beside_the_learner():
 @pytest.mark.slow
 def test_async_run_is_reproducible_and_logs_its_policy_versions(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _run(a, "--max-steps", "4", "--trainer.async_steps", "1") == 0
-    assert _run(b, "--max-steps", "4", "--trainer.async_steps", "1") == 0
+    reward = tmp_path / "parity_reward.py"  # mixed groups, so the learner runs sequences and measures IS weights
+    reward.write_text("def score(response, answer):\n    return float(len(response) % 2)\n")
+    assert _run(a, "--max-steps", "4", "--trainer.async_steps", "1", "--data.reward", f"{reward}:score") == 0
+    assert _run(b, "--max-steps", "4", "--trainer.async_steps", "1", "--data.reward", f"{reward}:score") == 0
     ra, rb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ra] == [1, 2, 3, 4]
     assert _comparable(ra) == _comparable(rb)
     assert [r["policy_version"] for r in ra] == [0, 0, 1, 2]
     assert [r["staleness"] for r in ra] == [0, 1, 1, 1]
     # the truncated IS correction is on by default (measured on the sequences the learner ran)
-    assert all("is_weight_mean" in r for r in ra if r["zero_adv_skipped"] < r["sequences_trained"])
+    ran = [r for r in ra if r["zero_adv_skipped"] < r["sequences_trained"]]
+    assert ran and all("is_weight_mean" in r for r in ran)
     assert "heldout_mean_at_2" in ra[1]
     summary = json.loads((a / "summary.json").read_text())
     assert summary["heldout_after"] == json.loads((b / "summary.json").read_text())["heldout_after"]

@@ -40,9 +40,13 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
 
 
-def test_metrics_contract_checkpoint_and_plots(tmp_path):
+def test_metrics_contract_checkpoint_and_plots(tmp_path, tmp_path_factory):
+    # parity of the response's length: mixed groups every step, so the learner runs sequences and logs the loss's
+    # metrics (with this barely trained model's own task every group can come back all wrong)
+    reward = tmp_path_factory.mktemp("reward") / "parity_reward.py"
+    reward.write_text("def score(response, answer):\n    return float(len(response) % 2)\n")
     assert _run(tmp_path, "--max-steps", "3", "--algorithm.ra", "true", "--algorithm.temperature_step",
-                "0.5", "--rollout.sync_check_every", "2") == 0
+                "0.5", "--rollout.sync_check_every", "2", "--data.reward", f"{reward}:score") == 0
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     # the sync check's statistics on the step it ran: 32 probe prompts x 6 tokens, fp32 engine = learner
@@ -56,6 +60,7 @@ def test_metrics_contract_checkpoint_and_plots(tmp_path):
         assert math.isclose(r["frac_all_correct"] + r["frac_all_wrong"] + r["frac_mixed"], 1.0)
         assert 1.0 <= r["temperature_mean"] <= r["temperature_max"] <= 1.5
         assert r["revived"] <= r["groups_above_base"]  # a revived group was sampled above base
+    assert any(r["zero_adv_skipped"] < r["sequences_trained"] for r in records)  # the loss's metrics were checked
     assert "heldout_mean_at_2" in records[1] and "heldout_pass_at_2" in records[1]  # eval_every=2
     assert "heldout_mean_at_2" not in records[2]
     summary = json.loads((tmp_path / "summary.json").read_text())
