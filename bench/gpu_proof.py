@@ -72,7 +72,9 @@ P6_ARGS = ["--builtin.hidden_size", "32", "--builtin.layers", "1", "--builtin.he
 # P7: LoRA on a tiny built-in model (head_dim 32: vLLM's CPU attention in the rehearsal rejects 16).
 P7_ARGS = [*P6_ARGS[:P6_ARGS.index("--trainer.async_steps")], "--builtin.hidden_size", "64", "--builtin.heads", "2",
            "--builtin.intermediate_size", "128", "--max-steps", "3", "--trainer.eval_every", "0",
-           "--trainer.save_every", "0", "--model.lora_rank", "8", "--trainer.lr", "2e-2"]
+           "--trainer.save_every", "0", "--model.lora_rank", "8", "--trainer.lr", "2e-2",
+           # every sequence runs, so the engine/learner mismatch is measured on every step's tokens
+           "--trainer.skip_zero_advantage", "false"]
 
 
 class PhaseTimeout(Exception):
