@@ -535,7 +535,7 @@ class Learner:
         left_tokens, left_seqs = sum(len(s.response_ids) for s in left_out), sum(1 for s in left_out if s.response_ids)
         tokens, seqs, ran_tokens, num_left = all_reduce_floats([
             sum(len(s.response_ids) for s in sequences), sum(1 for s in sequences if s.response_ids),
-            sum(len(sequences[i].response_ids) for i in ran), len(left_out)])
+            sum(len(sequences[i].response_ids) for i in ran), left_seqs])
         # At least one pass: with every sequence left out, the placeholder's zero gradient gives AdamW the step
         # (momentum, weight decay) it would take on the computed zero gradient of those sequences.
         (num_micro,) = all_reduce_floats([max(1, len(micro))], op="max")
@@ -576,7 +576,7 @@ class Learner:
         metrics = metrics.all_reduce()
         metrics.total("num_tokens", int(tokens))
         metrics.total("num_sequences", int(seqs))
-        metrics.total("zero_adv_skipped", int(num_left))
+        metrics.total("zero_adv_skipped", int(num_left))  # counted as num_sequences counts: with a response
         return metrics
 
     def _clip_grad_norm(self) -> float:
