@@ -533,9 +533,14 @@ class Learner:
         micro = [[ran[j] for j in idx] for idx in self._micro_batches([sequences[i] for i in ran])]
         left_out = [s for s, r in zip(sequences, runs) if not r]
         left_tokens, left_seqs = sum(len(s.response_ids) for s in left_out), sum(1 for s in left_out if s.response_ids)
+        local_tokens = sum(len(s.response_ids) for s in sequences)
         tokens, seqs, ran_tokens, num_left = all_reduce_floats([
-            sum(len(s.response_ids) for s in sequences), sum(1 for s in sequences if s.response_ids),
-            sum(len(sequences[i].response_ids) for i in ran), left_seqs])
+            local_tokens, sum(1 for s in sequences if s.response_ids), local_tokens - left_tokens, left_seqs])
+
+        def share(n_tokens: int, n_seqs: int) -> float:
+            """A part's share of the global normaliser: tokens for token_mean, sequences for the seq_* modes."""
+            return n_tokens / tokens if self.loss_spec.loss_agg == "token_mean" else n_seqs / max(seqs, 1.0)
+
         # At least one pass: with every sequence left out, the placeholder's zero gradient gives AdamW the step
         # (momentum, weight decay) it would take on the computed zero gradient of those sequences.
         (num_micro,) = all_reduce_floats([max(1, len(micro))], op="max")
@@ -565,14 +570,13 @@ class Learner:
                     old_logprobs=cat(old_by_seq), ref_logprobs=ref, seq_ids=batch.seq_ids,
                     rollout_logprobs=batch.rollout_logprobs)
                 # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
-                share = n / tokens if self.loss_spec.loss_agg == "token_mean" else batch.num_sequences / max(seqs, 1.0)
-                (loss * (share * self.world_size)).backward()
-                metrics.mean("loss", float(loss.detach()), weight=share)
+                part = share(n, batch.num_sequences)
+                (loss * (part * self.world_size)).backward()
+                metrics.mean("loss", float(loss.detach()), weight=part)
                 _add_loss_metrics(metrics, m, update_share=n / ran_tokens, tokens=n,
                                   with_mismatch=temperature == "row")
         if left_tokens:  # their loss is exactly 0; the other loss metrics cover the sequences that ran
-            left_share = left_tokens / tokens if self.loss_spec.loss_agg == "token_mean" else left_seqs / max(seqs, 1.0)
-            metrics.mean("loss", 0.0, weight=left_share)
+            metrics.mean("loss", 0.0, weight=share(left_tokens, left_seqs))
         metrics = metrics.all_reduce()
         metrics.total("num_tokens", int(tokens))
         metrics.total("num_sequences", int(seqs))
