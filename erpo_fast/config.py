@@ -216,6 +216,10 @@ class TrainerConfig:
                                            "the same (the loss's normaliser still counts them); the loss's token "
                                            "metrics other than loss then cover the sequences that ran. No effect with "
                                            "algorithm.kl_beta > 0.")
+    balance_ranks: bool = knob(True, "Under torchrun, hand the sequences that run out again before each update so "
+                                     "that every rank gets about the same packed tokens (whole groups move, with "
+                                     "their old log-probs): under FSDP2 the busiest rank sets the update's time. "
+                                     "The gradient is the same, summed in another order.")
     lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
     lr_schedule: str = knob("constant", "Schedule after warm-up.", choices=C.LR_SCHEDULES)
     warmup_steps: int = knob(0, "Linear learning-rate warm-up steps.", ge=0)

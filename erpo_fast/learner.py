@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import algorithms, lora
-from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_sequences
+from .batch import PackedBatch, RolloutSequence, StepBatch, micro_batches, pack_sequences, packed_length
 from .choices import LR_SCHEDULES
 from .config import AlgorithmConfig, ModelConfig, TrainerConfig
 from .distributed import all_reduce_floats
@@ -54,6 +54,7 @@ from .lean_layers import apply_lean_layers
 from .metrics import Metrics
 from .models import decoder, last_hidden_state, lm_head_weight, resolve_device, resolve_dtype
 from .packed_attention import PACKED_SDPA, PackedLayout, enable_packed_attention, packed_hidden_state
+from .rank_balance import balance_across_ranks
 
 __all__ = ["Learner", "adamw_impl_kwargs", "lr_factor"]
 
@@ -527,15 +528,18 @@ class Learner:
         from erpo_fast.kernels.fused_linear import linear_grpo_loss
 
         temperature = self._loss_temperature()
-        # Micro-batches of the sequences that run (see _runs); the normaliser counts the left-out ones as well.
+        # The sequences that run (see _runs), with their old log-probs; the normaliser counts the left-out ones too.
         runs = [self._runs(s) for s in sequences]
-        ran = [i for i, r in enumerate(runs) if r]
-        micro = [[ran[j] for j in idx] for idx in self._micro_batches([sequences[i] for i in ran])]
+        work = [(s, None if old_by_seq is None else old_by_seq[i]) for i, s in enumerate(sequences) if runs[i]]
+        if self.distributed and self.trainer.balance_ranks:  # where a sequence runs does not change the gradient
+            work = balance_across_ranks(work, rank=dist.get_rank(), share_prompts=self._packed)
+        micro = self._micro_batches([s for s, _ in work])
+        packed = sum(packed_length([work[i][0] for i in idx], share_prompts=self._packed) for idx in micro)
         left_out = [s for s, r in zip(sequences, runs) if not r]
         left_tokens, left_seqs = sum(len(s.response_ids) for s in left_out), sum(1 for s in left_out if s.response_ids)
         local_tokens = sum(len(s.response_ids) for s in sequences)
-        tokens, seqs, ran_tokens, num_left = all_reduce_floats([
-            local_tokens, sum(1 for s in sequences if s.response_ids), local_tokens - left_tokens, left_seqs])
+        tokens, seqs, ran_tokens, num_left, packed_sum = all_reduce_floats([
+            local_tokens, sum(1 for s in sequences if s.response_ids), local_tokens - left_tokens, left_seqs, packed])
 
         def share(n_tokens: int, n_seqs: int) -> float:
             """A part's share of the global normaliser: tokens for token_mean, sequences for the seq_* modes."""
@@ -543,17 +547,15 @@ class Learner:
 
         # At least one pass: with every sequence left out, the placeholder's zero gradient gives AdamW the step
         # (momentum, weight decay) it would take on the computed zero gradient of those sequences.
-        (num_micro,) = all_reduce_floats([max(1, len(micro))], op="max")
+        num_micro, packed_max = all_reduce_floats([max(1, len(micro)), packed], op="max")
         metrics = Metrics()
         with self._autocast(enabled=False):  # keeps each weight's cast for the update (see _autocast)
             for k in range(int(num_micro)):
-                idx = micro[k] if k < len(micro) else []
-                batch = (pack_sequences([sequences[i] for i in idx], temperature=temperature,
+                part_work = [work[i] for i in micro[k]] if k < len(micro) else []
+                batch = (pack_sequences([s for s, _ in part_work], temperature=temperature,
                                         vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
-                         if idx else _placeholder_batch(self.device))
-
-                def cat(per_seq, idx=idx):
-                    return None if per_seq is None else torch.cat([per_seq[i] for i in idx]).to(self.device)
+                         if part_work else _placeholder_batch(self.device))
+                old = torch.cat([o for _, o in part_work]).to(self.device) if part_work and old_by_seq is not None else None
 
                 ref = self._ref_logprobs(batch)
                 with lora.dropout_active(self.model):
@@ -567,7 +569,7 @@ class Learner:
                 loss, m = linear_grpo_loss(
                     hidden, weight, batch.target_ids, batch.temperature, batch.advantages,
                     torch.ones(n, dtype=torch.bool, device=self.device), self.loss_spec,
-                    old_logprobs=cat(old_by_seq), ref_logprobs=ref, seq_ids=batch.seq_ids,
+                    old_logprobs=old, ref_logprobs=ref, seq_ids=batch.seq_ids,
                     rollout_logprobs=batch.rollout_logprobs)
                 # The kernel normalises by this micro-batch's own count; rescale to the global normaliser.
                 part = share(n, batch.num_sequences)
@@ -581,6 +583,8 @@ class Learner:
         metrics.total("num_tokens", int(tokens))
         metrics.total("num_sequences", int(seqs))
         metrics.total("zero_adv_skipped", int(num_left))  # counted as num_sequences counts: with a response
+        if self.distributed and packed_sum:  # the busiest rank sets the update's time (see rank_balance)
+            metrics.mean("rank_imbalance", packed_max * self.world_size / packed_sum)
         return metrics
 
     def _clip_grad_norm(self) -> float:
