@@ -13,14 +13,17 @@ order swapped every seed so that drift in the machine's speed falls on both:
 - ``async-unpinned``: ``async`` with ``rollout.pin_cpus false`` (the scheduler places both processes);
 - ``sync-every-sequence``, ``async-every-sequence``: ``sync`` and ``async`` with ``trainer.skip_zero_advantage
   false`` (the learner runs the sequences of uniform groups too, as before that knob existed; the other arms leave
-  them out).
+  them out);
+- ``torchrun2``, ``torchrun2-unbalanced``: ``sync`` under ``torchrun --nproc_per_node 2`` (two learner ranks,
+  FSDP2 over gloo, one thread each), with ``trainer.balance_ranks`` on (the default) and off.
 
 Jobs: ``default`` (the embedded default, preset tiny-cpu: 600 steps, warm-started model, held-out evaluation
 every 150 steps) and ``B`` (model B of bench_vs_trl.py: 2 layers, 256 wide, Qwen's 152k vocabulary, 64 new
 tokens, random weights and the parity reward; no evaluation). Per run: wall time of the command, the training
 loop's steps/s (steps over the summed step times; evaluations excluded), the learner's summed time, the share of
-sequences it left out (advantage exactly 0), the held-out mean@4 gain, and the peak RSS of the whole process tree
-(learner + rollout process + helpers, sampled every 0.1 s).
+sequences it left out (advantage exactly 0), under torchrun the mean ``rank_imbalance`` (the busiest rank's packed
+tokens over the ranks' mean), the held-out mean@4 gain, and the peak RSS of the whole process tree (learner +
+rollout process + helpers, every rank, sampled every 0.1 s).
 Writes ``bench/results/async_<job>[_<steps>steps]-cpu.json``.
 
     python bench/bench_async.py --job default --seeds 0 1 2
@@ -33,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +64,11 @@ ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0
         # every sequence through the learner, zero-advantage ones too (the arms above leave those out)
         "sync-every-sequence": {"trainer.async_steps": 0, "trainer.skip_zero_advantage": "false"},
         "async-every-sequence": {"trainer.async_steps": 1, "trainer.threads": 1, "rollout.threads": 1,
-                                 "trainer.skip_zero_advantage": "false"}}
+                                 "trainer.skip_zero_advantage": "false"},
+        # two learner ranks (torchrun, FSDP2 over gloo), the work handed out evenly before each update or not
+        "torchrun2": {"trainer.async_steps": 0, "trainer.threads": 1},
+        "torchrun2-unbalanced": {"trainer.async_steps": 0, "trainer.threads": 1, "trainer.balance_ranks": "false"}}
+RANKS = {"torchrun2": 2, "torchrun2-unbalanced": 2}  # arms launched by torchrun, with this many processes
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -78,9 +86,17 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run(args: list[str], out: Path) -> dict:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], out: Path, ranks: int = 1) -> dict:
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                  str(ranks), "--master_port", str(_free_port())]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "erpo_fast.train", *args, "--output-dir", str(out),
+    proc = subprocess.Popen([*launch, "-m", "erpo_fast.train", *args, "--output-dir", str(out),
                              "--logging.progress", "false"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     peak = [0]
@@ -111,6 +127,9 @@ def run(args: list[str], out: Path) -> dict:
                                      / max(1, sum(r.get("sequences_trained", 0) for r in records))),
            "wait_s_median": statistics.median(r.get("time_wait_rollout_s", 0.0) for r in records),
            "peak_rss_bytes": peak[0]}
+    imbalance = [r["rank_imbalance"] for r in records if "rank_imbalance" in r]  # torchrun only
+    if imbalance:
+        row["rank_imbalance_mean"] = statistics.fmean(imbalance)
     key = next((k for k in after if k.startswith("mean_at_")), None)
     if key:
         row.update(heldout_before=before[key], heldout_after=after[key], heldout_gain=after[key] - before[key])
@@ -154,7 +173,8 @@ def main() -> None:
             for arm in order:
                 extra = [a for k, v in ARMS[arm].items() for a in (f"--{k}", str(v))]
                 out = tmp / f"{arm}-{seed}"
-                row = {"arm": arm, "seed": seed, **run(job_args(args.job, seed, args.steps, tmp) + extra, out)}
+                row = {"arm": arm, "seed": seed,
+                       **run(job_args(args.job, seed, args.steps, tmp) + extra, out, ranks=RANKS.get(arm, 1))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     base = {r["seed"]: r for r in rows if r["arm"] == "sync"}
@@ -171,6 +191,8 @@ def main() -> None:
                  "wall_s": statistics.median(r["wall_s"] for r in mine),
                  "learn_s_total": statistics.median(r["learn_s_total"] for r in mine),
                  "zero_adv_skipped_frac": statistics.median(r["zero_adv_skipped_frac"] for r in mine),
+                 "rank_imbalance_mean": (statistics.median(r["rank_imbalance_mean"] for r in mine)
+                                         if all("rank_imbalance_mean" in r for r in mine) else None),
                  "peak_rss_gb": statistics.median(r["peak_rss_bytes"] for r in mine) / 1e9}
         if gain:
             entry["heldout_gain_mean"], entry["heldout_gain_se"] = mean_se(gain)
@@ -178,6 +200,7 @@ def main() -> None:
     print_table(table, list(table[0]), title=f"whole runs ({args.job} job, seeds {args.seeds})")
     path = write_results(f"async_{args.job}" + (f"_{args.steps}steps" if args.steps else "") + args.tag, {
         "job": args.job, "seeds": args.seeds, "steps": args.steps, "arms": {a: ARMS[a] for a in args.arms},
+        "ranks": {a: RANKS.get(a, 1) for a in args.arms},
         "commit": git_commit(), "device": device_name("cpu"), "cpu_count": os.cpu_count(), "summary": table,
         "runs": rows})
     print(f"wrote {path}")

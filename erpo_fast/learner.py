@@ -555,7 +555,8 @@ class Learner:
                 batch = (pack_sequences([s for s, _ in part_work], temperature=temperature,
                                         vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
                          if part_work else _placeholder_batch(self.device))
-                old = torch.cat([o for _, o in part_work]).to(self.device) if part_work and old_by_seq is not None else None
+                old = (torch.cat([o for _, o in part_work]).to(self.device)
+                       if part_work and old_by_seq is not None else None)
 
                 ref = self._ref_logprobs(batch)
                 with lora.dropout_active(self.model):

@@ -12,7 +12,7 @@ consecutive samples of one prompt, packed with the prompt once), with its old lo
 from __future__ import annotations
 
 from collections.abc import Sequence
-import torch
+
 from torch import Tensor
 
 from .batch import RolloutSequence, packed_length
