@@ -42,8 +42,9 @@ def assign_units(costs: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
     ``costs[r][i]``: the cost of rank ``r``'s unit ``i``. Returns, per rank, the ``(home rank, index)`` of the
     units it gets, in (home rank, index) order. Longest processing time first: units by cost, largest first, each
     to the rank with the least cost so far (among equals its home rank, else the lowest rank), so the largest
-    rank's cost is at most 4/3 of the optimum, and a unit stays home when that is as good. Deterministic: every
-    rank computes the same plan from the same gathered costs.
+    rank's cost is at most 4/3 of the optimum, and a unit stays home when that is as good. Every unit stays home
+    when the plan would not lower the largest rank's cost. Deterministic: every rank computes the same plan from
+    the same gathered costs.
     """
     world = len(costs)
     units = sorted(((c, home, i) for home, per_rank in enumerate(costs) for i, c in enumerate(per_rank)),
@@ -55,6 +56,8 @@ def assign_units(costs: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
         dest = home if loads[home] == least else loads.index(least)
         loads[dest] += cost
         plan[dest].append((home, i))
+    if max(loads, default=0) >= max((sum(c) for c in costs), default=0):
+        return [[(home, i) for i in range(len(c))] for home, c in enumerate(costs)]
     return [sorted(p) for p in plan]
 
 

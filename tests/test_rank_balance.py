@@ -45,11 +45,14 @@ def test_every_unit_is_handed_out_once_and_the_largest_load_is_within_4_3_of_the
         best = min(max(sum(c for c, r in zip(flat, dest) if r == k) for k in range(world))
                    for dest in itertools.product(range(world), repeat=len(flat)))
         assert max(_loads(costs, plan)) <= (4 / 3 - 1 / (3 * world)) * best + 1e-9, (costs, plan)
+        assert max(_loads(costs, plan)) <= max(sum(c) for c in costs)  # never worse than leaving them home
 
 
 def test_units_stay_home_when_moving_them_would_not_help():
     costs = [[5, 3], [4, 4]]
     assert assign_units(costs) == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+    # Longest first alone would give [5, 7] here (the two 3s apart, then the 2s): worse than [6, 6] at home.
+    assert assign_units([[3, 3], [2, 2, 2]]) == [[(0, 0), (0, 1)], [(1, 0), (1, 1), (1, 2)]]
     # All the work on rank 0: half of it goes to rank 1.
     plan = assign_units([[6, 5, 4, 3], []])
     assert _loads([[6, 5, 4, 3], []], plan) == [9, 9]
