@@ -24,8 +24,10 @@ sharded. The fused kernels accumulate in fp32 and return fp32 log-probs.
 
 Distributed (``torch.distributed`` initialised, world size > 1): the model is sharded with FSDP2
 ``fully_shard`` per decoder layer, then at the root. Each rank passes its OWN slice of the sequences to
-``train_on``; token/sequence counts are all-reduced so every rank uses the global normaliser, and the loss is
-multiplied by the world size to undo FSDP2's gradient averaging. Every method that runs the model
+``train_on``; before each update the sequences that run are handed out again so that the ranks get about the same
+packed tokens (``trainer.balance_ranks``, :mod:`erpo_fast.rank_balance`); token/sequence counts are all-reduced so
+every rank uses the global normaliser, and the loss is multiplied by the world size to undo FSDP2's gradient
+averaging. Every method that runs the model
 (``train_on``, ``compute_logprobs``, ``named_weights``, ``full_model_state_dict``, ``save_optimizer``, ...) is a
 collective: all ranks must call it, in the same order. Checkpoints are sharded: :meth:`save_optimizer` writes each
 rank's AdamW shards with ``torch.distributed.checkpoint``, and :meth:`full_model_state_dict` gathers the weights
@@ -555,7 +557,8 @@ class Learner:
                 batch = (pack_sequences([s for s, _ in part_work], temperature=temperature,
                                         vocab_size=self.vocab_size, device=self.device, share_prompts=self._packed)
                          if part_work else _placeholder_batch(self.device))
-                old = (torch.cat([o for _, o in part_work]).to(self.device)
+                # (a group handed over by another rank brings its old log-probs on the CPU: see rank_balance)
+                old = (torch.cat([o.to(self.device) for _, o in part_work])
                        if part_work and old_by_seq is not None else None)
 
                 ref = self._ref_logprobs(batch)
