@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import device_name, git_commit, print_table, write_results  # noqa: E402
+from erpo_fast.distributed import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {"sync": {"trainer.async_steps": 0}, "sync-2t": {"trainer.async_steps": 0, "trainer.threads": 2},
@@ -86,15 +86,9 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: list[str], out: Path, ranks: int = 1) -> dict:
     launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                  str(ranks), "--master_port", str(_free_port())]
+                                                  str(ranks), "--master_port", str(free_port())]
     t0 = time.perf_counter()
     proc = subprocess.Popen([*launch, "-m", "erpo_fast.train", *args, "--output-dir", str(out),
                              "--logging.progress", "false"], cwd=ROOT, stdout=subprocess.PIPE,

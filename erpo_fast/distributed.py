@@ -7,6 +7,7 @@ multi-node); a plain `python -m erpo_fast.train` is a world of one and never tou
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,13 @@ def init_runtime(device: str = "auto") -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now: a rendezvous port for a launcher started from this process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _world_size() -> int:

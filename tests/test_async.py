@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import TIMING, TINY, _comparable  # the tiny built-in setup of the end-to-end tests
-from test_train_distributed import _free_port
 
 from erpo_fast.batch import RolloutSequence, StepBatch
+from erpo_fast.distributed import free_port
 from erpo_fast.logger import read_metrics
 from erpo_fast.train import main
 
@@ -379,7 +379,7 @@ def test_two_learner_ranks_with_one_rollout_process_match_one_rank(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     for cmd, out in (([sys.executable, "-m", "erpo_fast.train"], one),
                      ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       str(_free_port()), "-m", "erpo_fast.train"], two)):
+                       str(free_port()), "-m", "erpo_fast.train"], two)):
         proc = subprocess.run([*cmd, *args, "--output-dir", str(out)], env=env, capture_output=True, text=True,
                               timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]

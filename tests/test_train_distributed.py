@@ -6,7 +6,6 @@ all-gathered batch, and the learner's loss normalisers are global: so metrics an
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from erpo_fast.distributed import free_port
 from erpo_fast.logger import read_metrics
 
 ARGS = [
@@ -34,12 +34,6 @@ def _run(cmd, out, env, *extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _weights(run_dir):
     (shard,) = (run_dir / "checkpoints" / "step_00000002" / "model").glob("*.safetensors")
     return load_file(shard)
@@ -55,7 +49,7 @@ def test_two_ranks_match_one(tmp_path, lora):
     extra = ["--model.lora_rank", "8", "--trainer.lr", "2e-2"] if lora else []
     _run([sys.executable, "-m", "erpo_fast.train"], one, env, *extra)  # also builds the cached warm start
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-          str(_free_port()), "-m", "erpo_fast.train"], two, env, *extra)
+          str(free_port()), "-m", "erpo_fast.train"], two, env, *extra)
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     assert a[0]["frac_mixed"] > 0, "step 1 must carry signal, or the comparison is vacuous"
@@ -82,7 +76,7 @@ def test_two_rank_resume_from_sharded_checkpoints_is_exact(tmp_path):
 
     def torchrun(out, *extra):  # extra after ARGS: it overrides ARGS' --max-steps
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(_free_port()), "-m", "erpo_fast.train", *ARGS,
+                               "--master_port", str(free_port()), "-m", "erpo_fast.train", *ARGS,
                                "--output-dir", str(out), *extra], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

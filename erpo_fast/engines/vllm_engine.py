@@ -36,7 +36,6 @@ import inspect
 import logging
 import os
 import shutil
-import socket
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from erpo_fast.distributed import free_port
 from erpo_fast.errors import WeightSyncError
 
 from .base import Sample, resolve_seeds, resolve_stop_token_ids, strip_wrappers, validate_generate_args
@@ -71,12 +71,6 @@ def _import_vllm():
     return vllm
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _prepare_external_launcher_env() -> None:
     """external_launcher expects torchrun's variables; a plain single-device process gets a 1-rank world."""
     # The engine core must live in this process, so that the reload sees our tensors without a copy.
@@ -85,7 +79,7 @@ def _prepare_external_launcher_env() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def _hf_parameter_names(model_dir: Path) -> tuple[dict[str, tuple[int, ...]], list[set[str]], int]:
